@@ -1,0 +1,112 @@
+"""The `pylb` command line, with HAProxy's flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import setproctitle
+
+from lb import __version__, config, pidfile, sock
+from lb import log as logsetup
+from lb.log import log
+from lb.master import Listener, Master
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pylb", description="Multiprocess HTTP/TCP load balancer whose reloads lose nothing."
+    )
+    parser.add_argument("-f", dest="file", metavar="CONFIG", required=True, help="YAML config file")
+    parser.add_argument("-c", dest="check", action="store_true", help="check the config and exit")
+    parser.add_argument("-D", dest="daemon", action="store_true", help="run in the background")
+    parser.add_argument("-p", dest="pidfile", metavar="PIDFILE", help="write the master's pid here")
+    parser.add_argument("-q", dest="quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("-V", dest="verbose", action="store_true", help="log debug messages too")
+    parser.add_argument(
+        "-sf", dest="soft_finish", nargs="*", type=int, metavar="PID",
+        help="once ready, soft-stop these old processes (SIGUSR1)",
+    )
+    parser.add_argument(
+        "-st", dest="terminate", nargs="*", type=int, metavar="PID",
+        help="once ready, stop these old processes now (SIGTERM)",
+    )
+    parser.add_argument("-x", dest="socket", metavar="SOCKET", help="old process's stats socket")
+    parser.add_argument("-v", "--version", action="version", version=f"pylb {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config.load(args.file)
+    except config.ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    if args.check:
+        if not args.quiet:
+            print("Configuration file is valid")
+        return 0
+
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logsetup.setup(cfg.global_.log, level)
+    try:
+        listeners = bind_all(cfg)
+    except OSError as err:
+        print(f"pylb: {err}", file=sys.stderr)
+        return 1
+
+    pid_path = args.pidfile or cfg.global_.pidfile
+    pid_path = os.path.abspath(pid_path) if pid_path else None
+    if args.daemon or cfg.global_.daemon:
+        daemonize(listeners)
+        logsetup.setup(cfg.global_.log, level)  # the daemon's own stderr is /dev/null
+    if pid_path:
+        pidfile.write(pid_path)
+    setproctitle.setproctitle(f"pylb: master [{cfg.path}]")
+    old = None
+    if args.soft_finish:
+        old = (args.soft_finish, signal.SIGUSR1)
+    elif args.terminate:
+        old = (args.terminate, signal.SIGTERM)
+    try:
+        return Master(cfg, listeners, level, old).run()
+    finally:
+        if pid_path:
+            pidfile.remove(pid_path)
+
+
+def bind_all(cfg: config.Config) -> list[Listener]:
+    """Bind every frontend's addresses; on any failure close what was bound and raise."""
+    listeners: list[Listener] = []
+    try:
+        for frontend in cfg.frontends.values():
+            for address in frontend.binds:
+                try:
+                    listening = sock.bind(address, frontend.backlog)
+                except OSError as err:
+                    raise OSError(
+                        f"cannot bind frontend {frontend.name} to {address}: {err.strerror}"
+                    ) from err
+                listeners.append(Listener(frontend.name, str(address), listening))
+    except OSError:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    log.debug("bound %d listeners", len(listeners))
+    return listeners
+
+
+def daemonize(listeners: list[Listener]) -> None:
+    import daemon  # python-daemon; imported here since only -D needs it
+
+    context = daemon.DaemonContext(
+        working_directory=os.getcwd(),  # relative paths stay relative to where we started
+        umask=0o022,
+        files_preserve=[listener.sock.fileno() for listener in listeners],
+        detach_process=True,
+    )
+    context.open()

@@ -1,0 +1,520 @@
+"""HTTP mode: one client connection, its requests forwarded one at a time to servers.
+
+The request side and the response side each run on events from lb.h1. A request is an
+*exchange*: its head chooses a server connection (pooled or new), its body streams to
+the server as it arrives, the response streams back. Pipelined requests wait, unread,
+until the exchange before them is answered, so answers keep their order and memory stays
+bounded by one read. Backpressure is passed through in both directions: a slow reader on
+one side pauses reading on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from lb import h1
+from lb.errors import PAGES
+from lb.serverconn import ServerConnection
+from lb.timer import clock
+from lb.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from lb.backend import Backend, Server
+    from lb.frontend import Frontend
+
+# Session phases
+IDLE, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(5)
+
+# A pseudo-event after lb.h1's: the client half-closed, after the events before it.
+CLIENT_EOF = 100
+
+# Reasons to stop reading from the client (a bit each)
+PIPELINE, SERVER_FULL, BUFFER_FULL = 1, 2, 4
+
+MAX_BUFFERED_BODY = 256 * 1024  # request body held while the server connection opens
+
+
+class BadResponse(Exception):
+    """A server's answer that cannot be passed on."""
+
+
+class HttpSession(asyncio.Protocol):
+    __slots__ = (
+        "frontend",
+        "transport",
+        "reader",
+        "client_ip",
+        "deadline",
+        "phase",
+        "requests",
+        "paused",
+        "pending",
+        "close_after",
+        "head",
+        "backend",
+        "server",
+        "conn",
+        "connect_task",
+        "retries_left",
+        "head_bytes",
+        "body_buffer",
+        "buffered",
+        "req_done",
+        "resp_started",
+        "resp_done",
+        "resp_framing",
+        "interim",
+        "server_keep_alive",
+        "server_until_close",
+        "server_paused",
+        "tunnel_bytes",
+    )
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.reader = h1.RequestReader(frontend.max_head)
+        self.client_ip = b""
+        self.deadline = 0.0
+        self.phase = IDLE
+        self.requests = 0
+        self.paused = 0
+        self.pending: list[tuple[int, object]] | None = None
+        self.close_after = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.head: h1.RequestHead | None = None
+        self.backend: Backend | None = None
+        self.server: Server | None = None
+        self.conn: ServerConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.retries_left = 0
+        self.head_bytes = b""
+        self.body_buffer: list[bytes] = []
+        self.buffered = 0
+        self.req_done = False
+        self.resp_started = False
+        self.resp_done = False
+        self.resp_framing = h1.NO_BODY
+        self.interim = False
+        self.server_keep_alive = False
+        self.server_until_close = False
+        self.server_paused = False
+        self.tunnel_bytes = b""
+
+    # -- client connection ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0].encode() if peer else b""
+        self.deadline = clock.now + self.frontend.timeouts.http_request
+        self.frontend.opened(self)
+        clock.watched.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == IDLE and not self.reader.in_head:
+            self.deadline = clock.now + self.frontend.timeouts.http_request
+        events = self.reader.feed(data)
+        if self.pending is not None:
+            self.pending.extend(events)
+            return
+        self._process(events)
+
+    def eof_received(self) -> bool:
+        if self.pending is not None:
+            self.pending.append((CLIENT_EOF, None))  # after the requests it sent before
+        else:
+            self._client_eof()
+        return True  # keep writing: requests already read still get their answers
+
+    def _client_eof(self) -> None:
+        if self.phase == IDLE:
+            if self.reader.in_head:
+                self._reply(400)
+            else:
+                self._close()
+        elif not self.req_done:
+            self._abort()  # the client gave up mid-request
+        else:
+            self.close_after = True  # answer what was asked, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == TUNNEL:
+            return
+        self.phase = CLOSED
+        clock.watched.discard(self)
+        self._drop_server(reusable=False)
+        self.frontend.closed(self)
+
+    def pause_writing(self) -> None:
+        conn = self.conn
+        if conn is not None and not self.server_paused:
+            self.server_paused = True
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        conn = self.conn
+        if conn is not None and self.server_paused:
+            self.server_paused = False
+            conn.transport.resume_reading()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.phase < TUNNEL:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _unpause(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.phase < TUNNEL:
+                self.transport.resume_reading()
+
+    def on_timeout(self) -> None:
+        phase = self.phase
+        if phase == IDLE:
+            if self.requests and not self.reader.in_head:
+                self._close()  # http-keep-alive expired: a silent close
+            else:
+                self._reply(408)
+        elif phase == CONNECTING:
+            self._connect_failed()
+        elif not self.resp_started and self.req_done:
+            self._reply(504)
+        else:
+            self._abort()  # client or server stalled mid-message
+
+    # -- request side ---------------------------------------------------------------
+
+    def _process(self, events: list[tuple[int, object]]) -> None:
+        for index, (kind, value) in enumerate(events):
+            if kind == h1.UPGRADE:
+                self.tunnel_bytes = value  # type: ignore[assignment]
+                continue
+            if kind == CLIENT_EOF and self.phase != TUNNEL:
+                self._client_eof()
+                return
+            if self.req_done or self.phase >= TUNNEL:
+                # The next request waits, unread, until this one is answered.
+                self.pending = events[index:]
+                self._pause(PIPELINE)
+                return
+            if kind == h1.DATA:
+                self._request_data(value)  # type: ignore[arg-type]
+            elif kind == h1.HEAD:
+                self._request_head(value)  # type: ignore[arg-type]
+            elif kind == h1.END:
+                self._request_end()
+            else:
+                self._request_error()
+            if self.phase == CLOSED:
+                return
+
+    def _request_head(self, head: h1.RequestHead) -> None:
+        if head.method == b"CONNECT":
+            self._reply(405)
+            return
+        self.head = head
+        self.requests += 1
+        frontend = self.frontend
+        if not head.keep_alive or head.upgrade or frontend.stopping:
+            self.close_after = True
+        backend = frontend.default_backend
+        if backend is None:
+            self._reply(503)
+            return
+        self.backend = backend
+        self.retries_left = backend.cfg.retries
+        self.head_bytes = h1.request_head_bytes(
+            head, self.client_ip if frontend.cfg.forwardfor else None
+        )
+        self._dispatch(None)
+
+    def _request_data(self, data: bytes) -> None:
+        if self.head.framing == h1.CHUNKED:  # type: ignore[union-attr]
+            data = h1.chunk(data)
+        self._send_body(data)
+        self.deadline = clock.now + self.frontend.timeouts.client
+
+    def _send_body(self, data: bytes) -> None:
+        if self.phase == EXCHANGE:
+            self.conn.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.body_buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered > MAX_BUFFERED_BODY:
+            self._pause(BUFFER_FULL)
+
+    def _request_end(self) -> None:
+        self.req_done = True
+        if self.head.framing == h1.CHUNKED:  # type: ignore[union-attr]
+            self._send_body(h1.LAST_CHUNK)
+        if self.phase == EXCHANGE:
+            if self.resp_done:
+                self._finish_exchange()
+            elif not self.resp_started:
+                self.deadline = clock.now + self.backend.timeouts.server  # type: ignore[union-attr]
+
+    def _request_error(self) -> None:
+        if self.resp_started:
+            self._abort()
+        else:
+            self._reply(400)
+
+    # -- choosing and reaching a server -------------------------------------------------
+
+    def _dispatch(self, exclude: Server | None) -> None:
+        backend = self.backend
+        server = backend.pick(exclude)  # type: ignore[union-attr]
+        if server is None:
+            self._reply(503)
+            return
+        self.server = server
+        conn = self.frontend.worker.pool.take(server)
+        if conn is not None:
+            self._attach(conn)
+            return
+        self.phase = CONNECTING
+        self.deadline = clock.now + backend.timeouts.connect  # type: ignore[union-attr]
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect(server))
+
+    async def _connect(self, server: Server) -> None:
+        worker = self.frontend.worker
+        try:
+            _, conn = await asyncio.get_running_loop().create_connection(
+                lambda: ServerConnection(server, worker.pool, self.frontend.max_head),
+                server.host,
+                server.port,
+            )
+        except OSError:
+            self.connect_task = None
+            if self.phase == CONNECTING:
+                self._connect_failed()
+            return
+        self.connect_task = None
+        if self.phase == CONNECTING and self.server is server:
+            self._attach(conn)  # type: ignore[arg-type]
+        else:
+            worker.pool.give(conn)  # type: ignore[arg-type]
+
+    def _connect_failed(self) -> None:
+        task = self.connect_task
+        if task is not None:
+            self.connect_task = None
+            task.cancel()
+        if self.retries_left <= 0:
+            self._reply(503)
+            return
+        self.retries_left -= 1
+        last = self.retries_left == 0
+        redispatch = last and self.backend.cfg.redispatch  # type: ignore[union-attr]
+        self._dispatch(self.server if redispatch else None)
+
+    def _attach(self, conn: ServerConnection) -> None:
+        self.conn = conn
+        conn.session = self
+        conn.received = False
+        conn.reader.expect(self.head.method)  # type: ignore[union-attr]
+        self.phase = EXCHANGE
+        self.server.cur_conns += 1  # type: ignore[union-attr]
+        self.server.total += 1  # type: ignore[union-attr]
+        if self.body_buffer:
+            data = b"".join([self.head_bytes, *self.body_buffer])
+            self.body_buffer = []
+            self.buffered = 0
+            self._unpause(BUFFER_FULL)
+        else:
+            data = self.head_bytes
+        conn.transport.write(data)
+        timeouts = self.backend.timeouts  # type: ignore[union-attr]
+        self.deadline = clock.now + (timeouts.server if self.req_done else self.frontend.timeouts.client)
+
+    def server_backpressure(self, full: bool) -> None:
+        if full:
+            self._pause(SERVER_FULL)
+        else:
+            self._unpause(SERVER_FULL)
+
+    def _drop_server(self, reusable: bool) -> None:
+        """Let go of the server connection: back to the pool, or closed."""
+        task = self.connect_task
+        if task is not None:
+            self.connect_task = None
+            task.cancel()
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        conn.session = None
+        self.server.cur_conns -= 1  # type: ignore[union-attr]
+        if reusable:
+            if self.server_paused:
+                conn.transport.resume_reading()
+            self.frontend.worker.pool.give(conn)
+        else:
+            conn.transport.close()
+
+    # -- response side ----------------------------------------------------------------
+
+    def response_events(self, events: list[tuple[int, object]]) -> None:
+        # What goes to the client is gathered and written once: one send per answer.
+        out: list[bytes] = []
+        for kind, value in events:
+            if kind == h1.DATA:
+                out.append(h1.chunk(value) if self.resp_framing == h1.CHUNKED else value)  # type: ignore[arg-type]
+            elif kind == h1.HEAD:
+                try:
+                    out.append(self._response_head(value))  # type: ignore[arg-type]
+                except BadResponse:
+                    self._response_error()
+                    return
+            elif kind == h1.END:
+                if self.interim:
+                    self.interim = False
+                    continue
+                if self.resp_framing == h1.CHUNKED:
+                    out.append(h1.LAST_CHUNK)
+                self.transport.write(b"".join(out))
+                out = []
+                self._response_end()
+            elif kind == h1.UPGRADE:
+                self.transport.write(b"".join(out))
+                self._start_tunnel(value)  # type: ignore[arg-type]
+                return
+            else:
+                self.transport.write(b"".join(out))
+                self._response_error()
+                return
+            if self.phase != EXCHANGE:
+                return
+        if out:
+            self.transport.write(b"".join(out))
+        if self.resp_started:
+            self.deadline = clock.now + self.frontend.timeouts.client
+
+    def _response_head(self, head: h1.ResponseHead) -> bytes:
+        """The head to send to the client, and the framing its body will take."""
+        request = self.head
+        client_version = "1.1" if request.version == "1.1" else "1.0"  # type: ignore[union-attr]
+        if head.status < 200:
+            if head.status == 101 and not request.upgrade:  # type: ignore[union-attr]
+                raise BadResponse("101 to a request that asked for no upgrade")
+            # Interim answers (100 Continue, 101 before the tunnel) have no end of their own.
+            self.interim = True
+            if client_version == "1.1":
+                return h1.response_head_bytes(head, h1.NO_BODY, True, "1.1")
+            return b""  # HTTP/1.0 clients get no interim answers
+        self.resp_started = True
+        self.server_keep_alive = head.keep_alive
+        framing = head.framing
+        self.server_until_close = framing == h1.UNTIL_CLOSE
+        keep_alive = not self.close_after
+        if framing == h1.UNTIL_CLOSE or (framing == h1.CHUNKED and client_version == "1.0"):
+            if client_version == "1.1":
+                framing = h1.CHUNKED  # keeps the client connection alive
+            else:
+                framing = h1.UNTIL_CLOSE
+                keep_alive = False
+        if not keep_alive:
+            self.close_after = True
+        self.resp_framing = framing
+        return h1.response_head_bytes(head, framing, keep_alive, client_version)
+
+    def _response_end(self) -> None:
+        self.resp_done = True
+        if self.req_done:
+            self._finish_exchange()
+        else:
+            # Answered before the request was whole: this server connection is spent,
+            # and the client's connection closes once the answer is out.
+            self._drop_server(reusable=False)
+            self._close()
+
+    def _response_error(self) -> None:
+        if self.resp_started:
+            self._abort()
+        else:
+            self._reply(502)
+
+    def server_closed(self, conn: ServerConnection) -> None:
+        """The server ended its connection (EOF or error) while serving this session."""
+        if conn is not self.conn or self.phase != EXCHANGE:
+            return
+        if self.resp_started:
+            if self.server_until_close:  # the close is the end of this answer
+                self.server_keep_alive = False
+                if self.resp_framing == h1.CHUNKED:
+                    self.transport.write(h1.LAST_CHUNK)
+                self._response_end()
+            else:
+                self._abort()
+            return
+        if conn.reused and not conn.received and self.head.framing == h1.NO_BODY:  # type: ignore[union-attr]
+            # A pooled connection the server had just closed: try a fresh one.
+            self.conn = None
+            conn.session = None
+            self.server.cur_conns -= 1  # type: ignore[union-attr]
+            self._dispatch(None)
+            return
+        self._reply(502)
+
+    # -- ending ---------------------------------------------------------------------
+
+    def _finish_exchange(self) -> None:
+        self._drop_server(reusable=self.server_keep_alive)
+        self._reset_exchange()
+        if self.close_after:
+            self._close()
+            return
+        self.phase = IDLE
+        self.deadline = clock.now + self.frontend.timeouts.http_keep_alive
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self._unpause(PIPELINE)
+            self._process(pending)
+        elif self.frontend.stopping and not self.reader.in_head:
+            self._close()
+
+    def close_if_idle(self) -> None:
+        """Soft stop: an idle keep-alive connection is closed now, a busy one after."""
+        self.close_after = True
+        if self.phase == IDLE and self.pending is None and not self.reader.in_head:
+            self._close()
+
+    def _start_tunnel(self, server_bytes: bytes) -> None:
+        conn = self.conn
+        assert conn is not None
+        self.conn = None
+        conn.session = None
+        self.phase = TUNNEL
+        clock.watched.discard(self)
+        frontend = self.frontend
+        tunnel = Tunnel(
+            self.transport,
+            conn.transport,
+            self.backend.timeouts.tunnel,  # type: ignore[union-attr]
+            on_close=lambda _t: frontend.closed(self),
+        )
+        tunnel.send(0, server_bytes)
+        tunnel.send(1, self.tunnel_bytes)
+
+    def _reply(self, status: int) -> None:
+        """Answer with one of pylb's own pages, then close."""
+        self._drop_server(reusable=False)
+        if not self.resp_started and not self.transport.is_closing():
+            self.transport.write(PAGES[status])
+        self._close()
+
+    def _close(self) -> None:
+        self.phase = CLOSED
+        clock.watched.discard(self)
+        self.transport.close()
+
+    def _abort(self) -> None:
+        self._drop_server(reusable=False)
+        self.phase = CLOSED
+        clock.watched.discard(self)
+        self.transport.abort()

@@ -1,0 +1,258 @@
+"""The master: owns the listening sockets, starts and watches the workers.
+
+Like gunicorn's arbiter, signal handlers only enqueue; one loop (`_main`) takes events
+off the queue and acts. A worker's exit is seen through its pidfd (uvloop keeps SIGCHLD
+for itself). Workers are separate programs (`python -m lb.worker`), each with
+a control channel to the master over which it receives the configuration and, with
+SCM_RIGHTS, every listening socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+
+import lb
+from lb import config, control
+from lb.log import log
+
+RESPAWN_BACKOFF_MAX = 30.0
+QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
+STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
+
+_SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    index: int
+    generation: int
+    workers: int
+    proc: subprocess.Popen[bytes]
+    channel: socket.socket
+    pidfd: int
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def __str__(self) -> str:
+        return f"worker {self.index}/{self.workers} gen {self.generation}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    frontend: str
+    address: str
+    sock: socket.socket
+
+
+class Master:
+    def __init__(
+        self,
+        cfg: config.Config,
+        listeners: list[Listener],
+        log_level: int = logging.INFO,
+        old_pids: tuple[list[int], int] | None = None,
+    ) -> None:
+        self.config = cfg
+        self.listeners = listeners
+        self.log_level = log_level
+        self.old_pids = old_pids  # (-sf/-st pids, signal), told to stop once we are ready
+        self.generation = 1
+        self.workers: dict[int, WorkerHandle] = {}  # by pid
+        self.crashes: dict[int, int] = {}  # worker index -> quick deaths in a row
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.stopping = False
+        self.announced: set[int] = set()  # generations announced ready
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        return uvloop.run(self._main())
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGHUP,
+        ):
+            loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
+        for index in range(1, self.config.global_.workers + 1):
+            self._spawn(index)
+        while True:
+            kind, value = await self.events.get()
+            if kind == "signal":
+                self._on_signal(value)
+            elif kind == "message":
+                self._on_message(*value)
+            elif kind == "exited":
+                self._reap(value)
+            elif kind == "respawn":
+                if not self.stopping:
+                    self._spawn(value)
+            if self.stopping and not self.workers:
+                break
+        log.info("exiting")
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            log.info("%s: stopping now", _SIGNAL_NAMES[sig])
+            self._stop(hard=True)
+        elif sig == signal.SIGUSR1:
+            log.info("SIGUSR1: soft stop, finishing what is in flight")
+            self._stop(hard=False)
+        else:
+            log.warning("%s: reload is not available in this version", _SIGNAL_NAMES[sig])
+
+    # -- workers --------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        ours, theirs = control.pair()
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(lb.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lb.worker", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+        )
+        theirs.close()
+        pidfd = os.pidfd_open(proc.pid)
+        handle = WorkerHandle(
+            index, self.generation, self.config.global_.workers, proc, ours, pidfd
+        )
+        self.workers[proc.pid] = handle
+        hello = {
+            "op": "hello",
+            "generation": handle.generation,
+            "index": index,
+            "workers": handle.workers,
+            "config_path": self.config.path,
+            "config_text": self.config.text,
+            "listeners": [[lst.frontend, lst.address] for lst in self.listeners],
+            "log": self.config.global_.log,
+            "log_level": self.log_level,
+        }
+        control.send(ours, hello, [lst.sock.fileno() for lst in self.listeners])
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours, self._read_channel, handle)
+        loop.add_reader(pidfd, self._exited, handle)
+        log.info("%s started (pid %d)", handle, handle.pid)
+
+    def _read_channel(self, handle: WorkerHandle) -> None:
+        try:
+            message, fds = control.receive(handle.channel)
+        except BlockingIOError:
+            return
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            # The worker is exiting; its pidfd will tell how. Stop watching its channel.
+            asyncio.get_running_loop().remove_reader(handle.channel)
+            return
+        self.events.put_nowait(("message", (handle, message)))
+
+    def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        if message.get("op") == "ready":
+            handle.ready = True
+            self._announce_if_ready(handle.generation)
+
+    def _announce_if_ready(self, generation: int) -> None:
+        members = [h for h in self.workers.values() if h.generation == generation]
+        if generation in self.announced or not all(h.ready for h in members):
+            return
+        self.announced.add(generation)
+        log.info("generation %d ready: %d workers accepting", generation, len(members))
+        if self.old_pids:
+            pids, sig = self.old_pids
+            self.old_pids = None
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                    log.info("sent %s to old process %d", _SIGNAL_NAMES[sig], pid)
+                except ProcessLookupError:
+                    log.warning("old process %d is already gone", pid)
+
+    def _exited(self, handle: WorkerHandle) -> None:
+        asyncio.get_running_loop().remove_reader(handle.pidfd)
+        self.events.put_nowait(("exited", handle))
+
+    def _reap(self, handle: WorkerHandle) -> None:
+        status = handle.proc.wait()
+        del self.workers[handle.pid]
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(handle.channel)
+        handle.channel.close()
+        os.close(handle.pidfd)
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        if handle.stopping or self.stopping:
+            log.info("%s (pid %d) exited: %s", handle, handle.pid, how)
+            return
+        log.warning("%s (pid %d) exited: %s", handle, handle.pid, how)
+        self._schedule_respawn(handle)
+
+    def _schedule_respawn(self, handle: WorkerHandle) -> None:
+        if time.monotonic() - handle.started < QUICK_DEATH:
+            crashes = self.crashes.get(handle.index, 0) + 1
+        else:
+            crashes = 0
+        self.crashes[handle.index] = crashes
+        # First replacement at once; a worker that keeps dying waits longer each time.
+        delay = 0.0 if crashes <= 1 else min(0.25 * 2 ** (crashes - 1), RESPAWN_BACKOFF_MAX)
+        if delay:
+            log.warning("%s keeps dying: next start in %.1fs", handle, delay)
+        asyncio.get_running_loop().call_later(
+            delay, self.events.put_nowait, ("respawn", handle.index)
+        )
+
+    # -- stopping -------------------------------------------------------------------
+
+    def _stop(self, hard: bool) -> None:
+        self.stopping = True
+        for handle in self.workers.values():
+            handle.stopping = True
+            if hard:
+                _kill(handle.pid, signal.SIGTERM)
+            else:
+                try:
+                    control.send(handle.channel, {"op": "soft-stop"})
+                except OSError:
+                    _kill(handle.pid, signal.SIGUSR1)
+        loop = asyncio.get_running_loop()
+        if hard:
+            loop.call_later(STOP_GRACE, self._kill_remaining)
+        elif self.config.global_.hard_stop_after:
+            loop.call_later(self.config.global_.hard_stop_after + STOP_GRACE, self._kill_remaining)
+
+    def _kill_remaining(self) -> None:
+        for handle in self.workers.values():
+            log.warning("%s (pid %d) did not stop: killing it", handle, handle.pid)
+            _kill(handle.pid, signal.SIGKILL)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,130 @@
+"""A worker process: serves the listening sockets the master hands it, nothing else.
+
+Started by the master as `python -m lb.worker FD`, where FD is its end of the control
+channel. The first message on it carries the configuration and, by SCM_RIGHTS, the
+listening sockets; the worker answers `ready` once it accepts on all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import setproctitle
+import uvloop
+
+from lb import config, control
+from lb import log as logsetup
+from lb.backend import Backend
+from lb.frontend import Frontend
+from lb.log import log
+from lb.serverconn import ConnectionPool
+from lb.timer import clock
+
+
+class Worker:
+    def __init__(self, channel: socket.socket, hello: dict[str, Any], fds: list[int]) -> None:
+        self.channel = channel
+        self.config = config.loads(hello["config_text"], hello["config_path"])
+        self.generation: int = hello["generation"]
+        self.index: int = hello["index"]
+        self.count: int = hello["workers"]
+        self.pool = ConnectionPool()
+        self.backends = {name: Backend(cfg) for name, cfg in self.config.backends.items()}
+        self.frontends = {
+            name: Frontend(cfg, self.backends, self) for name, cfg in self.config.frontends.items()
+        }
+        for (frontend, _address), fd in zip(hello["listeners"], fds, strict=True):
+            self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
+        self.stopping = False
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}/{self.count} gen {self.generation}"
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        clock.start()
+        for frontend in self.frontends.values():
+            await frontend.start()
+        self.channel.setblocking(False)
+        loop.add_reader(self.channel, self._on_control)
+        loop.add_signal_handler(signal.SIGUSR1, self.soft_stop)
+        control.send(self.channel, {"op": "ready", "pid": os.getpid()})
+        await self._done
+        clock.stop()
+        self.pool.close()
+
+    def _on_control(self) -> None:
+        try:
+            message, fds = control.receive(self.channel)
+        except BlockingIOError:
+            return
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            asyncio.get_running_loop().remove_reader(self.channel)
+            log.warning("master is gone: soft-stopping")
+            self.soft_stop()
+        elif message["op"] == "soft-stop":
+            self.soft_stop()
+        elif message["op"] == "stop":
+            self._finish()
+
+    def soft_stop(self) -> None:
+        """Stop accepting, finish what is in flight, then exit."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for frontend in self.frontends.values():
+            frontend.soft_stop()
+        hard_stop = self.config.global_.hard_stop_after
+        if hard_stop:
+            asyncio.get_running_loop().call_later(hard_stop, self._hard_stop)
+        self.maybe_exit()
+
+    def _hard_stop(self) -> None:
+        left = sum(f.cur_conns for f in self.frontends.values())
+        log.warning("hard-stop-after expired: closing %d connections", left)
+        self._finish()
+
+    def maybe_exit(self) -> None:
+        if self.stopping and not any(f.sessions for f in self.frontends.values()):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    channel = socket.socket(fileno=int(argv[0]))
+    # Ctrl-C in a terminal reaches the whole process group: the master decides for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    hello, fds = control.receive(channel)
+    if hello is None:
+        return 1
+    logsetup.setup(hello.get("log", "stderr"), hello.get("log_level", logging.INFO))
+    worker = Worker(channel, hello, fds)
+    logsetup.set_role(worker.name)
+    setproctitle.setproctitle(
+        f"pylb: worker {worker.index}/{worker.count} [gen {worker.generation}]"
+    )
+    uvloop.run(worker.run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
