@@ -25,6 +25,7 @@ import uvloop
 import lb
 from lb import config, control
 from lb.log import log
+from lb.shared import Shared
 
 RESPAWN_BACKOFF_MAX = 30.0
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
@@ -78,6 +79,7 @@ class Master:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.stopping = False
         self.announced: set[int] = set()  # generations announced ready
+        self.shared = Shared.create(cfg)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -151,7 +153,8 @@ class Master:
             "log": self.config.global_.log,
             "log_level": self.log_level,
         }
-        control.send(ours, hello, [lst.sock.fileno() for lst in self.listeners])
+        fds = [lst.sock.fileno() for lst in self.listeners] + [self.shared.fd]
+        control.send(ours, hello, fds)
         ours.setblocking(False)
         loop = asyncio.get_running_loop()
         loop.add_reader(ours, self._read_channel, handle)

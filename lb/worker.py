@@ -8,11 +8,13 @@ listening sockets; the worker answers `ready` once it accepts on all of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import setproctitle
@@ -24,6 +26,7 @@ from lb.backend import Backend
 from lb.frontend import Frontend
 from lb.log import log
 from lb.serverconn import ConnectionPool
+from lb.shared import Shared
 from lb.timer import clock
 
 
@@ -35,7 +38,11 @@ class Worker:
         self.index: int = hello["index"]
         self.count: int = hello["workers"]
         self.pool = ConnectionPool()
-        self.backends = {name: Backend(cfg) for name, cfg in self.config.backends.items()}
+        # The listening sockets come first, then the shared memory.
+        self.shared = Shared(fds.pop())
+        self.backends = {
+            name: Backend(cfg, self._ticket_for(name)) for name, cfg in self.config.backends.items()
+        }
         self.frontends = {
             name: Frontend(cfg, self.backends, self) for name, cfg in self.config.frontends.items()
         }
@@ -43,6 +50,10 @@ class Worker:
             self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
         self.stopping = False
         self._done: asyncio.Future[None] | None = None
+
+    def _ticket_for(self, backend: str) -> Callable[[], int]:
+        offset = Shared.backend_slot(self.config, backend)
+        return functools.partial(self.shared.ticket, offset)
 
     @property
     def name(self) -> str:
@@ -57,6 +68,7 @@ class Worker:
         self.channel.setblocking(False)
         loop.add_reader(self.channel, self._on_control)
         loop.add_signal_handler(signal.SIGUSR1, self.soft_stop)
+        loop.add_signal_handler(signal.SIGTERM, self._finish)
         control.send(self.channel, {"op": "ready", "pid": os.getpid()})
         await self._done
         clock.stop()

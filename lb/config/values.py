@@ -1,0 +1,359 @@
+"""Value syntaxes: durations, sizes, addresses and the small validators built on them.
+
+The ``parse_*`` functions are plain: they take a Python value and return the parsed one or
+raise ValueError with a complete message. The validators (``Parser``) take a located
+:class:`Value` and raise ConfigError at its line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .model import Address
+from .yamltree import Value
+
+T = TypeVar("T")
+Parser = Callable[[Value], Any]
+
+DURATION_HINT = "a duration like 5s or 250ms"
+SIZE_HINT = "a size like 16k or 1m"
+ADDRESS_HINT = "HOST:PORT like 127.0.0.1:8080, [::1]:8080 or *:8080"
+MAX_DURATION = 365 * 86400.0
+
+# unit -> (multiply, divide): exact for the common cases (250ms is 0.25, not 0.25000000001).
+_UNITS = {
+    "us": (1, 1_000_000),
+    "ms": (1, 1000),
+    "s": (1, 1),
+    "m": (60, 1),
+    "h": (3600, 1),
+    "d": (86400, 1),
+}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(us|ms|s|m|h|d)?", re.ASCII)
+_SIZE_RE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE | re.ASCII)
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+NAME_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_METHOD_RE = re.compile(r"[A-Z][A-Z0-9_-]*")
+_COOKIE_VALUE_RE = re.compile(r"[!#-+\--:<-\[\]-~]+")  # RFC 6265 cookie-octet
+_UNSAFE_RE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def show(x: object) -> str:
+    """A Python value as an error message quotes it."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, str):
+        return repr(x)
+    return str(x)
+
+
+# -- plain parsers --------------------------------------------------------------------------
+
+
+def parse_duration(x: object) -> float:
+    """Seconds from a number of seconds or a string with a unit: us, ms, s, m, h, d."""
+    if isinstance(x, bool) or not isinstance(x, int | float | str):
+        raise ValueError(f"expected {DURATION_HINT}, got {show(x)}")
+    if isinstance(x, str):
+        m = _DURATION_RE.fullmatch(x)
+        if m is None:
+            raise ValueError(f"expected {DURATION_HINT}, got {show(x)}")
+        multiply, divide = _UNITS[m[2] or "s"]
+        seconds = float(m[1]) * multiply / divide
+    else:
+        seconds = float(x)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected {DURATION_HINT}, got {show(x)}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"expected a duration of at most 365d, got {show(x)}")
+    return seconds
+
+
+def parse_size(x: object) -> int:
+    """Bytes from an int or a string with a k, m or g suffix (powers of 1024)."""
+    if isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+        return x
+    m = _SIZE_RE.fullmatch(x) if isinstance(x, str) else None
+    if m is None:
+        raise ValueError(f"expected {SIZE_HINT}, got {show(x)}")
+    return int(m[1]) * 1024 ** " kmg".index(m[2].lower() or " ")
+
+
+def _split_address(text: object) -> tuple[str, int, bool]:
+    """(host, port, bracketed) from HOST:PORT or [V6]:PORT."""
+    if not isinstance(text, str) or ":" not in text or _UNSAFE_RE.search(text):
+        raise ValueError(f"expected {ADDRESS_HINT}, got {show(text)}")
+    bracketed = text.startswith("[")
+    if bracketed:
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected {ADDRESS_HINT}, got {show(text)}")
+    else:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets, like [::1]:8080, got {show(text)}")
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"invalid port {port!r} in {show(text)} (expected 1 to 65535)")
+    if bracketed:
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r} in {show(text)}") from None
+    return host, int(port), bracketed
+
+
+def _ipv4(host: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        return None
+
+
+def parse_bind_address(text: object) -> Address:
+    """A listening address: the host is an IP literal, ``localhost``, ``*`` or empty."""
+    host, port, bracketed = _split_address(text)
+    if not bracketed:
+        if host in ("", "*"):
+            host = "0.0.0.0"
+        elif host.lower() == "localhost":
+            host = "127.0.0.1"
+        else:
+            ip = _ipv4(host)
+            if ip is None:
+                raise ValueError(
+                    f"bind host must be an IP address, localhost or *, got {host!r}"
+                )
+            host = ip
+    return Address(host, port)
+
+
+def parse_server_address(text: object) -> Address:
+    """A server's address: the host may also be a host name (checked, not resolved)."""
+    host, port, bracketed = _split_address(text)
+    if not bracketed:
+        if host in ("", "*"):
+            raise ValueError(f"a server address needs a host, got {show(text)}")
+        if len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"invalid host name {host!r}")
+        if host.rstrip(".").rpartition(".")[2].isdigit():  # no TLD is all digits: an IPv4
+            ip = _ipv4(host)
+            if ip is None:
+                raise ValueError(f"invalid IPv4 address {host!r}")
+            host = ip
+    return Address(host, port)
+
+
+# -- validators -----------------------------------------------------------------------------
+
+
+class _Mismatch(ValueError):
+    """Not what the key expects: the validator says "expected <what>, got <as written>"."""
+
+
+def scalar(expected: str, convert: Callable[[Any], T], *, text: bool = False) -> Parser:
+    """A validator for a scalar key. ``convert`` gets the YAML-typed value (or the text as
+    written, with ``text=True``); it raises _Mismatch for "expected <expected>, got <value>",
+    or ValueError with its own message."""
+
+    def parse(v: Value) -> T:
+        if not v.is_scalar:
+            raise v.error(f"expected {expected}, got {v.describe()}")
+        try:
+            return convert(v.text if text else v.python)
+        except _Mismatch:
+            raise v.error(f"expected {expected}, got {v.describe()}") from None
+        except ValueError as exc:
+            raise v.error(str(exc)) from None
+
+    return parse
+
+
+def integer(low: int, high: int | None = None) -> Parser:
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def convert(x: object) -> int:
+        ok = isinstance(x, int) and not isinstance(x, bool)
+        if not ok or x < low or (high is not None and x > high):
+            raise _Mismatch()
+        return x
+
+    return scalar(expected, convert)
+
+
+def _boolean(x: object) -> bool:
+    if not isinstance(x, bool):
+        raise _Mismatch()
+    return x
+
+
+boolean = scalar("true or false", _boolean)
+
+
+def choice(*options: str) -> Parser:
+    if len(options) == 2:
+        expected = f"{options[0]} or {options[1]}"
+    else:
+        expected = "one of " + ", ".join(options)
+
+    def convert(x: str | None) -> str:
+        if x is None or x not in options:
+            raise _Mismatch()
+        return x
+
+    return scalar(expected, convert, text=True)
+
+
+def _positive_duration(x: object) -> float:
+    seconds = parse_duration(x)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration greater than 0, got {show(x)}")
+    return seconds
+
+
+duration = scalar(DURATION_HINT, _positive_duration)
+
+
+def _positive_size(x: object) -> int:
+    size = parse_size(x)
+    if size <= 0:
+        raise ValueError(f"expected a size greater than 0, got {show(x)}")
+    return size
+
+
+size = scalar(SIZE_HINT, _positive_size)
+bind_address = scalar(ADDRESS_HINT, parse_bind_address, text=True)
+server_address = scalar(ADDRESS_HINT, parse_server_address, text=True)
+
+
+def matching(expected: str, pattern: re.Pattern[str]) -> Parser:
+    """A text value that must fully match ``pattern``."""
+
+    def convert(x: str | None) -> str:
+        if x is None or not pattern.fullmatch(x):
+            raise _Mismatch()
+        return x
+
+    return scalar(expected, convert, text=True)
+
+
+def _path(x: str | None) -> str:
+    if not x or "\x00" in x:
+        raise _Mismatch()
+    return x
+
+
+path = scalar("a file path", _path, text=True)
+
+
+def _socket_path(x: str | None) -> str:
+    x = _path(x)
+    if len(x.encode()) > 107:
+        raise ValueError(f"a UNIX socket path is limited to 107 bytes, got {len(x.encode())}")
+    return x
+
+
+socket_path = scalar("a file path", _socket_path, text=True)
+name = matching("a name made of letters, digits and - _ . :", NAME_RE)
+token = matching("a name made of letters, digits and !#$%&'*+-.^_`|~", _TOKEN_RE)
+cookie_value = matching("a cookie value (no spaces, quotes, commas, semicolons or \\)",
+                        _COOKIE_VALUE_RE)
+http_method = matching("an HTTP method like GET or HEAD", _METHOD_RE)
+LOG_HINT = "stderr, a file path, udp@HOST:PORT or unix@PATH"
+
+
+def _file_mode(x: str | None) -> int:
+    """Permission bits, always read as octal: 660, "660", 0660 and "0o660" are all 0o660."""
+    digits = (x or "").removeprefix("0o")
+    if not digits or not all(c in "01234567" for c in digits) or int(digits, 8) > 0o777:
+        raise _Mismatch()
+    return int(digits, 8)
+
+
+file_mode = scalar('an octal file mode like "660"', _file_mode, text=True)
+
+
+def _expose_fd(x: str | None) -> bool:
+    if x != "listeners":
+        raise _Mismatch()
+    return True
+
+
+expose_fd = scalar("listeners", _expose_fd, text=True)
+
+
+def _log_target(x: str | None) -> str:
+    if not x or _UNSAFE_RE.search(x.replace(" ", "")):
+        raise _Mismatch()
+    if x.startswith("udp@"):
+        try:
+            parse_server_address(x[4:])
+        except ValueError as exc:
+            raise ValueError(f"bad udp@ log target: {exc}") from None
+    elif x.startswith("unix@"):
+        if not x[5:]:
+            raise _Mismatch()
+    elif re.match(r"[a-z0-9]+@", x):
+        raise _Mismatch()
+    return x
+
+
+log_target = scalar(LOG_HINT, _log_target, text=True)
+
+
+def _status_range(x: object) -> tuple[int, int]:
+    if isinstance(x, int) and not isinstance(x, bool):
+        low = high = x
+    elif isinstance(x, str) and re.fullmatch(r"\d{3}(-\d{3})?", x):
+        low, _, rest = x.partition("-")
+        low, high = int(low), int(rest or low)
+    else:
+        raise _Mismatch()
+    if not 100 <= low <= high <= 599:
+        raise _Mismatch()
+    return low, high
+
+
+status_range = scalar("a status like 200 or a range like 200-399", _status_range)
+
+
+def _uri_path(x: str | None) -> str:
+    if x is None or not x.startswith("/") or _UNSAFE_RE.search(x):
+        raise _Mismatch()
+    return x
+
+
+uri_path = scalar("a path starting with /", _uri_path, text=True)
+
+
+def _host_header(x: str | None) -> str:
+    if not x or _UNSAFE_RE.search(x):
+        raise _Mismatch()
+    return x
+
+
+host_header = scalar("a host name", _host_header, text=True)
+
+BALANCE_ALGORITHMS = ("roundrobin", "static-rr", "leastconn", "source", "uri", "random")
+BALANCE_HINT = "one of " + ", ".join(BALANCE_ALGORITHMS) + " or hdr(NAME)"
+
+
+def _balance(x: str | None) -> tuple[str, str | None]:
+    if x in BALANCE_ALGORITHMS:
+        return x, None
+    m = re.fullmatch(r"hdr\((.*)\)", x or "")
+    if m is None:
+        raise _Mismatch()
+    if not _TOKEN_RE.fullmatch(m[1]):
+        raise ValueError(f"expected a header name in hdr(NAME), got {show(x)}")
+    return "hdr", m[1]
+
+
+balance = scalar(BALANCE_HINT, _balance, text=True)
