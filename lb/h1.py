@@ -36,6 +36,14 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+# Methods llhttp accepts only in RTSP/x.y requests: such a request keeps its protocol name.
+RTSP_ONLY_METHODS = frozenset(
+    (
+        b"ANNOUNCE", b"DESCRIBE", b"GET_PARAMETER", b"PAUSE", b"PLAY", b"PLAY_NOTIFY",
+        b"RECORD", b"REDIRECT", b"SETUP", b"SET_PARAMETER", b"TEARDOWN", b"FLUSH",
+    )
+)
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -111,17 +119,23 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _framing(headers: Headers) -> tuple[int, int, bool]:
-    """(framing, content length, saw transfer-encoding) from validated headers."""
+def _framing(headers: Headers, request: bool = True) -> tuple[int, int, bool]:
+    """(framing, content length, saw transfer-encoding) from headers llhttp validated."""
     length = -1
-    chunked = False
+    codings: list[bytes] = []
     for key, value in headers:
         name = key.lower()
         if name == b"transfer-encoding":
-            chunked = True
+            codings.extend(c.strip().lower() for c in value.split(b","))
         elif name == b"content-length":
             length = int(value.strip())
-    if chunked:
+    if codings:
+        if codings[-1] != b"chunked":
+            if not request:
+                return UNTIL_CLOSE, -1, True  # RFC 9112 6.3: a response then ends at close
+            # RFC 9112 6.3: a request whose last coding is not chunked has no knowable
+            # length (llhttp would say so only after the head, too late to not forward it).
+            raise BadFraming("Transfer-Encoding does not end with chunked")
         return CHUNKED, -1, True
     if length >= 0:
         return LENGTH, length, False
@@ -166,6 +180,10 @@ class HeadTooLarge(Exception):
     pass
 
 
+class BadFraming(Exception):
+    pass
+
+
 class RequestReader(_Reader):
     """Reads the requests a client sends on one connection."""
 
@@ -201,6 +219,10 @@ class RequestReader(_Reader):
         if has_te and length >= 0:
             keep_alive = False
         upgrade = parser.should_upgrade()
+        if upgrade and framing != NO_BODY:
+            # llhttp does not read the body of an upgrade request: refuse rather than
+            # send a server a head announcing a body it would never get.
+            raise BadFraming("upgrade request with a body")
         head = RequestHead(
             method, b"".join(self._url), version, headers, keep_alive, framing, length, upgrade
         )
@@ -258,6 +280,8 @@ def _callback_failure(err: Exception) -> str | None:
         return None
     if isinstance(cause, HeadTooLarge):
         return "head too large"
+    if isinstance(cause, BadFraming):
+        return str(cause)
     if cause is not None:
         raise cause  # a bug of ours, not bad input
     return str(err)
@@ -293,7 +317,7 @@ class ResponseReader(_Reader):
         headers = self.headers
         self.in_head = False
         status = parser.get_status_code()
-        framing, length, _ = _framing(headers)
+        framing, length, _ = _framing(headers, request=False)
         if status < 200 or status in (204, 304) or self._head_only:
             framing, length = NO_BODY, 0
         elif framing == NO_BODY:
@@ -369,7 +393,10 @@ def request_head_bytes(head: RequestHead, forwarded_for: bytes | None = None) ->
     """The head pylb sends to a server: HTTP/1.1, hop-by-hop headers replaced, and the
     client's address appended to X-Forwarded-For when `forwarded_for` is given."""
     drop = _connection_tokens(head.headers) - {b"close", b"keep-alive", b"upgrade"}
-    lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
+    if head.method in RTSP_ONLY_METHODS:
+        lines = [b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())]
+    else:
+        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     xff = -1
     for key, value in head.headers:
         name = key.lower()

@@ -118,6 +118,8 @@ class HttpSession(asyncio.Protocol):
         if self.phase == IDLE and not self.reader.in_head:
             self.deadline = clock.now + self.frontend.timeouts.http_request
         events = self.reader.feed(data)
+        if events and events[-1][0] == h1.ERROR:
+            events = _without_failed_request(events)
         if self.pending is not None:
             self.pending.extend(events)
             return
@@ -132,10 +134,7 @@ class HttpSession(asyncio.Protocol):
 
     def _client_eof(self) -> None:
         if self.phase == IDLE:
-            if self.reader.in_head:
-                self._reply(400)
-            else:
-                self._close()
+            self._close()  # an unfinished head is abandoned, not answered
         elif not self.req_done:
             self._abort()  # the client gave up mid-request
         else:
@@ -518,3 +517,14 @@ class HttpSession(asyncio.Protocol):
         self.phase = CLOSED
         clock.watched.discard(self)
         self.transport.abort()
+
+
+def _without_failed_request(events: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    """Events ending in an error, less what the failing request brought in the same read:
+    none of its bytes reach a server when the error comes with its head."""
+    keep = len(events) - 1
+    while keep > 0 and events[keep - 1][0] != h1.END:
+        keep -= 1
+    if keep == 0 and events[0][0] != h1.HEAD:
+        return events  # the failing request began in an earlier read: it is already underway
+    return events[:keep] + events[-1:]

@@ -22,6 +22,7 @@ Parser = Callable[[Value], Any]
 DURATION_HINT = "a duration like 5s or 250ms"
 SIZE_HINT = "a size like 16k or 1m"
 ADDRESS_HINT = "HOST:PORT like 127.0.0.1:8080, [::1]:8080 or *:8080"
+LOG_HINT = "stderr, a file path, udp@HOST:PORT or unix@PATH"
 MAX_DURATION = 365 * 86400.0
 
 # unit -> (multiply, divide): exact for the common cases (250ms is 0.25, not 0.25000000001).
@@ -266,7 +267,6 @@ token = matching("a name made of letters, digits and !#$%&'*+-.^_`|~", _TOKEN_RE
 cookie_value = matching("a cookie value (no spaces, quotes, commas, semicolons or \\)",
                         _COOKIE_VALUE_RE)
 http_method = matching("an HTTP method like GET or HEAD", _METHOD_RE)
-LOG_HINT = "stderr, a file path, udp@HOST:PORT or unix@PATH"
 
 
 def _file_mode(x: str | None) -> int:
@@ -311,7 +311,7 @@ log_target = scalar(LOG_HINT, _log_target, text=True)
 def _status_range(x: object) -> tuple[int, int]:
     if isinstance(x, int) and not isinstance(x, bool):
         low = high = x
-    elif isinstance(x, str) and re.fullmatch(r"\d{3}(-\d{3})?", x):
+    elif isinstance(x, str) and re.fullmatch(r"[0-9]{3}(-[0-9]{3})?", x):
         low, _, rest = x.partition("-")
         low, high = int(low), int(rest or low)
     else:
@@ -346,7 +346,7 @@ BALANCE_HINT = "one of " + ", ".join(BALANCE_ALGORITHMS) + " or hdr(NAME)"
 
 
 def _balance(x: str | None) -> tuple[str, str | None]:
-    if x in BALANCE_ALGORITHMS:
+    if x is not None and x in BALANCE_ALGORITHMS:
         return x, None
     m = re.fullmatch(r"hdr\((.*)\)", x or "")
     if m is None:
