@@ -21,7 +21,10 @@ class _Held(asyncio.Protocol):
 
 
 class TcpSession(asyncio.Protocol):
-    __slots__ = ("frontend", "transport", "deadline", "server", "retries_left", "task", "done")
+    __slots__ = (
+        "frontend", "transport", "deadline", "server", "retries_left", "task", "done",
+        "early", "early_eof",
+    )
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -31,6 +34,8 @@ class TcpSession(asyncio.Protocol):
         self.retries_left = 0
         self.task: asyncio.Task[None] | None = None
         self.done = False  # relayed or closed: this object's part is over
+        self.early: list[bytes] = []  # client bytes read before the relay began
+        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -79,7 +84,19 @@ class TcpSession(asyncio.Protocol):
             server.cur_conns -= 1
             frontend.closed(self)
 
-        Tunnel(self.transport, transport, max(timeouts.client, timeouts.server), finished)  # type: ignore[arg-type]
+        tunnel = Tunnel(
+            self.transport, transport, max(timeouts.client, timeouts.server), finished  # type: ignore[arg-type]
+        )
+        tunnel.send(1, b"".join(self.early))
+        if self.early_eof:
+            tunnel.ends[0].eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)  # reading is paused; at most what came with the accept
+
+    def eof_received(self) -> bool:
+        self.early_eof = True
+        return True  # the client half-closed: its bytes still go to the server
 
     def on_timeout(self) -> None:
         """The connect timed out or failed: retry, then give up."""
