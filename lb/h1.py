@@ -5,6 +5,10 @@ socket, so they are tested on their own. Parsing is llhttp's (through httptools)
 strict mode; on top of it this module decides the framing of what pylb forwards
 (RFC 9112 section 6) and writes the heads it sends on.
 
+Each header is looked at once, as llhttp reports it: end-to-end headers are rendered
+straight into the block pylb forwards, hop-by-hop ones are kept aside for the framing
+decision. The per-request path then only joins bytes.
+
 Events are tuples, cheap on the per-request path:
     (HEAD, RequestHead | ResponseHead)
     (DATA, bytes)           decoded body bytes (chunk framing removed)
@@ -22,7 +26,7 @@ HEAD, DATA, END, UPGRADE, ERROR = range(5)
 # Framing of a body, as pylb forwards it.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
 
-# Hop-by-hop headers: consumed here, never forwarded as they came (RFC 9110 7.6.1).
+# Hop-by-hop headers (RFC 9110 7.6.1) and the framing ones: pylb writes its own.
 HOP_BY_HOP = frozenset(
     (
         b"connection",
@@ -35,6 +39,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     )
 )
+# Connection options that name no header to remove.
+_PLAIN_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 
 # Methods llhttp accepts only in RTSP/x.y requests: such a request keeps its protocol name.
 RTSP_ONLY_METHODS = frozenset(
@@ -47,84 +53,87 @@ RTSP_ONLY_METHODS = frozenset(
 Headers = list[tuple[bytes, bytes]]
 
 
-class RequestHead:
-    __slots__ = (
-        "method",
-        "target",
-        "version",
-        "headers",
-        "keep_alive",
-        "framing",
-        "length",
-        "upgrade",
-        "expect_continue",
-    )
+class HeadTooLarge(Exception):
+    pass
 
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        version: str,
-        headers: Headers,
-        keep_alive: bool,
-        framing: int,
-        length: int,
-        upgrade: bool,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.framing = framing
-        self.length = length
-        self.upgrade = upgrade
-        self.expect_continue = False
+
+class BadFraming(Exception):
+    pass
+
+
+class _Stop(Exception):
+    """Raised from a callback to stop llhttp after a closing message."""
+
+
+class Head:
+    """What requests and responses share: headers as received, and as forwarded."""
+
+    __slots__ = (
+        "version", "forward", "hop", "options", "keep_alive", "framing", "length"
+    )
+    version: str
+    forward: list[bytes]  # rendered `Name: value\r\n` lines of end-to-end headers
+    hop: Headers  # hop-by-hop headers, names in lower case
+    options: bool  # Connection names headers to remove (rare)
+    keep_alive: bool
+    framing: int
+    length: int
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
+        if name in HOP_BY_HOP:
+            return next((v for k, v in self.hop if k == name), None)
+        prefix = name + b":"
+        size = len(prefix)
+        for line in self.forward:
+            if line[:size].lower() == prefix:
+                return line[size:-2].strip()
         return None
 
-
-class ResponseHead:
-    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "framing", "length")
-
-    def __init__(
-        self,
-        status: int,
-        reason: bytes,
-        version: str,
-        headers: Headers,
-        keep_alive: bool,
-        framing: int,
-        length: int,
-    ) -> None:
-        self.status = status
-        self.reason = reason
-        self.version = version
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.framing = framing
-        self.length = length
+    def forward_block(self, forward: list[bytes], upgrade: bool) -> bytes:
+        """The header lines `forward` to pass on, less any that Connection names, plus
+        Upgrade when the connection is being upgraded."""
+        if self.options:
+            named = _connection_options(self.hop)
+            forward = [f for f in forward if f.split(b":", 1)[0].lower() not in named]
+        block = b"".join(forward)
+        if upgrade:
+            block += b"".join(b"Upgrade: %s\r\n" % v for k, v in self.hop if k == b"upgrade")
+        return block
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
+class RequestHead(Head):
+    __slots__ = ("method", "target", "upgrade", "expect_continue", "forwarded_for")
+    method: bytes
+    target: bytes
+    upgrade: bool
+    expect_continue: bool
+    forwarded_for: int  # index in `forward` of the last X-Forwarded-For line, or -1
 
 
-def _framing(headers: Headers, request: bool = True) -> tuple[int, int, bool]:
-    """(framing, content length, saw transfer-encoding) from headers llhttp validated."""
+class ResponseHead(Head):
+    __slots__ = ("status", "reason")
+    status: int
+    reason: bytes
+
+
+def _connection_options(hop: Headers) -> set[bytes]:
+    """Header names listed in Connection, to be removed with it (RFC 9110 7.6.1)."""
+    names: set[bytes] = set()
+    for key, value in hop:
+        if key == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token not in _PLAIN_TOKENS:
+                    names.add(token)
+    return names
+
+
+def _framing(hop: Headers, request: bool) -> tuple[int, int]:
+    """(framing, content length) from the headers llhttp validated."""
     length = -1
     codings: list[bytes] = []
-    for key, value in headers:
-        name = key.lower()
+    for name, value in hop:
         if name == b"transfer-encoding":
             codings.extend(c.strip().lower() for c in value.split(b","))
         elif name == b"content-length":
@@ -132,38 +141,63 @@ def _framing(headers: Headers, request: bool = True) -> tuple[int, int, bool]:
     if codings:
         if codings[-1] != b"chunked":
             if not request:
-                return UNTIL_CLOSE, -1, True  # RFC 9112 6.3: a response then ends at close
+                return UNTIL_CLOSE, -1  # RFC 9112 6.3: a response then ends at close
             # RFC 9112 6.3: a request whose last coding is not chunked has no knowable
-            # length (llhttp would say so only after the head, too late to not forward it).
+            # length (llhttp would say so only after the head, too late not to forward it).
             raise BadFraming("Transfer-Encoding does not end with chunked")
-        return CHUNKED, -1, True
+        return CHUNKED, -1
     if length >= 0:
-        return LENGTH, length, False
-    return NO_BODY, 0, False
+        return LENGTH, length
+    return NO_BODY, 0
+
+
+def _callback_failure(err: Exception) -> str | None:
+    """What went wrong in one of our callbacks: None for a deliberate stop."""
+    cause = err.__context__
+    if isinstance(cause, _Stop):
+        return None
+    if isinstance(cause, HeadTooLarge):
+        return "head too large"
+    if isinstance(cause, BadFraming):
+        return str(cause)
+    if cause is not None:
+        raise cause  # a bug of ours, not bad input
+    return str(err)
 
 
 class _Reader:
-    """What request and response readers share: event list, head size limit."""
+    """What request and response readers share: event list, header intake, size limit."""
 
     def __init__(self, max_head: int) -> None:
         self.max_head = max_head
         self.events: list[tuple[int, object]] = []
-        self.headers: Headers = []
+        self.forward: list[bytes] = []
+        self.hop: Headers = []
+        self.options = False
         self.head_size = 0
         self.in_head = False
         self.closed = False  # after an error or a final message: read nothing more
 
-    # httptools callbacks (names fixed by httptools)
-    def on_message_begin(self) -> None:
-        self.headers = []
-        self.head_size = 0
-        self.in_head = True
-
+    # httptools callbacks (names fixed by httptools); per header: keep this one lean.
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            self.hop.append((lower, value))
+            if lower == b"connection" and value.lower() not in _PLAIN_TOKENS:
+                self.options = bool(_connection_options([(lower, value)]))
+        else:
+            self.forward.append(b"".join((name, b": ", value, b"\r\n")))
+
+    def _new_head(self, head: Head) -> None:
+        """Hand the headers read so far to `head`; refuse a head over the size limit."""
+        size = self.head_size + sum(map(len, self.forward))
+        for key, value in self.hop:
+            size += len(key) + len(value) + 4
+        if size > self.max_head:
             raise HeadTooLarge
+        head.forward = self.forward
+        head.hop = self.hop
+        head.options = self.options
 
     def on_body(self, body: bytes) -> None:
         self.events.append((DATA, body))
@@ -174,14 +208,6 @@ class _Reader:
         self.events = []
         self.closed = True
         return events
-
-
-class HeadTooLarge(Exception):
-    pass
-
-
-class BadFraming(Exception):
-    pass
 
 
 class RequestReader(_Reader):
@@ -195,40 +221,49 @@ class RequestReader(_Reader):
         self.head: RequestHead | None = None
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.forward = []
+        self.hop = []
+        self.options = False
+        self.head_size = 0
+        self.in_head = True
         self._url = []
         self._pending_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self.head_size += len(url)
-        if self.head_size > self.max_head:
-            raise HeadTooLarge
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        headers = self.headers
         self.in_head = False
-        self._pending_bytes = 0
-        framing, length, has_te = _framing(headers)
-        version = parser.get_http_version()
-        keep_alive = parser.should_keep_alive()
-        method = parser.get_method()
-        if has_te and version == "1.0":
-            keep_alive = False  # RFC 9112 6.1: faulty framing, close after it
-        if has_te and length >= 0:
-            keep_alive = False
+        hop = self.hop
+        framing, length = _framing(hop, True) if hop else (NO_BODY, 0)
         upgrade = parser.should_upgrade()
         if upgrade and framing != NO_BODY:
             # llhttp does not read the body of an upgrade request: refuse rather than
             # send a server a head announcing a body it would never get.
             raise BadFraming("upgrade request with a body")
-        head = RequestHead(
-            method, b"".join(self._url), version, headers, keep_alive, framing, length, upgrade
-        )
-        if version == "1.1":
-            expect = head.header(b"expect")
-            head.expect_continue = expect is not None and expect.lower() == b"100-continue"
+        version = parser.get_http_version()
+        head = RequestHead()
+        self._new_head(head)
+        head.method = parser.get_method()
+        head.target = b"".join(self._url)
+        head.version = version
+        head.expect_continue = False
+        head.forwarded_for = -1
+        head.keep_alive = parser.should_keep_alive()
+        if framing == CHUNKED and (version == "1.0" or length >= 0):
+            head.keep_alive = False  # RFC 9112 6.1: faulty framing, close after it
+        head.framing = framing
+        head.length = length
+        head.upgrade = upgrade
+        for index, line in enumerate(head.forward):
+            if line[:1] in b"EeXx":  # a cheap pre-check: few headers start so
+                lower = line[:16].lower()
+                if lower.startswith(b"expect:") and version == "1.1":
+                    head.expect_continue = line[7:].strip().lower() == b"100-continue"
+                elif lower == b"x-forwarded-for:":
+                    head.forwarded_for = index
         self.head = head
         self.events.append((HEAD, head))
 
@@ -269,24 +304,6 @@ class RequestReader(_Reader):
         return events
 
 
-class _Stop(Exception):
-    """Raised from a callback to stop llhttp after a closing message."""
-
-
-def _callback_failure(err: Exception) -> str | None:
-    """What went wrong in one of our callbacks: None for a deliberate stop."""
-    cause = err.__context__
-    if isinstance(cause, _Stop):
-        return None
-    if isinstance(cause, HeadTooLarge):
-        return "head too large"
-    if isinstance(cause, BadFraming):
-        return str(cause)
-    if cause is not None:
-        raise cause  # a bug of ours, not bad input
-    return str(err)
-
-
 class ResponseReader(_Reader):
     """Reads the responses a server sends on one connection, one request at a time.
 
@@ -297,7 +314,7 @@ class ResponseReader(_Reader):
     def __init__(self, max_head: int = 16384) -> None:
         super().__init__(max_head)
         self._parser = httptools.HttpResponseParser(self)
-        self._status_reason: list[bytes] = []
+        self._reason: list[bytes] = []
         self._head_only = False
         self._buffer = b""
         self.head: ResponseHead | None = None
@@ -306,32 +323,34 @@ class ResponseReader(_Reader):
         self._head_only = method == b"HEAD"
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._status_reason = []
+        self.forward = []
+        self.hop = []
+        self.options = False
+        self.head_size = 0
+        self.in_head = True
+        self._reason = []
 
     def on_status(self, reason: bytes) -> None:
-        self._status_reason.append(reason)
+        self._reason.append(reason)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        headers = self.headers
         self.in_head = False
+        hop = self.hop
         status = parser.get_status_code()
-        framing, length, _ = _framing(headers, request=False)
+        framing, length = _framing(hop, False) if hop else (NO_BODY, 0)
         if status < 200 or status in (204, 304) or self._head_only:
             framing, length = NO_BODY, 0
         elif framing == NO_BODY:
             framing = UNTIL_CLOSE
-        keep_alive = parser.should_keep_alive() and framing != UNTIL_CLOSE
-        head = ResponseHead(
-            status,
-            b"".join(self._status_reason),
-            parser.get_http_version(),
-            headers,
-            keep_alive,
-            framing,
-            length,
-        )
+        head = ResponseHead()
+        self._new_head(head)
+        head.status = status
+        head.reason = b"".join(self._reason)
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive() and framing != UNTIL_CLOSE
+        head.framing = framing
+        head.length = length
         self.head = head
         self.events.append((HEAD, head))
 
@@ -392,64 +411,49 @@ class ResponseReader(_Reader):
 def request_head_bytes(head: RequestHead, forwarded_for: bytes | None = None) -> bytes:
     """The head pylb sends to a server: HTTP/1.1, hop-by-hop headers replaced, and the
     client's address appended to X-Forwarded-For when `forwarded_for` is given."""
-    drop = _connection_tokens(head.headers) - {b"close", b"keep-alive", b"upgrade"}
     if head.method in RTSP_ONLY_METHODS:
-        lines = [b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())]
+        line = b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())
     else:
-        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
-    xff = -1
-    for key, value in head.headers:
-        name = key.lower()
-        if name in HOP_BY_HOP or name in drop:
-            if head.upgrade and name == b"upgrade":
-                lines.append(b"%s: %s\r\n" % (key, value))
-            continue
-        if name == b"x-forwarded-for":
-            xff = len(lines)
-        lines.append(b"%s: %s\r\n" % (key, value))
+        line = b"%s %s HTTP/1.1\r\n" % (head.method, head.target)
+    forward = head.forward
     if forwarded_for is not None:
-        if xff >= 0:
-            lines[xff] = lines[xff][:-2] + b", " + forwarded_for + b"\r\n"
+        index = head.forwarded_for
+        if index >= 0:  # appended to the last one, as a list
+            forward = forward.copy()
+            forward[index] = forward[index][:-2] + b", " + forwarded_for + b"\r\n"
         else:
-            lines.append(b"X-Forwarded-For: %s\r\n" % forwarded_for)
-    if head.framing == CHUNKED:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    elif head.framing == LENGTH:
-        lines.append(b"Content-Length: %d\r\n" % head.length)
+            forward = [*forward, b"X-Forwarded-For: " + forwarded_for + b"\r\n"]
+    block = head.forward_block(forward, head.upgrade)
+    framing = head.framing
+    if framing == CHUNKED:
+        block += b"Transfer-Encoding: chunked\r\n"
+    elif framing == LENGTH:
+        block += b"Content-Length: %d\r\n" % head.length
     if head.upgrade:
-        lines.append(b"Connection: upgrade\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        block += b"Connection: upgrade\r\n"
+    return line + block + b"\r\n"
 
 
 def response_head_bytes(head: ResponseHead, framing: int, keep_alive: bool, version: str) -> bytes:
     """The head pylb sends to a client speaking HTTP/`version`, with the given framing."""
-    drop = _connection_tokens(head.headers) - {b"close", b"keep-alive", b"upgrade"}
-    upgrade = head.status == 101
-    lines = [b"HTTP/%s %d %s\r\n" % (version.encode(), head.status, head.reason)]
-    for key, value in head.headers:
-        name = key.lower()
-        if name in HOP_BY_HOP or name in drop:
-            # A bodiless answer (to HEAD, 304) keeps the length the body would have had.
-            if (upgrade and name == b"upgrade") or (
-                framing == NO_BODY and name == b"content-length"
-            ):
-                lines.append(b"%s: %s\r\n" % (key, value))
-            continue
-        lines.append(b"%s: %s\r\n" % (key, value))
+    status = head.status
+    line = b"HTTP/%s %d %s\r\n" % (version.encode(), status, head.reason)
+    block = head.forward_block(head.forward, status == 101)
     if framing == CHUNKED:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        block += b"Transfer-Encoding: chunked\r\n"
     elif framing == LENGTH:
-        lines.append(b"Content-Length: %d\r\n" % head.length)
-    if upgrade:
-        lines.append(b"Connection: upgrade\r\n")
-    elif head.status >= 200:
+        block += b"Content-Length: %d\r\n" % head.length
+    elif framing == NO_BODY:
+        # A bodiless answer (to HEAD, a 304) keeps the length its body would have had.
+        block += b"".join(b"Content-Length: %s\r\n" % v for k, v in head.hop if k == b"content-length")
+    if status == 101:
+        block += b"Connection: upgrade\r\n"
+    elif status >= 200:
         if not keep_alive:
-            lines.append(b"Connection: close\r\n")
+            block += b"Connection: close\r\n"
         elif version == "1.0":
-            lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+            block += b"Connection: keep-alive\r\n"
+    return line + block + b"\r\n"
 
 
 def chunk(data: bytes) -> bytes:
