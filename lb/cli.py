@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", dest="check", action="store_true", help="check the config and exit")
     parser.add_argument("-D", dest="daemon", action="store_true", help="run in the background")
     parser.add_argument("-p", dest="pidfile", metavar="PIDFILE", help="write the master's pid here")
-    parser.add_argument("-q", dest="quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("-q", dest="quiet", action="store_true", help="log warnings, errors only")
     parser.add_argument("-V", dest="verbose", action="store_true", help="log debug messages too")
     parser.add_argument(
         "-sf", dest="soft_finish", nargs="*", type=int, metavar="PID",

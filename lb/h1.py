@@ -445,7 +445,9 @@ def response_head_bytes(head: ResponseHead, framing: int, keep_alive: bool, vers
         block += b"Content-Length: %d\r\n" % head.length
     elif framing == NO_BODY:
         # A bodiless answer (to HEAD, a 304) keeps the length its body would have had.
-        block += b"".join(b"Content-Length: %s\r\n" % v for k, v in head.hop if k == b"content-length")
+        length = head.header(b"content-length")
+        if length is not None:
+            block += b"Content-Length: %s\r\n" % length
     if status == 101:
         block += b"Connection: upgrade\r\n"
     elif status >= 200:

@@ -327,8 +327,10 @@ class HttpSession(asyncio.Protocol):
         else:
             data = self.head_bytes
         conn.transport.write(data)
-        timeouts = self.backend.timeouts  # type: ignore[union-attr]
-        self.deadline = clock.now + (timeouts.server if self.req_done else self.frontend.timeouts.client)
+        if self.req_done:
+            self.deadline = clock.now + self.backend.timeouts.server  # type: ignore[union-attr]
+        else:
+            self.deadline = clock.now + self.frontend.timeouts.client
 
     def server_backpressure(self, full: bool) -> None:
         if full:
