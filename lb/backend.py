@@ -1,78 +1,129 @@
-"""Backends and their servers as a worker sees them at run time, and server choice."""
+"""Backends and servers as a worker sees them: configuration plus shared runtime state.
+
+A server's state, weight and limits are read from shared memory on every use, so what the
+master (health checks, runtime commands) decides reaches every worker at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from lb import config
+from lb import balance, config
+from lb.shared import (
+    BE_VERSION,
+    MAINT,
+    MAX_SLOTS,
+    READY,
+    SRV_ADMIN,
+    SRV_FIELDS,
+    SRV_MAXCONN,
+    SRV_OP,
+    SRV_WEIGHT,
+    UP,
+    Shared,
+)
 
 
 class Server:
-    """A server's runtime state in this worker."""
+    """A server: its configuration, and accessors to its shared runtime state."""
 
-    __slots__ = ("name", "cfg", "backend", "host", "port", "weight", "cur_conns", "total")
+    __slots__ = (
+        "name", "cfg", "backend", "host", "port", "cookie", "total", "_words", "_base",
+        "_mine", "_first",
+    )
 
-    def __init__(self, cfg: config.Server, backend: Backend) -> None:
+    def __init__(self, cfg: config.Server, backend: Backend, shared: Shared, slot: int) -> None:
         self.name = cfg.name
         self.cfg = cfg
         self.backend = backend
         self.host = cfg.address.host
         self.port = cfg.address.port
-        self.weight = cfg.weight
-        self.cur_conns = 0
-        self.total = 0
+        self.cookie = cfg.cookie
+        self.total = 0  # requests or connections this worker sent to it
+        self._words = shared.words
+        self._base = shared.layout.servers[(backend.name, cfg.name)]
+        self._first = self._base + SRV_FIELDS
+        self._mine = self._first + slot
 
     @property
-    def usable(self) -> bool:
-        return self.weight > 0
+    def up(self) -> bool:
+        return self._words[self._base + SRV_OP] == UP
+
+    @property
+    def admin(self) -> int:
+        return self._words[self._base + SRV_ADMIN]
+
+    @property
+    def weight(self) -> int:
+        return self._words[self._base + SRV_WEIGHT]
+
+    @property
+    def maxconn(self) -> int:
+        return self._words[self._base + SRV_MAXCONN]
+
+    @property
+    def selectable(self) -> bool:
+        """May load balancing send it a new client? (up, ready, weight above 0)"""
+        words = self._words
+        base = self._base
+        return (
+            words[base + SRV_OP] == UP
+            and words[base + SRV_ADMIN] == READY
+            and words[base + SRV_WEIGHT] > 0
+        )
+
+    @property
+    def persistable(self) -> bool:
+        """May a client that persistence sends to it be served? (up, not in maintenance:
+        a draining server keeps its clients)"""
+        words = self._words
+        return words[self._base + SRV_OP] == UP and words[self._base + SRV_ADMIN] != MAINT
+
+    @property
+    def conns(self) -> int:
+        """Connections open to it from all of pylb."""
+        first = self._first
+        return sum(self._words[first : first + MAX_SLOTS])
+
+    def opened(self) -> None:
+        self._words[self._mine] += 1
+        self.total += 1
+
+    def closed(self) -> None:
+        self._words[self._mine] -= 1
 
     def __repr__(self) -> str:
         return f"{self.backend.name}/{self.name}"
 
 
 class Backend:
-    __slots__ = ("name", "cfg", "servers", "timeouts", "_ticket", "_orders")
+    __slots__ = (
+        "name", "cfg", "servers", "timeouts", "by_cookie", "_shared", "_base", "_version",
+        "balancer",
+    )
 
-    def __init__(self, cfg: config.Backend, ticket: Callable[[], int]) -> None:
-        """`ticket` draws the next round-robin position, shared by every worker."""
+    def __init__(self, cfg: config.Backend, shared: Shared, slot: int) -> None:
         self.name = cfg.name
         self.cfg = cfg
         self.timeouts = cfg.timeouts
-        self.servers = [Server(s, self) for s in cfg.servers]
-        self._ticket = ticket
-        self._orders: tuple[list[Server], list[Server]] = ([], [])
-        self.weights_changed()
+        self._shared = shared
+        self._base = shared.layout.backends[cfg.name]
+        self.servers = [Server(s, self, shared, slot) for s in cfg.servers]
+        self.by_cookie = {s.cookie: s for s in self.servers if s.cookie}
+        self._version = -1
+        self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
 
-    def weights_changed(self) -> None:
-        active = [s for s in self.servers if not s.cfg.backup]
-        backups = [s for s in self.servers if s.cfg.backup]
-        self._orders = (smooth_order(active), smooth_order(backups))
+    def ticket(self) -> int:
+        """The next round-robin position, shared by every worker."""
+        return self._shared.ticket(self._base)
 
-    def pick(self, exclude: Server | None = None) -> Server | None:
-        """The next server in weighted round-robin order; backups only if no active one."""
-        for order in self._orders:
-            count = len(order)
-            if not count:
-                continue
-            start = self._ticket()
-            for step in range(count):
-                server = order[(start + step) % count]
-                if server.usable and server is not exclude:
-                    return server
-        return None
+    def refresh(self) -> None:
+        """Let the balancer rebuild what it derives from weights and states, if they
+        changed since it last looked."""
+        version = self._shared.words[self._base + BE_VERSION]
+        if version != self._version:
+            self._version = version
+            self.balancer.rebuild()
 
-
-def smooth_order(servers: list[Server]) -> list[Server]:
-    """One period of smooth weighted round-robin: each server appears `weight` times,
-    spread out (weights 5,1,1 give a a b a c a a, not a a a a a b c)."""
-    usable = [s for s in servers if s.weight > 0]
-    total = sum(s.weight for s in usable)
-    current = {s: 0 for s in usable}
-    order: list[Server] = []
-    for _ in range(total):
-        for server in usable:
-            current[server] += server.weight
-        best = max(usable, key=lambda s: current[s])
-        current[best] -= total
-        order.append(best)
-    return order
+    def pick(self, context: balance.Context, exclude: Server | None = None) -> Server | None:
+        """A server for a new client, by the backend's algorithm; None if none is usable."""
+        self.refresh()
+        return self.balancer.pick(context, exclude)

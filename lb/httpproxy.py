@@ -14,6 +14,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from lb import h1
+from lb.balance import Context
 from lb.errors import PAGES
 from lb.serverconn import ServerConnection
 from lb.timer import clock
@@ -266,7 +267,9 @@ class HttpSession(asyncio.Protocol):
 
     def _dispatch(self, exclude: Server | None) -> None:
         backend = self.backend
-        server = backend.pick(exclude)  # type: ignore[union-attr]
+        head = self.head
+        context = Context(self.client_ip, head.target.split(b"?", 1)[0], head)  # type: ignore[union-attr]
+        server = backend.pick(context, exclude)  # type: ignore[union-attr]
         if server is None:
             self._reply(503)
             return
@@ -317,8 +320,7 @@ class HttpSession(asyncio.Protocol):
         conn.received = False
         conn.reader.expect(self.head.method)  # type: ignore[union-attr]
         self.phase = EXCHANGE
-        self.server.cur_conns += 1  # type: ignore[union-attr]
-        self.server.total += 1  # type: ignore[union-attr]
+        self.server.opened()  # type: ignore[union-attr]
         if self.body_buffer:
             data = b"".join([self.head_bytes, *self.body_buffer])
             self.body_buffer = []
@@ -349,7 +351,7 @@ class HttpSession(asyncio.Protocol):
             return
         self.conn = None
         conn.session = None
-        self.server.cur_conns -= 1  # type: ignore[union-attr]
+        self.server.closed()  # type: ignore[union-attr]
         if reusable:
             if self.server_paused:
                 conn.transport.resume_reading()
@@ -456,7 +458,7 @@ class HttpSession(asyncio.Protocol):
             # A pooled connection the server had just closed: try a fresh one.
             self.conn = None
             conn.session = None
-            self.server.cur_conns -= 1  # type: ignore[union-attr]
+            self.server.closed()  # type: ignore[union-attr]
             self._dispatch(None)
             return
         self._reply(502)

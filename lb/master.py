@@ -25,7 +25,7 @@ import uvloop
 import lb
 from lb import config, control
 from lb.log import log
-from lb.shared import Shared
+from lb.shared import MAX_SLOTS, Shared
 
 RESPAWN_BACKOFF_MAX = 30.0
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
@@ -42,6 +42,7 @@ class WorkerHandle:
     proc: subprocess.Popen[bytes]
     channel: socket.socket
     pidfd: int
+    slot: int
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     stopping: bool = False
@@ -126,7 +127,12 @@ class Master:
 
     # -- workers --------------------------------------------------------------------
 
+    def _free_slot(self) -> int:
+        used = {h.slot for h in self.workers.values()}
+        return next(s for s in range(MAX_SLOTS) if s not in used)
+
     def _spawn(self, index: int) -> None:
+        slot = self._free_slot()
         ours, theirs = control.pair()
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(lb.__file__)))
@@ -139,13 +145,14 @@ class Master:
         theirs.close()
         pidfd = os.pidfd_open(proc.pid)
         handle = WorkerHandle(
-            index, self.generation, self.config.global_.workers, proc, ours, pidfd
+            index, self.generation, self.config.global_.workers, proc, ours, pidfd, slot
         )
         self.workers[proc.pid] = handle
         hello = {
             "op": "hello",
             "generation": handle.generation,
             "index": index,
+            "slot": slot,
             "workers": handle.workers,
             "config_path": self.config.path,
             "config_text": self.config.text,
@@ -208,6 +215,7 @@ class Master:
         loop.remove_reader(handle.channel)
         handle.channel.close()
         os.close(handle.pidfd)
+        self.shared.clear_slot(handle.slot)  # what it counted is no longer open
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         if handle.stopping or self.stopping:
             log.info("%s (pid %d) exited: %s", handle, handle.pid, how)

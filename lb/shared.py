@@ -1,43 +1,130 @@
-"""Memory shared by the master and every worker: the counters that make them one balancer.
+"""Memory shared by the master and every worker: the state that makes them one balancer.
 
 The master creates it (a memfd) and hands it to each worker with the listening sockets.
-Slots are 8-byte counters at fixed offsets derived from the configuration, so every process
-finds the same slot for the same backend without asking anyone.
+It is an array of 64-bit integers; `Layout` gives every frontend, backend and server its
+fixed place, derived from the configuration, so every process finds the same entry for the
+same name without asking anyone.
 
-Updates are plain read-then-write, not atomic: two workers choosing at the same instant
-may both draw the same round-robin ticket. That costs one repeated server, never a lost
-request, and it keeps the per-request path free of locks and system calls.
+Ownership keeps it free of locks: the master alone writes a server's state, weight and
+limits (health checks, runtime commands); each worker writes only its own column of the
+connection counters (its *slot*, given by the master), and readers sum the columns.
+Round-robin tickets are the one shared read-modify-write: two workers drawing at the same
+instant may both get the same ticket, which costs one repeated server, never a request.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import struct
+import time
 
 from lb import config
 
-_SLOT = struct.Struct("=Q")
+MAX_SLOTS = 64  # worker processes alive at once, all generations together
+
+# Server states
+DOWN, UP = 0, 1
+READY, DRAIN, MAINT = 0, 1, 2
+
+# Field offsets inside each kind of entry; each entry ends with MAX_SLOTS counters.
+GLOBAL_MAXCONN = 0
+GLOBAL_FIELDS = 1
+
+FE_MAXCONN, FE_DISABLED = 0, 1
+FE_FIELDS = 2
+
+BE_TICKET, BE_VERSION = 0, 1  # round-robin position; bumped when weights or states change
+BE_FIELDS = 2
+
+(
+    SRV_OP, SRV_ADMIN, SRV_WEIGHT, SRV_MAXCONN, SRV_LASTCHG, SRV_CHKFAIL, SRV_CHKDOWN,
+    SRV_CHECK_STATUS, SRV_CHECK_CODE, SRV_CHECK_MS, SRV_BACKEND,
+) = range(11)
+SRV_FIELDS = 11
+
+# Check status codes kept in SRV_CHECK_STATUS (names as in HAProxy's show stat)
+CHECK_STATUSES = ("", "INI", "L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP", "L7TOUT")
+
+
+class Layout:
+    """Where each entry lives, in 64-bit words."""
+
+    def __init__(self, cfg: config.Config) -> None:
+        size = GLOBAL_FIELDS + MAX_SLOTS
+        self.global_ = 0
+        self.frontends: dict[str, int] = {}
+        for name in cfg.frontends:
+            self.frontends[name] = size
+            size += FE_FIELDS + MAX_SLOTS
+        self.backends: dict[str, int] = {}
+        self.servers: dict[tuple[str, str], int] = {}
+        for name, backend in cfg.backends.items():
+            self.backends[name] = size
+            size += BE_FIELDS
+            for server in backend.servers:
+                self.servers[(name, server.name)] = size
+                size += SRV_FIELDS + MAX_SLOTS
+        self.words = size
 
 
 class Shared:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, cfg: config.Config) -> None:
         self.fd = fd
-        self.memory = mmap.mmap(fd, os.fstat(fd).st_size)
+        self.layout = Layout(cfg)
+        self._memory = mmap.mmap(fd, self.layout.words * 8)
+        self.words = memoryview(self._memory).cast("q")
 
     @classmethod
     def create(cls, cfg: config.Config) -> Shared:
+        """A new segment with the configuration's starting values (master only)."""
         fd = os.memfd_create("pylb-shared", 0)
-        os.ftruncate(fd, max(1, len(cfg.backends)) * _SLOT.size)
-        return cls(fd)
+        os.ftruncate(fd, Layout(cfg).words * 8)
+        shared = cls(fd, cfg)
+        words = shared.words
+        layout = shared.layout
+        words[GLOBAL_MAXCONN] = cfg.global_.maxconn
+        for name, frontend in cfg.frontends.items():
+            words[layout.frontends[name] + FE_MAXCONN] = frontend.maxconn
+        now = int(time.time())
+        for name, backend in cfg.backends.items():
+            for server in backend.servers:
+                base = layout.servers[(name, server.name)]
+                words[base + SRV_OP] = UP  # servers start up, as in HAProxy
+                words[base + SRV_WEIGHT] = server.weight
+                words[base + SRV_MAXCONN] = server.maxconn
+                words[base + SRV_LASTCHG] = now
+                words[base + SRV_CHECK_STATUS] = 1 if server.check else 0
+                words[base + SRV_BACKEND] = layout.backends[name]
+        return shared
 
-    @staticmethod
-    def backend_slot(cfg: config.Config, name: str) -> int:
-        return list(cfg.backends).index(name) * _SLOT.size
+    def changed(self, server_base: int) -> None:
+        """Tell workers a server's state or weight changed (master only)."""
+        words = self.words
+        backend = words[server_base + SRV_BACKEND]
+        words[backend + BE_VERSION] += 1
+        words[server_base + SRV_LASTCHG] = int(time.time())
 
-    def ticket(self, offset: int) -> int:
-        """The next number of the counter at `offset` (round-robin position)."""
-        memory = self.memory
-        value = _SLOT.unpack_from(memory, offset)[0]
-        _SLOT.pack_into(memory, offset, (value + 1) & 0xFFFFFFFFFFFFFFFF)
+    def counters(self, base: int, fields: int) -> int:
+        """Where the per-slot counters of the entry at `base` begin."""
+        return base + fields
+
+    def total(self, first_counter: int) -> int:
+        """The sum of an entry's per-slot counters: its value for pylb as a whole."""
+        return sum(self.words[first_counter : first_counter + MAX_SLOTS])
+
+    def clear_slot(self, slot: int) -> None:
+        """Forget a departed worker's counters (master only)."""
+        words = self.words
+        layout = self.layout
+        words[GLOBAL_FIELDS + slot] = 0
+        for base in layout.frontends.values():
+            words[base + FE_FIELDS + slot] = 0
+        for base in layout.servers.values():
+            words[base + SRV_FIELDS + slot] = 0
+
+    def ticket(self, backend_base: int) -> int:
+        """The next round-robin position of a backend."""
+        words = self.words
+        value = words[backend_base + BE_TICKET]
+        words[backend_base + BE_TICKET] = (value + 1) & 0x7FFFFFFFFFFFFFFF
         return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from lb.balance import Context
 from lb.timer import clock
 from lb.tunnel import Tunnel
 
@@ -51,7 +52,9 @@ class TcpSession(asyncio.Protocol):
 
     def _dispatch(self, exclude: Server | None) -> None:
         backend = self.frontend.default_backend
-        server = backend.pick(exclude)  # type: ignore[union-attr]
+        peer = self.transport.get_extra_info("peername")
+        context = Context(peer[0].encode() if peer else b"")
+        server = backend.pick(context, exclude)  # type: ignore[union-attr]
         if server is None:
             self._give_up()
             return
@@ -75,13 +78,12 @@ class TcpSession(asyncio.Protocol):
             return
         self.done = True
         clock.watched.discard(self)
-        server.cur_conns += 1
-        server.total += 1
+        server.opened()
         frontend = self.frontend
         timeouts = frontend.timeouts
 
         def finished(_tunnel: Tunnel) -> None:
-            server.cur_conns -= 1
+            server.closed()
             frontend.closed(self)
 
         tunnel = Tunnel(

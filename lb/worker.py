@@ -8,13 +8,11 @@ listening sockets; the worker answers `ready` once it accepts on all of them.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import setproctitle
@@ -38,10 +36,12 @@ class Worker:
         self.index: int = hello["index"]
         self.count: int = hello["workers"]
         self.pool = ConnectionPool()
+        self.slot: int = hello["slot"]  # this worker's column in the shared counters
         # The listening sockets come first, then the shared memory.
-        self.shared = Shared(fds.pop())
+        self.shared = Shared(fds.pop(), self.config)
         self.backends = {
-            name: Backend(cfg, self._ticket_for(name)) for name, cfg in self.config.backends.items()
+            name: Backend(cfg, self.shared, self.slot)
+            for name, cfg in self.config.backends.items()
         }
         self.frontends = {
             name: Frontend(cfg, self.backends, self) for name, cfg in self.config.frontends.items()
@@ -50,10 +50,6 @@ class Worker:
             self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
         self.stopping = False
         self._done: asyncio.Future[None] | None = None
-
-    def _ticket_for(self, backend: str) -> Callable[[], int]:
-        offset = Shared.backend_slot(self.config, backend)
-        return functools.partial(self.shared.ticket, offset)
 
     @property
     def name(self) -> str:
