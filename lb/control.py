@@ -6,8 +6,11 @@ SCM_RIGHTS. Packets keep message boundaries, so neither side needs framing of it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 MAX_PACKET = 1 << 20
@@ -34,3 +37,78 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
             socket.close(fd)
         return None, []
     return json.loads(data), list(fds)
+
+
+class Channel:
+    """One end of a control channel on the running event loop: messages in are handed to
+    `on_message`; messages out that the socket cannot take yet wait, in order, in an
+    outbox flushed when it is writable (a grant or a stop must never be dropped)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_message: Callable[[dict[str, Any], list[int]], None],
+        on_close: Callable[[], None],
+    ) -> None:
+        self.sock = sock
+        self._on_message = on_message
+        self._on_close = on_close
+        self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        self.closed = False
+        sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock, self._readable)
+
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        if self.closed:
+            return
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if not self._outbox and self._try_send(data, fds or []):
+            return
+        if not self._outbox:
+            self._loop.add_writer(self.sock, self._writable)
+        self._outbox.append((data, fds or []))
+
+    def _try_send(self, data: bytes, fds: list[int]) -> bool:
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.send(data)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.close()
+        return True
+
+    def _writable(self) -> None:
+        while self._outbox:
+            data, fds = self._outbox[0]
+            if not self._try_send(data, fds):
+                return
+            if self._outbox:
+                self._outbox.popleft()
+        if not self.closed:
+            self._loop.remove_writer(self.sock)
+
+    def _readable(self) -> None:
+        try:
+            message, fds = receive(self.sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            message, fds = None, []
+        if message is None:
+            self.close()
+            self._on_close()
+            return
+        self._on_message(message, fds)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._outbox.clear()
+        self._loop.remove_reader(self.sock)
+        self._loop.remove_writer(self.sock)
+        self.sock.close()

@@ -1,15 +1,24 @@
-"""A frontend as one worker runs it: its listeners, its sessions, its counters."""
+"""A frontend as one worker runs it: its listeners, its sessions, its connection limits.
+
+Limits (`maxconn` of the frontend, and the global one) hold for pylb as a whole: every
+worker counts its admitted connections in its own column of shared memory and sums the
+columns. At the limit a worker stops accepting, so new connections wait in the kernel
+backlog; the few it accepted in the same instant wait, unread, in `held` until a place
+frees. Places freed by another worker are noticed on the next tick (`check_limits`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import socket
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from lb import config
 from lb.backend import Backend
 from lb.httpproxy import HttpSession
+from lb.shared import FE_FIELDS, FE_MAXCONN, GLOBAL_FIELDS, GLOBAL_MAXCONN, MAX_SLOTS
 from lb.tcpproxy import TcpSession
 
 if TYPE_CHECKING:
@@ -27,26 +36,47 @@ class Frontend:
         self.max_head = worker.config.global_.max_header_size
         self.default_backend = backends.get(cfg.default_backend or "")
         self.sessions: set[Any] = set()
-        self.cur_conns = 0
-        self.total = 0
+        self.held: deque[Any] = deque()  # accepted over the limit: waiting, unread
+        self.total = 0  # connections this worker accepted
         self.stopping = False
         self.sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
+        self._accepting = False
+        self._starting = False
         session = HttpSession if cfg.mode == "http" else TcpSession
         self._factory = functools.partial(session, self)
+        words = worker.shared.words
+        self._words = words
+        base = worker.shared.layout.frontends[cfg.name]
+        self._maxconn = base + FE_MAXCONN
+        self._first = base + FE_FIELDS
+        self._mine = self._first + worker.slot
+        self._global_mine = GLOBAL_FIELDS + worker.slot
+
+    # -- accepting ------------------------------------------------------------------
 
     async def start(self) -> None:
         """Accept on every listening socket handed over by the master."""
+        if self._accepting or self._starting or self.stopping:
+            return
+        self._starting = True
         loop = asyncio.get_running_loop()
-        for sock in self.sockets:
-            # uvloop takes ownership of the socket it serves: give it a duplicate, so this
-            # worker can stop accepting and start again on the same listening socket.
-            server = await loop.create_server(
-                self._factory, sock=sock.dup(), backlog=self.cfg.backlog
-            )
-            self._servers.append(server)
+        try:
+            for sock in self.sockets:
+                # uvloop takes ownership of the socket it serves: give it a duplicate, so
+                # this worker can stop accepting and start again on the same socket.
+                server = await loop.create_server(
+                    self._factory, sock=sock.dup(), backlog=self.cfg.backlog
+                )
+                self._servers.append(server)
+        finally:
+            self._starting = False
+        self._accepting = True
+        if not self._has_room():
+            self.stop_accepting()
 
     def stop_accepting(self) -> None:
+        self._accepting = False
         for server in self._servers:
             server.close()
         self._servers.clear()
@@ -57,14 +87,57 @@ class Frontend:
         for session in list(self.sessions):
             session.close_if_idle()
 
-    def opened(self, session: Any) -> None:
+    # -- limits ---------------------------------------------------------------------
+
+    def current(self) -> int:
+        """Connections admitted by pylb as a whole on this frontend."""
+        return sum(self._words[self._first : self._first + MAX_SLOTS])
+
+    def _has_room(self) -> bool:
+        words = self._words
+        return self.current() < words[self._maxconn] and (
+            sum(words[GLOBAL_FIELDS : GLOBAL_FIELDS + MAX_SLOTS]) < words[GLOBAL_MAXCONN]
+        )
+
+    def admit(self, session: Any) -> bool:
+        """Count a new connection in, or hold it (False) when the limit is reached."""
         self.sessions.add(session)
-        self.cur_conns += 1
         self.total += 1
+        if self.held or not self._has_room():
+            self.held.append(session)
+            self.stop_accepting()
+            return False
+        self._count(1)
+        if not self._has_room():
+            self.stop_accepting()
+        return True
+
+    def _count(self, delta: int) -> None:
+        self._words[self._mine] += delta
+        self._words[self._global_mine] += delta
 
     def closed(self, session: Any) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            self.cur_conns -= 1
-            if self.stopping:
-                self.worker.maybe_exit()
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        if session in self.held:
+            self.held.remove(session)
+        else:
+            self._count(-1)
+        self.check_limits()
+        if self.stopping:
+            self.worker.maybe_exit()
+
+    def check_limits(self) -> None:
+        """Let held connections in, and accept again, as far as the limits allow."""
+        if self.stopping:
+            return
+        while self.held and self._has_room():
+            session = self.held.popleft()
+            self._count(1)
+            session.admitted()
+        if self._accepting:
+            if not self._has_room():
+                self.stop_accepting()
+        elif not self.held and self._has_room():
+            asyncio.get_running_loop().create_task(self.start())

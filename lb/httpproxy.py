@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from lb import h1
+from lb import h1, persist
 from lb.balance import Context
 from lb.errors import PAGES
 from lb.serverconn import ServerConnection
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from lb.frontend import Frontend
 
 # Session phases
-IDLE, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(5)
+IDLE, QUEUED, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(6)
 
 # A pseudo-event after lb.h1's: the client half-closed, after the events before it.
 CLIENT_EOF = 100
@@ -70,6 +70,10 @@ class HttpSession(asyncio.Protocol):
         "server_until_close",
         "server_paused",
         "tunnel_bytes",
+        "sticky",
+        "queue_id",
+        "slot",
+        "held",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -83,6 +87,7 @@ class HttpSession(asyncio.Protocol):
         self.paused = 0
         self.pending: list[tuple[int, object]] | None = None
         self.close_after = False
+        self.held: list[bytes] | None = None  # bytes read while over the frontend's limit
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -104,6 +109,9 @@ class HttpSession(asyncio.Protocol):
         self.server_until_close = False
         self.server_paused = False
         self.tunnel_bytes = b""
+        self.sticky: Server | None = None  # the server persistence names for this request
+        self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
+        self.slot: Server | None = None  # the limited server whose slot this exchange holds
 
     # -- client connection ----------------------------------------------------------
 
@@ -111,11 +119,28 @@ class HttpSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
+        if self.frontend.admit(self):
+            self.admitted()
+        else:
+            self.held = []  # over the limit: wait for a place, reading no further
+
+    def admitted(self) -> None:
+        """The frontend's limits let this connection in: start reading requests."""
         self.deadline = clock.now + self.frontend.timeouts.http_request
-        self.frontend.opened(self)
         clock.watched.add(self)
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.transport.resume_reading()
+            if held:
+                self.data_received(b"".join(held))
 
     def data_received(self, data: bytes) -> None:
+        if self.held is not None:
+            # uvloop reads once even when told not to in connection_made: keep that read
+            self.held.append(data)
+            self.transport.pause_reading()
+            return
         if self.phase == IDLE and not self.reader.in_head:
             self.deadline = clock.now + self.frontend.timeouts.http_request
         events = self.reader.feed(data)
@@ -179,6 +204,8 @@ class HttpSession(asyncio.Protocol):
                 self._close()  # http-keep-alive expired: a silent close
             else:
                 self._reply(408)
+        elif phase == QUEUED:
+            self._reply(503)  # timeout queue
         elif phase == CONNECTING:
             self._connect_failed()
         elif not self.resp_started and self.req_done:
@@ -227,6 +254,13 @@ class HttpSession(asyncio.Protocol):
             return
         self.backend = backend
         self.retries_left = backend.cfg.retries
+        cookie = backend.cfg.cookie
+        if cookie is not None:
+            value = persist.request_cookie(head, cookie)  # edits the head: before rendering it
+            if value is not None:
+                server = backend.by_cookie.get(value.decode("latin-1"))
+                if server is not None and server.persistable:
+                    self.sticky = server
         self.head_bytes = h1.request_head_bytes(
             head, self.client_ip if frontend.cfg.forwardfor else None
         )
@@ -267,19 +301,50 @@ class HttpSession(asyncio.Protocol):
 
     def _dispatch(self, exclude: Server | None) -> None:
         backend = self.backend
-        head = self.head
-        context = Context(self.client_ip, head.target.split(b"?", 1)[0], head)  # type: ignore[union-attr]
-        server = backend.pick(context, exclude)  # type: ignore[union-attr]
+        sticky = self.sticky
+        if sticky is not None and sticky is not exclude and sticky.persistable:
+            server: Server | None = sticky  # persistence wins over balancing, even draining
+        else:
+            head = self.head
+            path = head.target.split(b"?", 1)[0]  # type: ignore[union-attr]
+            server = backend.pick(Context(self.client_ip, path, head), exclude)  # type: ignore[union-attr]
         if server is None:
             self._reply(503)
             return
+        self._release_slot()
+        if server.maxconn > 0:  # a limited server: the master hands out its slots
+            self.phase = QUEUED
+            self.deadline = clock.now + backend.timeouts.queue  # type: ignore[union-attr]
+            self.queue_id = self.frontend.worker.queue.acquire(
+                backend, server, server is sticky, self._granted  # type: ignore[arg-type]
+            )
+            return
+        self._use(server)
+
+    def _granted(self, server: Server | None) -> None:
+        self.queue_id = 0
+        if server is None:
+            self._reply(503)  # its queue is full
+            return
+        self.slot = server
+        self._use(server)
+
+    def _release_slot(self) -> None:
+        if self.queue_id:
+            self.frontend.worker.queue.cancel(self.queue_id)
+            self.queue_id = 0
+        if self.slot is not None:
+            self.frontend.worker.queue.release(self.slot)
+            self.slot = None
+
+    def _use(self, server: Server) -> None:
         self.server = server
         conn = self.frontend.worker.pool.take(server)
         if conn is not None:
             self._attach(conn)
             return
         self.phase = CONNECTING
-        self.deadline = clock.now + backend.timeouts.connect  # type: ignore[union-attr]
+        self.deadline = clock.now + self.backend.timeouts.connect  # type: ignore[union-attr]
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(server))
 
     async def _connect(self, server: Server) -> None:
@@ -302,6 +367,8 @@ class HttpSession(asyncio.Protocol):
             worker.pool.give(conn)  # type: ignore[arg-type]
 
     def _connect_failed(self) -> None:
+        """A connect failed or timed out: retry the same server, and on the last retry
+        move to another one if the backend says `redispatch`."""
         task = self.connect_task
         if task is not None:
             self.connect_task = None
@@ -310,9 +377,10 @@ class HttpSession(asyncio.Protocol):
             self._reply(503)
             return
         self.retries_left -= 1
-        last = self.retries_left == 0
-        redispatch = last and self.backend.cfg.redispatch  # type: ignore[union-attr]
-        self._dispatch(self.server if redispatch else None)
+        if self.retries_left == 0 and self.backend.cfg.redispatch:  # type: ignore[union-attr]
+            self._dispatch(self.server)
+        else:
+            self._use(self.server)  # type: ignore[arg-type]
 
     def _attach(self, conn: ServerConnection) -> None:
         self.conn = conn
@@ -346,6 +414,7 @@ class HttpSession(asyncio.Protocol):
         if task is not None:
             self.connect_task = None
             task.cancel()
+        self._release_slot()
         conn = self.conn
         if conn is None:
             return
@@ -411,6 +480,10 @@ class HttpSession(asyncio.Protocol):
             return b""  # HTTP/1.0 clients get no interim answers
         self.resp_started = True
         self.server_keep_alive = head.keep_alive
+        cookie = self.backend.cfg.cookie  # type: ignore[union-attr]
+        server = self.server
+        if cookie is not None and server.cookie:  # type: ignore[union-attr]
+            persist.response_cookie(head, cookie, server.cookie, self.sticky is server)  # type: ignore[union-attr]
         framing = head.framing
         self.server_until_close = framing == h1.UNTIL_CLOSE
         keep_alive = not self.close_after
@@ -494,15 +567,19 @@ class HttpSession(asyncio.Protocol):
         conn.session = None
         self.phase = TUNNEL
         clock.watched.discard(self)
-        frontend = self.frontend
         tunnel = Tunnel(
             self.transport,
             conn.transport,
             self.backend.timeouts.tunnel,  # type: ignore[union-attr]
-            on_close=lambda _t: frontend.closed(self),
+            on_close=self._tunnel_closed,
         )
         tunnel.send(0, server_bytes)
         tunnel.send(1, self.tunnel_bytes)
+
+    def _tunnel_closed(self, _tunnel: Tunnel) -> None:
+        self._release_slot()
+        self.server.closed()  # type: ignore[union-attr]
+        self.frontend.closed(self)
 
     def _reply(self, status: int) -> None:
         """Answer with one of pylb's own pages, then close."""

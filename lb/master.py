@@ -10,6 +10,7 @@ SCM_RIGHTS, every listening socket.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -24,7 +25,9 @@ import uvloop
 
 import lb
 from lb import config, control
+from lb.check import Checker
 from lb.log import log
+from lb.queue import Keeper
 from lb.shared import MAX_SLOTS, Shared
 
 RESPAWN_BACKOFF_MAX = 30.0
@@ -40,7 +43,7 @@ class WorkerHandle:
     generation: int
     workers: int
     proc: subprocess.Popen[bytes]
-    channel: socket.socket
+    channel: control.Channel
     pidfd: int
     slot: int
     started: float = field(default_factory=time.monotonic)
@@ -81,6 +84,7 @@ class Master:
         self.stopping = False
         self.announced: set[int] = set()  # generations announced ready
         self.shared = Shared.create(cfg)
+        self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
 
     # -- the loop -------------------------------------------------------------------
 
@@ -99,6 +103,8 @@ class Master:
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
         for index in range(1, self.config.global_.workers + 1):
             self._spawn(index)
+        self.checker = Checker(self.config, self.shared)
+        self.checker.start()
         while True:
             kind, value = await self.events.get()
             if kind == "signal":
@@ -144,47 +150,46 @@ class Master:
         )
         theirs.close()
         pidfd = os.pidfd_open(proc.pid)
+        fds = [lst.sock.fileno() for lst in self.listeners] + [self.shared.fd]
+        control.send(ours, self._hello(index, slot), fds)
+        channel = control.Channel(ours, lambda message, fds: None, lambda: None)
         handle = WorkerHandle(
-            index, self.generation, self.config.global_.workers, proc, ours, pidfd, slot
+            index, self.generation, self.config.global_.workers, proc, channel, pidfd, slot
         )
+        channel._on_message = functools.partial(self._received, handle)
         self.workers[proc.pid] = handle
-        hello = {
+        asyncio.get_running_loop().add_reader(pidfd, self._exited, handle)
+        log.info("%s started (pid %d)", handle, handle.pid)
+
+    def _hello(self, index: int, slot: int) -> dict[str, Any]:
+        """The first message to a new worker: who it is and what it serves."""
+        return {
             "op": "hello",
-            "generation": handle.generation,
+            "generation": self.generation,
             "index": index,
             "slot": slot,
-            "workers": handle.workers,
+            "workers": self.config.global_.workers,
             "config_path": self.config.path,
             "config_text": self.config.text,
             "listeners": [[lst.frontend, lst.address] for lst in self.listeners],
             "log": self.config.global_.log,
             "log_level": self.log_level,
         }
-        fds = [lst.sock.fileno() for lst in self.listeners] + [self.shared.fd]
-        control.send(ours, hello, fds)
-        ours.setblocking(False)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(ours, self._read_channel, handle)
-        loop.add_reader(pidfd, self._exited, handle)
-        log.info("%s started (pid %d)", handle, handle.pid)
 
-    def _read_channel(self, handle: WorkerHandle) -> None:
-        try:
-            message, fds = control.receive(handle.channel)
-        except BlockingIOError:
-            return
-        except OSError:
-            message, fds = None, []
+    def _received(self, handle: WorkerHandle, message: dict[str, Any], fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
-        if message is None:
-            # The worker is exiting; its pidfd will tell how. Stop watching its channel.
-            asyncio.get_running_loop().remove_reader(handle.channel)
-            return
         self.events.put_nowait(("message", (handle, message)))
 
     def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
-        if message.get("op") == "ready":
+        op = message.get("op")
+        if op == "acquire":
+            self.keeper.acquire(handle, message)
+        elif op == "release":
+            self.keeper.release(handle, message)
+        elif op == "cancel":
+            self.keeper.cancel(handle, message)
+        elif op == "ready":
             handle.ready = True
             self._announce_if_ready(handle.generation)
 
@@ -211,10 +216,9 @@ class Master:
     def _reap(self, handle: WorkerHandle) -> None:
         status = handle.proc.wait()
         del self.workers[handle.pid]
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(handle.channel)
         handle.channel.close()
         os.close(handle.pidfd)
+        self.keeper.worker_gone(handle)
         self.shared.clear_slot(handle.slot)  # what it counted is no longer open
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         if handle.stopping or self.stopping:
@@ -241,15 +245,13 @@ class Master:
 
     def _stop(self, hard: bool) -> None:
         self.stopping = True
+        self.checker.stop()
         for handle in self.workers.values():
             handle.stopping = True
             if hard:
                 _kill(handle.pid, signal.SIGTERM)
             else:
-                try:
-                    control.send(handle.channel, {"op": "soft-stop"})
-                except OSError:
-                    _kill(handle.pid, signal.SIGUSR1)
+                handle.channel.send({"op": "soft-stop"})
         loop = asyncio.get_running_loop()
         if hard:
             loop.call_later(STOP_GRACE, self._kill_remaining)

@@ -15,16 +15,32 @@ if TYPE_CHECKING:
 
 
 class _Held(asyncio.Protocol):
-    """A new server connection, not read from until the relay takes it over."""
+    """A new server connection, read from no more until the relay takes it over; what
+    arrives before (a server that speaks first) is kept for the relay."""
+
+    def __init__(self) -> None:
+        self.early: list[bytes] = []
+        self.eof = False
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        # uvloop starts reading after connection_made whatever it was told there, so
+        # reading stops here, at the first read: at most one read waits.
+        self.early.append(data)
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
 
 
 class TcpSession(asyncio.Protocol):
     __slots__ = (
         "frontend", "transport", "deadline", "server", "retries_left", "task", "done",
-        "early", "early_eof",
+        "early", "early_eof", "queue_id", "slot",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -37,11 +53,16 @@ class TcpSession(asyncio.Protocol):
         self.done = False  # relayed or closed: this object's part is over
         self.early: list[bytes] = []  # client bytes read before the relay began
         self.early_eof = False
+        self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
+        self.slot: Server | None = None  # the limited server whose slot this holds
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.pause_reading()  # client bytes wait in the kernel until relayed
-        self.frontend.opened(self)
+        if self.frontend.admit(self):
+            self.admitted()
+
+    def admitted(self) -> None:
+        """The frontend's limits let this connection in: find it a server."""
         backend = self.frontend.default_backend
         if backend is None:
             self._give_up()
@@ -52,19 +73,48 @@ class TcpSession(asyncio.Protocol):
 
     def _dispatch(self, exclude: Server | None) -> None:
         backend = self.frontend.default_backend
+        assert backend is not None
         peer = self.transport.get_extra_info("peername")
-        context = Context(peer[0].encode() if peer else b"")
-        server = backend.pick(context, exclude)  # type: ignore[union-attr]
+        server = backend.pick(Context(peer[0].encode() if peer else b""), exclude)
         if server is None:
             self._give_up()
             return
-        self.server = server
-        self.deadline = clock.now + backend.timeouts.connect  # type: ignore[union-attr]
-        self.task = asyncio.get_running_loop().create_task(self._connect(server))
+        self._release_slot()
+        if server.maxconn > 0:  # a limited server: the master hands out its slots
+            self.deadline = clock.now + backend.timeouts.queue
+            self.queue_id = self.frontend.worker.queue.acquire(
+                backend, server, False, self._granted
+            )
+            return
+        self._connect(server)
 
-    async def _connect(self, server: Server) -> None:
+    def _granted(self, server: Server | None) -> None:
+        self.queue_id = 0
+        if server is None or self.done:
+            if server is not None:
+                self.frontend.worker.queue.release(server)
+            self._give_up()
+            return
+        self.slot = server
+        self._connect(server)
+
+    def _release_slot(self) -> None:
+        queue = self.frontend.worker.queue
+        if self.queue_id:
+            queue.cancel(self.queue_id)
+            self.queue_id = 0
+        if self.slot is not None:
+            queue.release(self.slot)
+            self.slot = None
+
+    def _connect(self, server: Server) -> None:
+        self.server = server
+        self.deadline = clock.now + server.backend.timeouts.connect
+        self.task = asyncio.get_running_loop().create_task(self._open(server))
+
+    async def _open(self, server: Server) -> None:
         try:
-            transport, _ = await asyncio.get_running_loop().create_connection(
+            transport, held = await asyncio.get_running_loop().create_connection(
                 _Held, server.host, server.port
             )
         except OSError:
@@ -79,29 +129,39 @@ class TcpSession(asyncio.Protocol):
         self.done = True
         clock.watched.discard(self)
         server.opened()
-        frontend = self.frontend
-        timeouts = frontend.timeouts
-
-        def finished(_tunnel: Tunnel) -> None:
-            server.closed()
-            frontend.closed(self)
-
+        timeouts = self.frontend.timeouts
         tunnel = Tunnel(
-            self.transport, transport, max(timeouts.client, timeouts.server), finished  # type: ignore[arg-type]
+            self.transport,
+            transport,  # type: ignore[arg-type]
+            max(timeouts.client, timeouts.server),
+            self._finished,
         )
+        tunnel.send(0, b"".join(held.early))
         tunnel.send(1, b"".join(self.early))
+        if held.eof:
+            tunnel.ends[1].eof_received()
         if self.early_eof:
             tunnel.ends[0].eof_received()
 
+    def _finished(self, _tunnel: Tunnel) -> None:
+        self._release_slot()
+        self.server.closed()  # type: ignore[union-attr]
+        self.frontend.closed(self)
+
     def data_received(self, data: bytes) -> None:
-        self.early.append(data)  # reading is paused; at most what came with the accept
+        # Before the relay: keep this read for the server and read no more until then.
+        self.early.append(data)
+        self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.early_eof = True
         return True  # the client half-closed: its bytes still go to the server
 
     def on_timeout(self) -> None:
-        """The connect timed out or failed: retry, then give up."""
+        """Queue or connect timed out, or the connect failed: retry, then give up."""
+        if self.queue_id:
+            self._give_up()  # timeout queue
+            return
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -109,11 +169,16 @@ class TcpSession(asyncio.Protocol):
             self._give_up()
             return
         self.retries_left -= 1
-        redispatch = self.retries_left == 0 and self.frontend.default_backend.cfg.redispatch  # type: ignore[union-attr]
-        self._dispatch(self.server if redispatch else None)
+        backend = self.frontend.default_backend
+        redispatch = self.retries_left == 0 and backend.cfg.redispatch  # type: ignore[union-attr]
+        if redispatch:
+            self._dispatch(self.server)
+        else:
+            self._connect(self.server)  # type: ignore[arg-type]
 
     def _give_up(self) -> None:
         self.done = True
+        self._release_slot()
         clock.watched.discard(self)
         self.transport.close()
 
@@ -123,6 +188,7 @@ class TcpSession(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        self._release_slot()
         clock.watched.discard(self)
         self.frontend.closed(self)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 TICK = 0.05
@@ -26,6 +27,7 @@ class Clock:
     def __init__(self) -> None:
         self.now = time.monotonic()
         self.watched: set[Expiring] = set()
+        self.on_tick: list[Callable[[], None]] = []  # periodic chores, run after the sweep
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -42,6 +44,8 @@ class Clock:
             late = [conn for conn in self.watched if conn.deadline <= now]
             for conn in late:
                 conn.on_timeout()
+            for chore in self.on_tick:
+                chore()
 
 
 clock = Clock()

@@ -23,14 +23,17 @@ from lb import log as logsetup
 from lb.backend import Backend
 from lb.frontend import Frontend
 from lb.log import log
+from lb.queue import Queue
 from lb.serverconn import ConnectionPool
 from lb.shared import Shared
 from lb.timer import clock
 
 
 class Worker:
-    def __init__(self, channel: socket.socket, hello: dict[str, Any], fds: list[int]) -> None:
-        self.channel = channel
+    def __init__(self, sock: socket.socket, hello: dict[str, Any], fds: list[int]) -> None:
+        self._sock = sock
+        self.channel: control.Channel | None = None  # on the loop, once running
+        self.queue = Queue(self._send)
         self.config = config.loads(hello["config_text"], hello["config_path"])
         self.generation: int = hello["generation"]
         self.index: int = hello["index"]
@@ -61,32 +64,33 @@ class Worker:
         clock.start()
         for frontend in self.frontends.values():
             await frontend.start()
-        self.channel.setblocking(False)
-        loop.add_reader(self.channel, self._on_control)
+            clock.on_tick.append(frontend.check_limits)  # places freed by other workers
+        self.channel = control.Channel(self._sock, self._on_control, self._master_gone)
         loop.add_signal_handler(signal.SIGUSR1, self.soft_stop)
         loop.add_signal_handler(signal.SIGTERM, self._finish)
-        control.send(self.channel, {"op": "ready", "pid": os.getpid()})
+        self.channel.send({"op": "ready", "pid": os.getpid()})
         await self._done
         clock.stop()
         self.pool.close()
 
-    def _on_control(self) -> None:
-        try:
-            message, fds = control.receive(self.channel)
-        except BlockingIOError:
-            return
-        except OSError:
-            message, fds = None, []
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
+
+    def _on_control(self, message: dict[str, Any], fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
-        if message is None:
-            asyncio.get_running_loop().remove_reader(self.channel)
-            log.warning("master is gone: soft-stopping")
+        op = message["op"]
+        if op == "grant":
+            self.queue.on_grant(message, self.backends)
+        elif op == "soft-stop":
             self.soft_stop()
-        elif message["op"] == "soft-stop":
-            self.soft_stop()
-        elif message["op"] == "stop":
+        elif op == "stop":
             self._finish()
+
+    def _master_gone(self) -> None:
+        log.warning("master is gone: soft-stopping")
+        self.soft_stop()
 
     def soft_stop(self) -> None:
         """Stop accepting, finish what is in flight, then exit."""
@@ -101,7 +105,7 @@ class Worker:
         self.maybe_exit()
 
     def _hard_stop(self) -> None:
-        left = sum(f.cur_conns for f in self.frontends.values())
+        left = sum(len(f.sessions) for f in self.frontends.values())
         log.warning("hard-stop-after expired: closing %d connections", left)
         self._finish()
 

@@ -107,14 +107,6 @@ class _LoopThread:
         self._server = fut.result(timeout=5)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the loop thread and return its result."""
-
-        async def wrapper() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=5)
-
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
@@ -439,22 +431,21 @@ class _RawProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         with self.backend.lock:
             for i in range(len(data)):
-                if not self._feed_byte(data[i:i + 1]):
-                    break
+                self._feed_byte(data[i:i + 1])
             self.backend.last_event = time.monotonic()
 
-    def _feed_byte(self, byte: bytes) -> bool:
+    def _feed_byte(self, byte: bytes) -> None:
         self.offset = len(self.conn.data)
         self.conn.data += byte
         assert self.transport is not None
         if self.transport.is_closing():  # recorded (as extra bytes), never parsed
-            return True
+            return
         if self.upgrade_body:
             self.req.body += byte
             self.upgrade_body -= 1
             if not self.upgrade_body:
                 self._complete(self.offset + 1)
-            return True
+            return
         try:
             self.parser.feed_data(byte)
         except httptools.HttpParserUpgrade:
@@ -463,14 +454,11 @@ class _RawProtocol(asyncio.Protocol):
             self.parser = httptools.HttpRequestParser(self)
         except httptools.HttpParserError as exc:
             self.conn.errors.append(f"{type(exc).__name__}: {exc}")
-            assert self.transport is not None
             self.transport.close()
-            return False
-        return True
 
 
 class RawBackend(_LoopThread):
-    """Records bytes per connection; see ``snapshot``/``delta`` for per-case accounting."""
+    """Records bytes per connection; ``snapshot`` and ``raw_delta`` give per-case accounting."""
 
     def __init__(self, name: str = "raw") -> None:
         super().__init__(name)

@@ -18,6 +18,7 @@ from lb.config import (
     Cookie,
     HttpCheck,
     StatsSocket,
+    StickTable,
     Timeouts,
     load,
     loads,
@@ -104,6 +105,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
     assert www.default_backend == "app"
     assert www.timeouts == DEFAULT_TIMEOUTS
     assert www.forwardfor is True
+    assert www.log is None
     assert www.line == 28
 
     assert list(cfg.backends) == ["app"]
@@ -116,6 +118,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
     assert app.timeouts == DEFAULT_TIMEOUTS
     assert app.http_check == HttpCheck(method="GET", path="/", expect=(200, 200), host=None)
     assert app.cookie == Cookie(name="SERVERID", mode="insert", indirect=True, nocache=True)
+    assert (app.stick_table, app.stick_on) == (None, None)
     assert app.line == 34
     assert [s.name for s in app.servers] == ["s1", "s2"]
     s1, s2 = app.servers
@@ -257,6 +260,43 @@ def test_invalid_utf8(tmp_path: Path) -> None:
          "t.cfg:6: backends.app: missing required key servers"),
         ("      s1:\n        address: 127.0.0.1:9001\n", "      {}\n",
          "t.cfg:7: backends.app.servers: at least one server is required"),
+        # request log and stick tables
+        ("    default_backend: app\n", "    default_backend: app\n    log: 'syslog@host'\n",
+         "t.cfg:5: frontends.web.log: expected stderr, a file path, udp@HOST:PORT or unix@PATH, "
+         "got 'syslog@host'"),
+        ("    default_backend: app\n", "    default_backend: app\n    log: [stderr]\n",
+         "t.cfg:5: frontends.web.log: expected stderr, a file path, udp@HOST:PORT or unix@PATH, "
+         "got a list"),
+        ("    default_backend: app\n", "    default_backend: app\n    log: udp@10.0.0.1:99999\n",
+         "t.cfg:5: frontends.web.log: bad udp@ log target: invalid port '99999' in "
+         "'10.0.0.1:99999' (expected 1 to 65535)"),
+        ("  app:\n", "  app:\n    log: stderr\n",
+         "t.cfg:7: backends.app.log: unknown key"),  # a request log is per frontend
+        ("  app:\n", "  app:\n    stick-table: {type: integer}\n",
+         "t.cfg:7: backends.app.stick-table.type: expected ip or string, got 'integer'"),
+        ("  app:\n", "  app:\n    stick-table:\n      size: 100kb\n",
+         "t.cfg:8: backends.app.stick-table.size: expected a count like 1000 or 100k, "
+         "got '100kb'"),
+        ("  app:\n", "  app:\n    stick-table:\n      size: 0\n",
+         "t.cfg:8: backends.app.stick-table.size: expected a count greater than 0, got 0"),
+        ("  app:\n", "  app:\n    stick-table:\n      expire: soon\n",
+         "t.cfg:8: backends.app.stick-table.expire: expected a duration like 5s or 250ms, "
+         "got 'soon'"),
+        ("  app:\n", "  app:\n    stick-table: {expires: 30m}\n",
+         "t.cfg:7: backends.app.stick-table.expires: unknown key (did you mean expire?)"),
+        ("  app:\n", "  app:\n    stick-table: ip\n",
+         "t.cfg:7: backends.app.stick-table: expected a mapping, got 'ip'"),
+        ("  app:\n", "  app:\n    stick-table: {}\n    stick-on: dst\n",
+         "t.cfg:8: backends.app.stick-on: expected src, req.cook(NAME) or req.hdr(NAME), "
+         "got 'dst'"),
+        ("  app:\n", "  app:\n    stick-table: {}\n    stick-on: req.cook(a b)\n",
+         "t.cfg:8: backends.app.stick-on: expected a cookie name in req.cook(NAME), "
+         "got 'req.cook(a b)'"),
+        ("  app:\n", "  app:\n    stick-table: {}\n    stick-on: req.hdr()\n",
+         "t.cfg:8: backends.app.stick-on: expected a header name in req.hdr(NAME), "
+         "got 'req.hdr()'"),
+        ("  app:\n", "  app:\n    stick-table: {}\n    stick-on: ~\n    stick_on: src\n",
+         "t.cfg:9: backends.app.stick_on: unknown key (did you mean stick-on?)"),
     ],
 )
 def test_error_messages(old: str, new: str, expected: str) -> None:
@@ -704,6 +744,67 @@ def test_server_cookie_and_options() -> None:
     )
 
 
+def test_request_log_target_per_frontend() -> None:
+    assert loads(MINIMAL).frontends["web"].log is None
+    text = MINIMAL.replace("backends:", "  api:\n    bind: ':81'\n    log: ~\nbackends:")
+    cfg = loads("defaults:\n  log: /var/log/pylb/access.log\n" + text)
+    assert cfg.frontends["web"].log == "/var/log/pylb/access.log"  # from defaults
+    assert cfg.frontends["api"].log is None  # null turns it off
+    assert cfg.global_.log == "stderr"  # the process log is separate
+    for written, log in [("stderr", "stderr"), ("'udp@127.0.0.1:514'", "udp@127.0.0.1:514"),
+                         ("'udp@[::1]:514'", "udp@[::1]:514"), ("unix@/dev/log", "unix@/dev/log"),
+                         ("log/access.log", "log/access.log")]:
+        text = MINIMAL.replace("    default_backend", f"    log: {written}\n    default_backend")
+        assert loads(text).frontends["web"].log == log
+    # a tcp frontend logs too (tcplog format)
+    text = "defaults: {mode: tcp, log: stderr}\n" + MINIMAL
+    assert loads(text).frontends["web"].log == "stderr"
+
+
+def test_stick_table_defaults_and_values() -> None:
+    cfg = loads(MINIMAL.replace("  app:\n", "  app:\n    stick-table: {}\n"))
+    assert cfg.backends["app"].stick_table == StickTable(type="ip", size=102400, expire=None)
+    assert cfg.backends["app"].stick_on is None  # a table alone is allowed
+    for written, size in [("100k", 102400), ("1m", 1048576), ("5000", 5000), ("2K", 2048)]:
+        text = MINIMAL.replace(
+            "  app:\n", f"  app:\n    stick-table: {{type: string, size: {written}, "
+            "expire: 30m}\n")
+        assert loads(text).backends["app"].stick_table == StickTable("string", size, 1800.0)
+
+
+@pytest.mark.parametrize(
+    ("written", "parsed"),
+    [("src", ("src", None)), ("req.cook(SESSIONID)", ("cookie", "SESSIONID")),
+     ("req.hdr(X-User)", ("hdr", "x-user")), ("'req.hdr(x-api-key)'", ("hdr", "x-api-key"))],
+)
+def test_stick_on(written: str, parsed: tuple[str, str | None]) -> None:
+    text = MINIMAL.replace(
+        "  app:\n", f"  app:\n    stick-table: {{type: string}}\n    stick-on: {written}\n"
+    )
+    assert loads(text).backends["app"].stick_on == parsed
+
+
+def test_stick_table_and_stick_on_from_defaults() -> None:
+    text = (
+        "defaults:\n  stick-table: {size: 1k, expire: 1h}\n  stick-on: src\n" + MINIMAL
+        + "  other:\n    stick-table: {type: string}\n    stick-on: req.cook(S)\n"
+        "    servers: {s1: {address: '127.0.0.1:9002'}}\n"
+    )
+    cfg = loads(text)
+    app, other = cfg.backends["app"], cfg.backends["other"]
+    assert (app.stick_table, app.stick_on) == (StickTable("ip", 1024, 3600.0), ("src", None))
+    # a backend's own stick-table replaces the one of defaults as a whole (no merging)
+    assert (other.stick_table, other.stick_on) == (StickTable("string", 102400, None),
+                                                   ("cookie", "S"))
+    # stick-on src in tcp mode is fine
+    cfg = loads("defaults: {mode: tcp, stick-table: {}, stick-on: src}\n" + MINIMAL)
+    assert cfg.backends["app"].stick_on == ("src", None)
+    # stick-on: ~ in a backend cancels the one of defaults
+    text = "defaults: {stick-table: {}, stick-on: src}\n" + MINIMAL.replace(
+        "  app:\n", "  app:\n    stick-on: ~\n")
+    assert loads(text).backends["app"].stick_on is None
+
+
 # -- cross checks -----------------------------------------------------------------------------
 
 
@@ -776,6 +877,43 @@ def test_http_only_backend_features_need_http_mode() -> None:
     )
 
 
+def test_stick_on_checks() -> None:
+    # stick-on needs a stick-table
+    text = MINIMAL.replace("  app:\n", "  app:\n    balance: source\n    stick-on: src\n")
+    assert error_of(text) == (
+        "t.cfg:8: backends.app.stick-on: stick-on needs a stick-table (backend 'app' has none)"
+    )
+    # ... also when it comes from defaults, and the backend cancels the table
+    text = "defaults:\n  stick-table: {}\n  stick-on: src\n" + MINIMAL.replace(
+        "  app:\n", "  app:\n    stick-table: ~\n")
+    assert error_of(text) == (
+        "t.cfg:3: defaults.stick-on: stick-on needs a stick-table (backend 'app' has none)"
+    )
+    # cookies and headers need HTTP
+    text = "defaults: {mode: tcp}\n" + MINIMAL.replace(
+        "  app:\n", "  app:\n    stick-table: {type: string}\n    stick-on: req.cook(SID)\n")
+    assert error_of(text) == (
+        "t.cfg:9: backends.app.stick-on: stick-on req.cook(SID) needs mode http "
+        "(backend 'app' is mode tcp)"
+    )
+    text = "defaults: {mode: tcp, stick-table: {type: string}, stick-on: req.hdr(X-User)}\n"
+    assert error_of(text + MINIMAL) == (
+        "t.cfg:1: defaults.stick-on: stick-on req.hdr(X-User) needs mode http "
+        "(backend 'app' is mode tcp)"
+    )
+    # ... and a string table: their values are not addresses
+    text = MINIMAL.replace(
+        "  app:\n", "  app:\n    stick-table:\n      size: 10k\n    stick-on: req.hdr(X-User)\n")
+    assert error_of(text) == (
+        "t.cfg:9: backends.app.stick-on: stick-on req.hdr(X-User) needs a stick-table of "
+        "type string (backend 'app' has type ip)"
+    )
+    # src with a string table stores the address as text: allowed
+    text = MINIMAL.replace(
+        "  app:\n", "  app:\n    stick-table: {type: string}\n    stick-on: src\n")
+    assert loads(text).backends["app"].stick_on == ("src", None)
+
+
 # -- the objects ------------------------------------------------------------------------------
 
 
@@ -816,6 +954,7 @@ def test_docs_mention_every_key() -> None:
 
     docs = (ROOT / "docs" / "configuration.md").read_text()
     tables = [schema.ROOT, schema.GLOBAL, schema.STATS, schema.DEFAULTS, schema.TIMEOUT,
-              schema.FRONTEND, schema.BACKEND, schema.HTTP_CHECK, schema.COOKIE, schema.SERVER]
+              schema.FRONTEND, schema.BACKEND, schema.HTTP_CHECK, schema.COOKIE, schema.SERVER,
+              schema.STICK_TABLE]
     missing = sorted({key for table in tables for key in table if f"| `{key}`" not in docs})
     assert missing == []

@@ -8,7 +8,6 @@ import threading
 import time
 from typing import Any
 
-import pytest
 from backends import (
     TCP_BANNER,
     TcpBackend,
@@ -149,8 +148,8 @@ def test_server_refused_closes_client(pylb: Any) -> None:
     assert time.monotonic() - start_time < 8
 
 
-@pytest.mark.parametrize("clients", [5])
-def test_concurrent_connections_are_independent(pylb: Any, backends: Any, clients: int) -> None:
+def test_concurrent_connections_are_independent(pylb: Any, backends: Any) -> None:
+    clients = 5
     echo = backends.tcp("echo")
     port = start(pylb, echo)
     socks = [connect(port) for _ in range(clients)]

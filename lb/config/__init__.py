@@ -20,6 +20,7 @@ from .model import (
     HttpCheck,
     Server,
     StatsSocket,
+    StickTable,
     Timeouts,
 )
 from .values import parse_bind_address, parse_duration, parse_server_address, parse_size
@@ -35,6 +36,7 @@ __all__ = [
     "HttpCheck",
     "Server",
     "StatsSocket",
+    "StickTable",
     "Timeouts",
     "load",
     "loads",

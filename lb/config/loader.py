@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from .errors import ConfigError
 from .fields import Named, Section, attrs, build, inherited, read_section, resolve
@@ -98,7 +99,30 @@ def _backend(name: str, item: Named, defaults: Section) -> Backend:
             )
         if kw["cookie"] is not None:
             raise origin["cookie"].error(f"cookie needs mode http (backend {name!r} is mode tcp)")
+    _check_stick(name, kw, origin)
     return Backend(name=name, line=item.at.key_line, **kw)
+
+
+def _check_stick(name: str, kw: dict[str, Any], origin: dict[str, Value]) -> None:
+    """stick-on needs a table to store in, HTTP for cookies and headers, and a string
+    table for values that are not addresses."""
+    on: tuple[str, str | None] | None = kw["stick_on"]
+    if on is None:
+        return
+    at = origin["stick-on"]
+    written = at.text
+    table = kw["stick_table"]
+    if table is None:
+        raise at.error(f"stick-on needs a stick-table (backend {name!r} has none)")
+    if on[0] == "src":
+        return
+    if kw["mode"] != "http":
+        raise at.error(f"stick-on {written} needs mode http (backend {name!r} is mode tcp)")
+    if table.type != "string":
+        raise at.error(
+            f"stick-on {written} needs a stick-table of type string "
+            f"(backend {name!r} has type {table.type})"
+        )
 
 
 def _check_binds(frontends: dict[str, Named]) -> None:

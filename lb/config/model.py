@@ -71,6 +71,7 @@ class Frontend:
     default_backend: str | None
     timeouts: Timeouts
     forwardfor: bool
+    log: str | None
     line: int
 
 
@@ -88,6 +89,16 @@ class Cookie:
     mode: str
     indirect: bool
     nocache: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StickTable:
+    """``type`` is "ip" or "string"; ``size`` is a number of entries; ``expire`` in
+    seconds, None when entries only leave to make room for new ones."""
+
+    type: str
+    size: int
+    expire: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,9 @@ class Backend:
     redispatch: bool
     http_check: HttpCheck | None
     cookie: Cookie | None
+    stick_table: StickTable | None
+    # ("src", None), ("cookie", NAME) or ("hdr", lower-case name); None: no stick-on
+    stick_on: tuple[str, str | None] | None
     line: int
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 
 from .fields import Field, Schema, named, partial, record
-from .model import Address, Cookie, HttpCheck, StatsSocket
+from .model import Address, Cookie, HttpCheck, StatsSocket, StickTable
 from .values import (
     balance,
     bind_address,
     boolean,
     choice,
     cookie_value,
+    count,
     duration,
     expose_fd,
     file_mode,
@@ -26,6 +27,7 @@ from .values import (
     size,
     socket_path,
     status_range,
+    stick_on,
     token,
     uri_path,
 )
@@ -103,6 +105,12 @@ COOKIE: Schema = {
     "nocache": Field(boolean, False),
 }
 
+STICK_TABLE: Schema = {
+    "type": Field(choice("ip", "string"), "ip"),
+    "size": Field(count, 100 * 1024),
+    "expire": Field(duration),  # None: entries never expire, the oldest make room
+}
+
 FRONTEND: Schema = {
     "bind": Field(binds, required=True, attr="binds"),
     "mode": Field(mode, "http", inherit=True),
@@ -111,6 +119,7 @@ FRONTEND: Schema = {
     "default_backend": Field(name),
     "timeout": Field(partial(TIMEOUT), merge=True, inherit=True, attr="timeouts"),
     "forwardfor": Field(boolean, False, inherit=True),
+    "log": Field(log_target, inherit=True),  # None: no request log
 }
 
 BACKEND: Schema = {
@@ -121,6 +130,8 @@ BACKEND: Schema = {
     "timeout": Field(partial(TIMEOUT), merge=True, inherit=True, attr="timeouts"),
     "http-check": Field(record(HTTP_CHECK, HttpCheck), inherit=True),
     "cookie": Field(record(COOKIE, Cookie)),
+    "stick-table": Field(record(STICK_TABLE, StickTable), inherit=True),
+    "stick-on": Field(stick_on, inherit=True),
     "default-server": Field(partial(DEFAULT_SERVER), merge=True, inherit=True, attr=None),
     "servers": Field(named(SERVER, "server", at_least_one=True), required=True, attr=None),
 }

@@ -21,6 +21,7 @@ Parser = Callable[[Value], Any]
 
 DURATION_HINT = "a duration like 5s or 250ms"
 SIZE_HINT = "a size like 16k or 1m"
+COUNT_HINT = "a count like 1000 or 100k"
 ADDRESS_HINT = "HOST:PORT like 127.0.0.1:8080, [::1]:8080 or *:8080"
 LOG_HINT = "stderr, a file path, udp@HOST:PORT or unix@PATH"
 MAX_DURATION = 365 * 86400.0
@@ -230,6 +231,21 @@ def _positive_size(x: object) -> int:
 
 
 size = scalar(SIZE_HINT, _positive_size)
+
+
+def _count(x: object) -> int:
+    """A number of entries, with the same k, m, g suffixes as sizes (powers of 1024, as
+    HAProxy's stick-table size: 100k is 102400)."""
+    try:
+        n = parse_size(x)
+    except ValueError:
+        raise _Mismatch() from None
+    if n <= 0:
+        raise ValueError(f"expected a count greater than 0, got {show(x)}")
+    return n
+
+
+count = scalar(COUNT_HINT, _count)
 bind_address = scalar(ADDRESS_HINT, parse_bind_address, text=True)
 server_address = scalar(ADDRESS_HINT, parse_server_address, text=True)
 
@@ -357,3 +373,22 @@ def _balance(x: str | None) -> tuple[str, str | None]:
 
 
 balance = scalar(BALANCE_HINT, _balance, text=True)
+
+STICK_ON_HINT = "src, req.cook(NAME) or req.hdr(NAME)"
+
+
+def _stick_on(x: str | None) -> tuple[str, str | None]:
+    """``src`` -> ("src", None); ``req.cook(NAME)`` -> ("cookie", NAME);
+    ``req.hdr(NAME)`` -> ("hdr", name in lower case, as header names compare)."""
+    if x == "src":
+        return "src", None
+    m = re.fullmatch(r"req\.(cook|hdr)\((.*)\)", x or "")
+    if m is None:
+        raise _Mismatch()
+    what = "a cookie name" if m[1] == "cook" else "a header name"
+    if not _TOKEN_RE.fullmatch(m[2]):
+        raise ValueError(f"expected {what} in req.{m[1]}(NAME), got {show(x)}")
+    return ("cookie", m[2]) if m[1] == "cook" else ("hdr", m[2].lower())
+
+
+stick_on = scalar(STICK_ON_HINT, _stick_on, text=True)

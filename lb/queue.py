@@ -1,0 +1,239 @@
+"""Server slots and queues: a server's `maxconn` holds for pylb as a whole.
+
+The master keeps the count of busy slots per server and the queues of requests waiting for
+one; workers ask for a slot over their control channel and are answered when one is theirs.
+Only servers with a limit go through the master: the others are used at once.
+
+A request that persistence sends to a given server waits in that server's queue; any other
+waits in its backend's queue, for whichever server frees a slot first. Queues are served
+in arrival order (the oldest of the server's and the backend's queue first).
+
+Messages (worker -> master): acquire {id, be, srv, persist}, cancel {id}, release {be, srv};
+(master -> worker): grant {id, srv} where srv is null when the request cannot be queued.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lb import config
+from lb.shared import MAINT, READY, SRV_ADMIN, SRV_MAXCONN, SRV_OP, SRV_WEIGHT, UP, Shared
+
+if TYPE_CHECKING:
+    from lb.backend import Backend, Server
+
+Send = Callable[[Any, dict[str, Any]], None]
+
+
+@dataclass(eq=False)
+class _Waiting:
+    owner: Any  # the worker's handle in the master
+    id: int
+    seq: int
+    backend: str
+
+
+@dataclass(eq=False)
+class _ServerSlots:
+    backend: str
+    name: str
+    base: int
+    maxqueue: int
+    used: int = 0
+    queue: deque[_Waiting] = field(default_factory=deque)
+
+
+class Keeper:
+    """The master's side: slots in use and the queues, per server and per backend."""
+
+    def __init__(self, cfg: config.Config, shared: Shared, send: Send) -> None:
+        self._words = shared.words
+        self._send = send
+        self._seq = itertools.count()
+        self.servers: dict[tuple[str, str], _ServerSlots] = {}
+        self.by_backend: dict[str, list[_ServerSlots]] = {}
+        self.queues: dict[str, deque[_Waiting]] = {}
+        for name, backend in cfg.backends.items():
+            self.queues[name] = deque()
+            self.by_backend[name] = []
+            for server in backend.servers:
+                slots = _ServerSlots(
+                    name, server.name, shared.layout.servers[(name, server.name)], server.maxqueue
+                )
+                self.servers[(name, server.name)] = slots
+                self.by_backend[name].append(slots)
+        self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
+
+    # -- state of a server --------------------------------------------------------------
+
+    def _room(self, slots: _ServerSlots) -> bool:
+        limit = self._words[slots.base + SRV_MAXCONN]
+        return limit <= 0 or slots.used < limit
+
+    def _selectable(self, slots: _ServerSlots) -> bool:
+        words, base = self._words, slots.base
+        return words[base + SRV_OP] == UP and words[base + SRV_ADMIN] == READY and (
+            words[base + SRV_WEIGHT] > 0
+        )
+
+    def _persistable(self, slots: _ServerSlots) -> bool:
+        words, base = self._words, slots.base
+        return words[base + SRV_OP] == UP and words[base + SRV_ADMIN] != MAINT
+
+    def queued(self, backend: str, server: str | None = None) -> int:
+        """Requests waiting: in a server's queue, or in the backend's own."""
+        if server is None:
+            return len(self.queues[backend])
+        return len(self.servers[(backend, server)].queue)
+
+    # -- messages -----------------------------------------------------------------------
+
+    def acquire(self, owner: Any, message: dict[str, Any]) -> None:
+        backend, wanted = message["be"], self.servers[(message["be"], message["srv"])]
+        waiting = _Waiting(owner, message["id"], next(self._seq), backend)
+        if message.get("persist"):
+            if self._room(wanted):
+                self._grant(waiting, wanted)
+            elif wanted.maxqueue and len(wanted.queue) >= wanted.maxqueue:
+                self._send(owner, {"op": "grant", "id": waiting.id, "be": backend, "srv": None})
+            else:
+                wanted.queue.append(waiting)
+            return
+        if self._room(wanted) and self._selectable(wanted):
+            self._grant(waiting, wanted)
+            return
+        for other in self.by_backend[backend]:
+            if other is not wanted and self._room(other) and self._selectable(other):
+                self._grant(waiting, other)
+                return
+        self.queues[backend].append(waiting)
+
+    def cancel(self, owner: Any, message: dict[str, Any]) -> None:
+        ident = message["id"]
+        for queue in self._all_queues():
+            for waiting in queue:
+                if waiting.owner is owner and waiting.id == ident:
+                    queue.remove(waiting)
+                    return
+
+    def release(self, owner: Any, message: dict[str, Any]) -> None:
+        key = (message["be"], message["srv"])
+        held = self.held.get(owner, {})
+        if held.get(key, 0) <= 0:
+            return
+        held[key] -= 1
+        self.servers[key].used -= 1
+        self.dispatch(message["be"])
+
+    def worker_gone(self, owner: Any) -> None:
+        """A worker exited: its slots are free and its waiting requests gone."""
+        for key, count in self.held.pop(owner, {}).items():
+            self.servers[key].used -= count
+        for queue in self._all_queues():
+            for waiting in [w for w in queue if w.owner is owner]:
+                queue.remove(waiting)
+        for backend in self.by_backend:
+            self.dispatch(backend)
+
+    def dispatch(self, backend: str) -> None:
+        """Give free slots to waiting requests, oldest first; call after any change
+        (a slot released, a limit raised, a server back up)."""
+        shared_queue = self.queues[backend]
+        progress = True
+        while progress:
+            progress = False
+            for slots in self.by_backend[backend]:
+                if not self._room(slots):
+                    continue
+                candidates = []
+                if slots.queue and self._persistable(slots):
+                    candidates.append(slots.queue)
+                if shared_queue and self._selectable(slots):
+                    candidates.append(shared_queue)
+                if not candidates:
+                    continue
+                queue = min(candidates, key=lambda q: q[0].seq)
+                self._grant(queue.popleft(), slots)
+                progress = True
+        self._requeue_stranded(backend)
+
+    def _requeue_stranded(self, backend: str) -> None:
+        """Requests waiting for a server that is no longer usable join the backend's queue
+        (HAProxy's redispatch of queued requests)."""
+        moved = False
+        for slots in self.by_backend[backend]:
+            if slots.queue and not self._persistable(slots):
+                self.queues[backend].extend(slots.queue)
+                slots.queue.clear()
+                moved = True
+        if moved:
+            queue = self.queues[backend]
+            ordered = sorted(queue, key=lambda w: w.seq)
+            queue.clear()
+            queue.extend(ordered)
+            self.dispatch(backend)
+
+    def _grant(self, waiting: _Waiting, slots: _ServerSlots) -> None:
+        slots.used += 1
+        held = self.held.setdefault(waiting.owner, {})
+        key = (slots.backend, slots.name)
+        held[key] = held.get(key, 0) + 1
+        self._send(
+            waiting.owner,
+            {"op": "grant", "id": waiting.id, "be": slots.backend, "srv": slots.name},
+        )
+
+    def _all_queues(self) -> list[deque[_Waiting]]:
+        return [*self.queues.values(), *(s.queue for s in self.servers.values())]
+
+
+class Queue:
+    """A worker's side: asks the master for slots on limited servers."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        self._send = send
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[Backend, Callable[[Server | None], None]]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def acquire(
+        self,
+        backend: Backend,
+        server: Server,
+        persist: bool,
+        granted: Callable[[Server | None], None],
+    ) -> int:
+        """Ask for a slot on `server` (or, unless `persist`, any server of the backend);
+        `granted` is called with the server given, or None if it cannot even be queued."""
+        ident = next(self._ids)
+        self._waiting[ident] = (backend, granted)
+        self._send(
+            {"op": "acquire", "id": ident, "be": backend.name, "srv": server.name,
+             "persist": persist}
+        )
+        return ident
+
+    def cancel(self, ident: int) -> None:
+        if self._waiting.pop(ident, None) is not None:
+            self._send({"op": "cancel", "id": ident})
+
+    def release(self, server: Server) -> None:
+        self._send({"op": "release", "be": server.backend.name, "srv": server.name})
+
+    def on_grant(self, message: dict[str, Any], backends: dict[str, Backend]) -> None:
+        entry = self._waiting.pop(message["id"], None)
+        name = message["srv"]
+        backend = backends[message["be"]]
+        server = next((s for s in backend.servers if s.name == name), None)
+        if entry is None:
+            if server is not None:  # granted after we gave up: hand the slot straight back
+                self.release(server)
+            return
+        entry[1](server)
