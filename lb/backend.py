@@ -20,6 +20,7 @@ from lb.shared import (
     UP,
     Shared,
 )
+from lb.sticktable import Replica
 
 
 class Server:
@@ -96,8 +97,8 @@ class Server:
 
 class Backend:
     __slots__ = (
-        "name", "cfg", "servers", "timeouts", "by_cookie", "_shared", "_base", "_version",
-        "balancer",
+        "name", "cfg", "servers", "timeouts", "by_cookie", "by_name", "_shared", "_base",
+        "_version", "balancer", "stick",
     )
 
     def __init__(self, cfg: config.Backend, shared: Shared, slot: int) -> None:
@@ -108,6 +109,8 @@ class Backend:
         self._base = shared.layout.backends[cfg.name]
         self.servers = [Server(s, self, shared, slot) for s in cfg.servers]
         self.by_cookie = {s.cookie: s for s in self.servers if s.cookie}
+        self.by_name = {s.name: s for s in self.servers}
+        self.stick: Replica | None = None  # the worker attaches its stick-table replica
         self._version = -1
         self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
 
@@ -122,6 +125,13 @@ class Backend:
         if version != self._version:
             self._version = version
             self.balancer.rebuild()
+
+    def stuck(self, key: str | None) -> Server | None:
+        """The server the stick table names for `key`, if it may still serve it."""
+        if key is None or self.stick is None:
+            return None
+        server = self.by_name.get(self.stick.lookup(key) or "")
+        return server if server is not None and server.persistable else None
 
     def pick(self, context: balance.Context, exclude: Server | None = None) -> Server | None:
         """A server for a new client, by the backend's algorithm; None if none is usable."""

@@ -71,6 +71,8 @@ class HttpSession(asyncio.Protocol):
         "server_paused",
         "tunnel_bytes",
         "sticky",
+        "cookie_server",
+        "stick_key",
         "queue_id",
         "slot",
         "held",
@@ -110,6 +112,8 @@ class HttpSession(asyncio.Protocol):
         self.server_paused = False
         self.tunnel_bytes = b""
         self.sticky: Server | None = None  # the server persistence names for this request
+        self.cookie_server: Server | None = None  # ... when it is the client's cookie
+        self.stick_key: str | None = None  # this request's key in the stick table
         self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
         self.slot: Server | None = None  # the limited server whose slot this exchange holds
 
@@ -254,13 +258,17 @@ class HttpSession(asyncio.Protocol):
             return
         self.backend = backend
         self.retries_left = backend.cfg.retries
-        cookie = backend.cfg.cookie
-        if cookie is not None:
-            value = persist.request_cookie(head, cookie)  # edits the head: before rendering it
+        cfg = backend.cfg
+        if cfg.stick_on is not None:  # before the cookie edits below change the head
+            self.stick_key = persist.stick_key(head, self.client_ip, cfg.stick_on)
+        if cfg.cookie is not None:
+            value = persist.request_cookie(head, cfg.cookie)  # edits the head: before rendering
             if value is not None:
                 server = backend.by_cookie.get(value.decode("latin-1"))
                 if server is not None and server.persistable:
-                    self.sticky = server
+                    self.sticky = self.cookie_server = server
+        if self.sticky is None:
+            self.sticky = backend.stuck(self.stick_key)
         self.head_bytes = h1.request_head_bytes(
             head, self.client_ip if frontend.cfg.forwardfor else None
         )
@@ -339,6 +347,8 @@ class HttpSession(asyncio.Protocol):
 
     def _use(self, server: Server) -> None:
         self.server = server
+        if self.stick_key is not None:
+            server.backend.stick.learn(self.stick_key, server.name)  # type: ignore[union-attr]
         conn = self.frontend.worker.pool.take(server)
         if conn is not None:
             self._attach(conn)
@@ -483,7 +493,8 @@ class HttpSession(asyncio.Protocol):
         cookie = self.backend.cfg.cookie  # type: ignore[union-attr]
         server = self.server
         if cookie is not None and server.cookie:  # type: ignore[union-attr]
-            persist.response_cookie(head, cookie, server.cookie, self.sticky is server)  # type: ignore[union-attr]
+            has_it = self.cookie_server is server
+            persist.response_cookie(head, cookie, server.cookie, has_it)  # type: ignore[union-attr]
         framing = head.framing
         self.server_until_close = framing == h1.UNTIL_CLOSE
         keep_alive = not self.close_after

@@ -29,10 +29,12 @@ from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
 from lb.shared import MAX_SLOTS, Shared
+from lb.sticktable import Tables
 
 RESPAWN_BACKOFF_MAX = 30.0
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
 STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
+TICK = 0.1  # period of the master's housekeeping
 
 _SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
 
@@ -84,6 +86,7 @@ class Master:
         self.stopping = False
         self.announced: set[int] = set()  # generations announced ready
         self.shared = Shared.create(cfg)
+        self.tables = Tables(cfg)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
 
     # -- the loop -------------------------------------------------------------------
@@ -105,6 +108,7 @@ class Master:
             self._spawn(index)
         self.checker = Checker(self.config, self.shared)
         self.checker.start()
+        ticker = loop.create_task(self._tick())
         while True:
             kind, value = await self.events.get()
             if kind == "signal":
@@ -116,10 +120,26 @@ class Master:
             elif kind == "respawn":
                 if not self.stopping:
                     self._spawn(value)
+            elif kind == "tick":
+                self._housekeeping()
             if self.stopping and not self.workers:
                 break
+        ticker.cancel()
         log.info("exiting")
         return 0
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.events.put_nowait(("tick", None))
+
+    def _housekeeping(self) -> None:
+        """Periodic chores: queued requests may fit now that a server came back up or a
+        limit was raised; expired stick-table entries go."""
+        for backend, queue in self.keeper.queues.items():
+            if queue or any(s.queue for s in self.keeper.by_backend[backend]):
+                self.keeper.dispatch(backend)
+        self.tables.purge()
 
     def _on_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,7 +194,13 @@ class Master:
             "listeners": [[lst.frontend, lst.address] for lst in self.listeners],
             "log": self.config.global_.log,
             "log_level": self.log_level,
+            "sticks": self.tables.snapshot(),
         }
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        """Send a message to every worker, of every generation."""
+        for handle in self.workers.values():
+            handle.channel.send(message)
 
     def _received(self, handle: WorkerHandle, message: dict[str, Any], fds: list[int]) -> None:
         for fd in fds:
@@ -189,6 +215,10 @@ class Master:
             self.keeper.release(handle, message)
         elif op == "cancel":
             self.keeper.cancel(handle, message)
+        elif op == "stick":
+            update = self.tables.learn(message["be"], message["key"], message["srv"])
+            if update is not None:
+                self.broadcast(update)
         elif op == "ready":
             handle.ready = True
             self._announce_if_ready(handle.generation)

@@ -27,6 +27,28 @@ def _pairs(line: bytes) -> list[bytes]:
     return [p.strip() for p in line[7:-2].split(b";")]
 
 
+def cookie_value(head: RequestHead, name: bytes) -> bytes | None:
+    """The value of the request cookie `name`, untouched."""
+    prefix = name + b"="
+    for index in _cookie_lines(head):
+        for pair in _pairs(head.forward[index]):
+            if pair.startswith(prefix):
+                return pair[len(prefix) :]
+    return None
+
+
+def stick_key(head: RequestHead, client_ip: bytes, stick_on: tuple[str, str | None]) -> str | None:
+    """The key a backend's `stick-on` takes from this request, or None."""
+    kind, name = stick_on
+    if kind == "src":
+        value: bytes | None = client_ip
+    elif kind == "cookie":
+        value = cookie_value(head, name.encode())  # type: ignore[union-attr]
+    else:
+        value = head.header(name.encode())  # type: ignore[union-attr]
+    return value.decode("latin-1") if value else None
+
+
 def request_cookie(head: RequestHead, cookie: config.Cookie) -> bytes | None:
     """The server cookie value this request carries (for prefix mode, the part before
     `~`), editing the forwarded Cookie header as the mode requires. None: no cookie."""

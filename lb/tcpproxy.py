@@ -75,7 +75,13 @@ class TcpSession(asyncio.Protocol):
         backend = self.frontend.default_backend
         assert backend is not None
         peer = self.transport.get_extra_info("peername")
-        server = backend.pick(Context(peer[0].encode() if peer else b""), exclude)
+        client_ip = peer[0] if peer else ""
+        stick_key = client_ip if backend.cfg.stick_on is not None else None  # src only
+        server = backend.stuck(stick_key)
+        if server is None or server is exclude:
+            server = backend.pick(Context(client_ip.encode()), exclude)
+        if server is not None and stick_key is not None:
+            backend.stick.learn(stick_key, server.name)  # type: ignore[union-attr]
         if server is None:
             self._give_up()
             return

@@ -26,6 +26,7 @@ from lb.log import log
 from lb.queue import Queue
 from lb.serverconn import ConnectionPool
 from lb.shared import Shared
+from lb.sticktable import Replica
 from lb.timer import clock
 
 
@@ -46,6 +47,11 @@ class Worker:
             name: Backend(cfg, self.shared, self.slot)
             for name, cfg in self.config.backends.items()
         }
+        for name, backend in self.backends.items():
+            cfg = backend.cfg
+            if cfg.stick_table is not None and cfg.stick_on is not None:
+                backend.stick = Replica(name, cfg.stick_table, self._send)
+                backend.stick.apply({"set": hello.get("sticks", {}).get(name, [])})
         self.frontends = {
             name: Frontend(cfg, self.backends, self) for name, cfg in self.config.frontends.items()
         }
@@ -83,6 +89,10 @@ class Worker:
         op = message["op"]
         if op == "grant":
             self.queue.on_grant(message, self.backends)
+        elif op == "stick":
+            stick = self.backends[message["be"]].stick
+            if stick is not None:
+                stick.apply(message)
         elif op == "soft-stop":
             self.soft_stop()
         elif op == "stop":
