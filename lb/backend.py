@@ -126,6 +126,10 @@ class Backend:
             self._version = version
             self.balancer.rebuild()
 
+    def conns(self) -> int:
+        """Connections open to its servers from all of pylb."""
+        return sum(server.conns for server in self.servers)
+
     def stuck(self, key: str | None) -> Server | None:
         """The server the stick table names for `key`, if it may still serve it."""
         if key is None or self.stick is None:

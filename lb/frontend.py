@@ -15,7 +15,7 @@ import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from lb import config
+from lb import config, httplog
 from lb.backend import Backend
 from lb.httpproxy import HttpSession
 from lb.shared import FE_FIELDS, FE_MAXCONN, GLOBAL_FIELDS, GLOBAL_MAXCONN, MAX_SLOTS
@@ -37,6 +37,7 @@ class Frontend:
         self.default_backend = backends.get(cfg.default_backend or "")
         self.sessions: set[Any] = set()
         self.held: deque[Any] = deque()  # accepted over the limit: waiting, unread
+        self.request_log = httplog.RequestLog(cfg.log) if cfg.log else None
         self.total = 0  # connections this worker accepted
         self.stopping = False
         self.sockets: list[socket.socket] = []

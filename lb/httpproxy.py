@@ -11,9 +11,10 @@ one side pauses reading on the other.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
-from lb import h1, persist
+from lb import h1, httplog, persist
 from lb.balance import Context
 from lb.errors import PAGES
 from lb.serverconn import ServerConnection
@@ -34,6 +35,29 @@ CLIENT_EOF = 100
 PIPELINE, SERVER_FULL, BUFFER_FULL = 1, 2, 4
 
 MAX_BUFFERED_BODY = 256 * 1024  # request body held while the server connection opens
+
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
+
+
+class Times:
+    """When each step of one request happened (monotonic seconds), for its log line.
+    Only kept when the frontend logs requests."""
+
+    __slots__ = ("wall", "begin", "head", "queued", "granted", "connect", "sent", "response",
+                 "status", "bytes_out", "retries")
+
+    def __init__(self, begin: float) -> None:
+        self.wall = time.time() - (time.monotonic() - begin)
+        self.begin = begin
+        self.head = self.queued = self.granted = self.connect = self.sent = -1.0
+        self.response = -1.0
+        self.status = -1  # the server's answer, once it came
+        self.bytes_out = 0
+        self.retries = 0
+
+
+def _ms(start: float, end: float) -> int:
+    return -1 if start < 0 or end < 0 else int((end - start) * 1000)
 
 
 class BadResponse(Exception):
@@ -76,6 +100,8 @@ class HttpSession(asyncio.Protocol):
         "queue_id",
         "slot",
         "held",
+        "times",
+        "begin",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -90,6 +116,7 @@ class HttpSession(asyncio.Protocol):
         self.pending: list[tuple[int, object]] | None = None
         self.close_after = False
         self.held: list[bytes] | None = None  # bytes read while over the frontend's limit
+        self.begin = time.monotonic()  # when the current request began (for its log)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -116,6 +143,7 @@ class HttpSession(asyncio.Protocol):
         self.stick_key: str | None = None  # this request's key in the stick table
         self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
         self.slot: Server | None = None  # the limited server whose slot this exchange holds
+        self.times: Times | None = None
 
     # -- client connection ----------------------------------------------------------
 
@@ -147,6 +175,8 @@ class HttpSession(asyncio.Protocol):
             return
         if self.phase == IDLE and not self.reader.in_head:
             self.deadline = clock.now + self.frontend.timeouts.http_request
+            if self.frontend.request_log is not None and self.requests:
+                self.begin = time.monotonic()
         events = self.reader.feed(data)
         if events and events[-1][0] == h1.ERROR:
             events = _without_failed_request(events)
@@ -166,7 +196,7 @@ class HttpSession(asyncio.Protocol):
         if self.phase == IDLE:
             self._close()  # an unfinished head is abandoned, not answered
         elif not self.req_done:
-            self._abort()  # the client gave up mid-request
+            self._abort("CR")  # the client gave up mid-request
         else:
             self.close_after = True  # answer what was asked, then close
 
@@ -175,6 +205,8 @@ class HttpSession(asyncio.Protocol):
             return
         self.phase = CLOSED
         clock.watched.discard(self)
+        if self.times is not None:
+            self._log(self.times.status, "CD")  # the client went away mid-exchange
         self._drop_server(reusable=False)
         self.frontend.closed(self)
 
@@ -207,15 +239,15 @@ class HttpSession(asyncio.Protocol):
             if self.requests and not self.reader.in_head:
                 self._close()  # http-keep-alive expired: a silent close
             else:
-                self._reply(408)
+                self._reply(408, "cR")
         elif phase == QUEUED:
-            self._reply(503)  # timeout queue
+            self._reply(503, "sQ")  # timeout queue
         elif phase == CONNECTING:
             self._connect_failed()
         elif not self.resp_started and self.req_done:
-            self._reply(504)
+            self._reply(504, "sH")
         else:
-            self._abort()  # client or server stalled mid-message
+            self._abort("cD" if self.resp_started else "cR")  # a side stalled mid-message
 
     # -- request side ---------------------------------------------------------------
 
@@ -250,6 +282,9 @@ class HttpSession(asyncio.Protocol):
         self.head = head
         self.requests += 1
         frontend = self.frontend
+        if frontend.request_log is not None:
+            self.times = Times(self.begin)
+            self.times.head = time.monotonic()
         if not head.keep_alive or head.upgrade or frontend.stopping:
             self.close_after = True
         backend = frontend.default_backend
@@ -317,10 +352,12 @@ class HttpSession(asyncio.Protocol):
             path = head.target.split(b"?", 1)[0]  # type: ignore[union-attr]
             server = backend.pick(Context(self.client_ip, path, head), exclude)  # type: ignore[union-attr]
         if server is None:
-            self._reply(503)
+            self._reply(503, "SC")  # no server is usable
             return
         self._release_slot()
         if server.maxconn > 0:  # a limited server: the master hands out its slots
+            if self.times is not None:
+                self.times.queued = time.monotonic()
             self.phase = QUEUED
             self.deadline = clock.now + backend.timeouts.queue  # type: ignore[union-attr]
             self.queue_id = self.frontend.worker.queue.acquire(
@@ -331,8 +368,10 @@ class HttpSession(asyncio.Protocol):
 
     def _granted(self, server: Server | None) -> None:
         self.queue_id = 0
+        if self.times is not None:
+            self.times.granted = time.monotonic()
         if server is None:
-            self._reply(503)  # its queue is full
+            self._reply(503, "sQ")  # its queue is full
             return
         self.slot = server
         self._use(server)
@@ -354,6 +393,8 @@ class HttpSession(asyncio.Protocol):
             self._attach(conn)
             return
         self.phase = CONNECTING
+        if self.times is not None:
+            self.times.connect = time.monotonic()
         self.deadline = clock.now + self.backend.timeouts.connect  # type: ignore[union-attr]
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(server))
 
@@ -384,9 +425,11 @@ class HttpSession(asyncio.Protocol):
             self.connect_task = None
             task.cancel()
         if self.retries_left <= 0:
-            self._reply(503)
+            self._reply(503, "SC")
             return
         self.retries_left -= 1
+        if self.times is not None:
+            self.times.retries += 1
         if self.retries_left == 0 and self.backend.cfg.redispatch:  # type: ignore[union-attr]
             self._dispatch(self.server)
         else:
@@ -407,6 +450,10 @@ class HttpSession(asyncio.Protocol):
         else:
             data = self.head_bytes
         conn.transport.write(data)
+        if self.times is not None:
+            self.times.sent = time.monotonic()
+            if self.times.connect < 0:
+                self.times.connect = self.times.sent  # a pooled connection: no connect
         if self.req_done:
             self.deadline = clock.now + self.backend.timeouts.server  # type: ignore[union-attr]
         else:
@@ -459,6 +506,8 @@ class HttpSession(asyncio.Protocol):
                 if self.resp_framing == h1.CHUNKED:
                     out.append(h1.LAST_CHUNK)
                 self.transport.write(b"".join(out))
+                if self.times is not None:
+                    self.times.bytes_out += sum(map(len, out))
                 out = []
                 self._response_end()
             elif kind == h1.UPGRADE:
@@ -473,6 +522,8 @@ class HttpSession(asyncio.Protocol):
                 return
         if out:
             self.transport.write(b"".join(out))
+            if self.times is not None:
+                self.times.bytes_out += sum(map(len, out))
         if self.resp_started:
             self.deadline = clock.now + self.frontend.timeouts.client
 
@@ -490,6 +541,9 @@ class HttpSession(asyncio.Protocol):
             return b""  # HTTP/1.0 clients get no interim answers
         self.resp_started = True
         self.server_keep_alive = head.keep_alive
+        if self.times is not None:
+            self.times.response = time.monotonic()
+            self.times.status = head.status
         cookie = self.backend.cfg.cookie  # type: ignore[union-attr]
         server = self.server
         if cookie is not None and server.cookie:  # type: ignore[union-attr]
@@ -521,9 +575,9 @@ class HttpSession(asyncio.Protocol):
 
     def _response_error(self) -> None:
         if self.resp_started:
-            self._abort()
+            self._abort("SD")
         else:
-            self._reply(502)
+            self._reply(502, "PH")
 
     def server_closed(self, conn: ServerConnection) -> None:
         """The server ended its connection (EOF or error) while serving this session."""
@@ -536,20 +590,31 @@ class HttpSession(asyncio.Protocol):
                     self.transport.write(h1.LAST_CHUNK)
                 self._response_end()
             else:
-                self._abort()
+                self._abort("SD")
             return
-        if conn.reused and not conn.received and self.head.framing == h1.NO_BODY:  # type: ignore[union-attr]
-            # A pooled connection the server had just closed: try a fresh one.
+        head = self.head
+        if (
+            not conn.received
+            and head.framing == h1.NO_BODY  # type: ignore[union-attr]
+            and head.method in IDEMPOTENT  # type: ignore[union-attr]
+            and (conn.reused or self.retries_left > 0)
+        ):
+            # Closed before answering a request that is safe to send again (often a pooled
+            # connection the server had just timed out): send it on a fresh connection.
+            if not conn.reused:
+                self.retries_left -= 1
             self.conn = None
             conn.session = None
             self.server.closed()  # type: ignore[union-attr]
-            self._dispatch(None)
+            self._use(self.server)  # type: ignore[arg-type]
             return
-        self._reply(502)
+        self._reply(502, "SH")
 
     # -- ending ---------------------------------------------------------------------
 
     def _finish_exchange(self) -> None:
+        if self.times is not None:
+            self._log(self.times.status, "--")
         self._drop_server(reusable=self.server_keep_alive)
         self._reset_exchange()
         if self.close_after:
@@ -592,19 +657,71 @@ class HttpSession(asyncio.Protocol):
         self.server.closed()  # type: ignore[union-attr]
         self.frontend.closed(self)
 
-    def _reply(self, status: int) -> None:
-        """Answer with one of pylb's own pages, then close."""
+    def _reply(self, status: int, termination: str = "PR") -> None:
+        """Answer with one of pylb's own pages, then close; `termination` is the log's
+        termination state (who ended it, at which step)."""
         self._drop_server(reusable=False)
+        page = b""
         if not self.resp_started and not self.transport.is_closing():
-            self.transport.write(PAGES[status])
+            page = PAGES[status]
+            self.transport.write(page)
+        if self.frontend.request_log is not None:
+            if self.times is None:
+                self.times = Times(self.begin)
+            self.times.bytes_out += len(page)
+            self._log(status, termination)
         self._close()
+
+    def _log(self, status: int, termination: str) -> None:
+        """One line in the frontend's request log, in HAProxy's HTTP format."""
+        times = self.times
+        self.times = None
+        if times is None:
+            return
+        end = time.monotonic()
+        frontend = self.frontend
+        backend, server, head = self.backend, self.server, self.head
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        cookie = self.backend.cfg.cookie if self.backend is not None else None
+        flags = "--"
+        if cookie is not None:
+            flags = ("V" if self.cookie_server is not None else "N") + (
+                "N" if server is None or not server.cookie or self.cookie_server is server
+                else "I"
+            )
+        record = httplog.Record(
+            client_ip=peer[0], client_port=peer[1], accept_time=times.wall,
+            frontend=frontend.name,
+            backend=backend.name if backend is not None else frontend.name,
+            server=server.name if server is not None else "<NOSRV>",
+            tq=_ms(times.begin, times.head),
+            tw=_ms(times.queued, times.granted) if times.queued >= 0 else
+            (0 if times.head >= 0 and server is not None else -1),
+            tc=_ms(times.connect, times.sent),
+            tr=_ms(times.sent, times.response),
+            tt=_ms(times.begin, end),
+            status=status, bytes_read=times.bytes_out,
+            termination=termination + flags,
+            actconn=frontend.worker.connections(), feconn=frontend.current(),
+            beconn=backend.conns() if backend is not None else 0,
+            srv_conn=server.conns if server is not None else 0,
+            retries=times.retries, srv_queue=0, backend_queue=0,
+            request_line=(
+                f"{head.method.decode('latin-1')} {head.target.decode('latin-1')} "
+                f"HTTP/{head.version}" if head is not None else ""
+            ),
+            mode="http",
+        )
+        frontend.request_log.write(record)  # type: ignore[union-attr]
 
     def _close(self) -> None:
         self.phase = CLOSED
         clock.watched.discard(self)
         self.transport.close()
 
-    def _abort(self) -> None:
+    def _abort(self, termination: str = "CD") -> None:
+        if self.times is not None:
+            self._log(self.times.status, termination)
         self._drop_server(reusable=False)
         self.phase = CLOSED
         clock.watched.discard(self)

@@ -102,6 +102,7 @@ class Master:
             signal.SIGUSR1,
             signal.SIGUSR2,
             signal.SIGHUP,
+            signal.SIGWINCH,
         ):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
         for index in range(1, self.config.global_.workers + 1):
@@ -148,6 +149,9 @@ class Master:
         elif sig == signal.SIGUSR1:
             log.info("SIGUSR1: soft stop, finishing what is in flight")
             self._stop(hard=False)
+        elif sig == signal.SIGWINCH:
+            log.info("SIGWINCH: reopening log files")
+            self.broadcast({"op": "reopen-logs"})
         else:
             log.warning("%s: reload is not available in this version", _SIGNAL_NAMES[sig])
 

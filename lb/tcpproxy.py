@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
+from lb import httplog
 from lb.balance import Context
 from lb.timer import clock
 from lb.tunnel import Tunnel
@@ -40,7 +42,8 @@ class _Held(asyncio.Protocol):
 class TcpSession(asyncio.Protocol):
     __slots__ = (
         "frontend", "transport", "deadline", "server", "retries_left", "task", "done",
-        "early", "early_eof", "queue_id", "slot",
+        "early", "early_eof", "queue_id", "slot", "begin", "queued", "connect", "connected",
+        "retries",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -55,6 +58,10 @@ class TcpSession(asyncio.Protocol):
         self.early_eof = False
         self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
         self.slot: Server | None = None  # the limited server whose slot this holds
+        # For the log line: when each step happened (monotonic seconds, -1: not yet)
+        self.begin = time.monotonic()
+        self.queued = self.connect = self.connected = -1.0
+        self.retries = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -87,6 +94,7 @@ class TcpSession(asyncio.Protocol):
             return
         self._release_slot()
         if server.maxconn > 0:  # a limited server: the master hands out its slots
+            self.queued = time.monotonic()
             self.deadline = clock.now + backend.timeouts.queue
             self.queue_id = self.frontend.worker.queue.acquire(
                 backend, server, False, self._granted
@@ -115,6 +123,7 @@ class TcpSession(asyncio.Protocol):
 
     def _connect(self, server: Server) -> None:
         self.server = server
+        self.connect = time.monotonic()
         self.deadline = clock.now + server.backend.timeouts.connect
         self.task = asyncio.get_running_loop().create_task(self._open(server))
 
@@ -133,6 +142,7 @@ class TcpSession(asyncio.Protocol):
             transport.close()
             return
         self.done = True
+        self.connected = time.monotonic()
         clock.watched.discard(self)
         server.opened()
         timeouts = self.frontend.timeouts
@@ -149,10 +159,34 @@ class TcpSession(asyncio.Protocol):
         if self.early_eof:
             tunnel.ends[0].eof_received()
 
-    def _finished(self, _tunnel: Tunnel) -> None:
+    def _finished(self, tunnel: Tunnel) -> None:
         self._release_slot()
         self.server.closed()  # type: ignore[union-attr]
+        self._log(tunnel.ends[1].received, "--")
         self.frontend.closed(self)
+
+    def _log(self, bytes_out: int, termination: str) -> None:
+        """One line in the frontend's request log, in HAProxy's TCP format."""
+        frontend = self.frontend
+        if frontend.request_log is None:
+            return
+        now = time.monotonic()
+        server, backend = self.server, frontend.default_backend
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        wait = self.connect - self.queued if self.queued >= 0 else 0.0
+        frontend.request_log.write(httplog.Record(
+            client_ip=peer[0], client_port=peer[1],
+            accept_time=time.time() - (now - self.begin), frontend=frontend.name,
+            backend=backend.name if backend is not None else frontend.name,
+            server=server.name if server is not None else "<NOSRV>",
+            tq=0, tw=int(wait * 1000),
+            tc=int((self.connected - self.connect) * 1000) if self.connected >= 0 else -1,
+            tr=-1, tt=int((now - self.begin) * 1000), status=-1, bytes_read=bytes_out,
+            termination=termination + "--", actconn=frontend.worker.connections(),
+            feconn=frontend.current(), beconn=backend.conns() if backend is not None else 0,
+            srv_conn=server.conns if server is not None else 0, retries=self.retries,
+            srv_queue=0, backend_queue=0, request_line="", mode="tcp",
+        ))
 
     def data_received(self, data: bytes) -> None:
         # Before the relay: keep this read for the server and read no more until then.
@@ -175,6 +209,7 @@ class TcpSession(asyncio.Protocol):
             self._give_up()
             return
         self.retries_left -= 1
+        self.retries += 1
         backend = self.frontend.default_backend
         redispatch = self.retries_left == 0 and backend.cfg.redispatch  # type: ignore[union-attr]
         if redispatch:
@@ -183,6 +218,8 @@ class TcpSession(asyncio.Protocol):
             self._connect(self.server)  # type: ignore[arg-type]
 
     def _give_up(self) -> None:
+        if not self.done:
+            self._log(0, "sQ" if self.queue_id else "SC")
         self.done = True
         self._release_slot()
         clock.watched.discard(self)

@@ -59,16 +59,18 @@ class Tunnel:
 
 
 class _End(asyncio.Protocol):
-    __slots__ = ("tunnel", "transport", "peer", "eof")
+    __slots__ = ("tunnel", "transport", "peer", "eof", "received")
 
     def __init__(self, tunnel: Tunnel, transport: asyncio.Transport) -> None:
         self.tunnel = tunnel
         self.transport = transport
         self.peer: _End = self
         self.eof = False
+        self.received = 0  # bytes read from this side
 
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
+        self.received += len(data)
         tunnel = self.tunnel
         tunnel.deadline = clock.now + tunnel.timeout
 

@@ -25,7 +25,7 @@ from lb.frontend import Frontend
 from lb.log import log
 from lb.queue import Queue
 from lb.serverconn import ConnectionPool
-from lb.shared import Shared
+from lb.shared import GLOBAL_FIELDS, Shared
 from lb.sticktable import Replica
 from lb.timer import clock
 
@@ -60,6 +60,10 @@ class Worker:
         self.stopping = False
         self._done: asyncio.Future[None] | None = None
 
+    def connections(self) -> int:
+        """Connections admitted by pylb as a whole, all frontends."""
+        return self.shared.total(GLOBAL_FIELDS)
+
     @property
     def name(self) -> str:
         return f"worker {self.index}/{self.count} gen {self.generation}"
@@ -93,6 +97,10 @@ class Worker:
             stick = self.backends[message["be"]].stick
             if stick is not None:
                 stick.apply(message)
+        elif op == "reopen-logs":
+            for frontend in self.frontends.values():
+                if frontend.request_log is not None:
+                    frontend.request_log.reopen()
         elif op == "soft-stop":
             self.soft_stop()
         elif op == "stop":
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGWINCH, signal.SIG_IGN)  # the master tells us, once
     hello, fds = control.receive(channel)
     if hello is None:
         return 1

@@ -5,7 +5,8 @@ Every server runs on 127.0.0.1 on its own asyncio loop in a daemon thread:
 - EchoBackend: HTTP/1.1 server answering every request with a JSON description of what it
   received. Behaviour per request through the query string: ``delay`` (seconds before
   answering), ``size`` (stream that many pattern bytes instead of JSON), ``chunked=1``
-  (send the response chunked), ``status``. A request with ``Upgrade: websocket`` gets a
+  (send the response chunked), ``status``, ``setcookie`` (``NAME=VALUE...``: a
+  ``Set-Cookie`` header in the response). A request with ``Upgrade: websocket`` gets a
   ``101`` and the connection becomes a byte echo (the server first sends ``WS_GREETING``).
 - RawBackend: records every byte of every connection, parses it one byte at a time with
   httptools (so it knows exactly where each request ends) and answers each complete
@@ -309,6 +310,8 @@ class EchoBackend(_LoopThread):
             await asyncio.sleep(float(query["delay"]))
         status = int(query.get("status", "200"))
         head = [f"HTTP/1.1 {status} X", f"X-Server: {self.name}"]
+        if "setcookie" in query:
+            head.append(f"Set-Cookie: {query['setcookie']}")
         if not req.keep_alive:
             head.append("Connection: close")
         if "size" in query:
