@@ -101,6 +101,7 @@ class Worker:
             for frontend in self.frontends.values():
                 if frontend.request_log is not None:
                     frontend.request_log.reopen()
+            log.info("log files reopened")
         elif op == "soft-stop":
             self.soft_stop()
         elif op == "stop":
