@@ -37,14 +37,23 @@ SMOOTH_BUDGET = 1 << 16
 
 
 class Context:
-    """What an algorithm may look at to choose: the client and its request."""
+    """What an algorithm may look at to choose: the client and its request. The path is
+    cut from the request target only for an algorithm that asks for it."""
 
-    __slots__ = ("client_ip", "path", "head")
+    __slots__ = ("client_ip", "_path", "head")
 
-    def __init__(self, client_ip: bytes, path: bytes = b"", head: RequestHead | None = None):
+    def __init__(
+        self, client_ip: bytes, path: bytes | None = None, head: RequestHead | None = None
+    ) -> None:
         self.client_ip = client_ip
-        self.path = path
+        self._path = path
         self.head = head
+
+    @property
+    def path(self) -> bytes:
+        if self._path is None:
+            self._path = self.head.target.split(b"?", 1)[0] if self.head is not None else b""
+        return self._path
 
 
 class Balancer(Protocol):

@@ -348,9 +348,8 @@ class HttpSession(asyncio.Protocol):
         if sticky is not None and sticky is not exclude and sticky.persistable:
             server: Server | None = sticky  # persistence wins over balancing, even draining
         else:
-            head = self.head
-            path = head.target.split(b"?", 1)[0]  # type: ignore[union-attr]
-            server = backend.pick(Context(self.client_ip, path, head), exclude)  # type: ignore[union-attr]
+            context = Context(self.client_ip, None, self.head)
+            server = backend.pick(context, exclude)  # type: ignore[union-attr]
         if server is None:
             self._reply(503, "SC")  # no server is usable
             return
