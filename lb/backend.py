@@ -7,6 +7,7 @@ master (health checks, runtime commands) decides reaches every worker at once.
 from __future__ import annotations
 
 from lb import balance, config
+from lb.counters import Counters
 from lb.shared import (
     BE_VERSION,
     MAINT,
@@ -27,8 +28,8 @@ class Server:
     """A server: its configuration, and accessors to its shared runtime state."""
 
     __slots__ = (
-        "name", "cfg", "backend", "host", "port", "cookie", "total", "_words", "_base",
-        "_mine", "_first",
+        "name", "cfg", "backend", "host", "port", "cookie", "total", "counters", "_words",
+        "_base", "_mine", "_first",
     )
 
     def __init__(self, cfg: config.Server, backend: Backend, shared: Shared, slot: int) -> None:
@@ -39,6 +40,7 @@ class Server:
         self.port = cfg.address.port
         self.cookie = cfg.cookie
         self.total = 0  # requests or connections this worker sent to it
+        self.counters = Counters()
         self._words = shared.words
         self._base = shared.layout.servers[(backend.name, cfg.name)]
         self._first = self._base + SRV_FIELDS
@@ -98,7 +100,7 @@ class Server:
 class Backend:
     __slots__ = (
         "name", "cfg", "servers", "timeouts", "by_cookie", "by_name", "_shared", "_base",
-        "_version", "balancer", "stick",
+        "_version", "balancer", "stick", "counters",
     )
 
     def __init__(self, cfg: config.Backend, shared: Shared, slot: int) -> None:
@@ -111,6 +113,7 @@ class Backend:
         self.by_cookie = {s.cookie: s for s in self.servers if s.cookie}
         self.by_name = {s.name: s for s in self.servers}
         self.stick: Replica | None = None  # the worker attaches its stick-table replica
+        self.counters = Counters()
         self._version = -1
         self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
 

@@ -17,8 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from lb import config, httplog
 from lb.backend import Backend
+from lb.counters import Counters
 from lb.httpproxy import HttpSession
-from lb.shared import FE_FIELDS, FE_MAXCONN, GLOBAL_FIELDS, GLOBAL_MAXCONN, MAX_SLOTS
+from lb.shared import (
+    FE_DISABLED,
+    FE_FIELDS,
+    FE_MAXCONN,
+    GLOBAL_FIELDS,
+    GLOBAL_MAXCONN,
+    MAX_SLOTS,
+)
 from lb.tcpproxy import TcpSession
 
 if TYPE_CHECKING:
@@ -38,6 +46,7 @@ class Frontend:
         self.sessions: set[Any] = set()
         self.held: deque[Any] = deque()  # accepted over the limit: waiting, unread
         self.request_log = httplog.RequestLog(cfg.log) if cfg.log else None
+        self.counters = Counters()
         self.total = 0  # connections this worker accepted
         self.stopping = False
         self.sockets: list[socket.socket] = []
@@ -50,6 +59,7 @@ class Frontend:
         self._words = words
         base = worker.shared.layout.frontends[cfg.name]
         self._maxconn = base + FE_MAXCONN
+        self._disabled = base + FE_DISABLED
         self._first = base + FE_FIELDS
         self._mine = self._first + worker.slot
         self._global_mine = GLOBAL_FIELDS + worker.slot
@@ -96,6 +106,8 @@ class Frontend:
 
     def _has_room(self) -> bool:
         words = self._words
+        if words[self._disabled]:
+            return False
         return self.current() < words[self._maxconn] and (
             sum(words[GLOBAL_FIELDS : GLOBAL_FIELDS + MAX_SLOTS]) < words[GLOBAL_MAXCONN]
         )
@@ -104,6 +116,7 @@ class Frontend:
         """Count a new connection in, or hold it (False) when the limit is reached."""
         self.sessions.add(session)
         self.total += 1
+        self.counters.stot += 1
         if self.held or not self._has_room():
             self.held.append(session)
             self.stop_accepting()

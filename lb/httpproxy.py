@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # Session phases
 IDLE, QUEUED, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(6)
+_PHASES = ("idle", "queued", "connecting", "exchange", "tunnel", "closed")
 
 # A pseudo-event after lb.h1's: the client half-closed, after the events before it.
 CLIENT_EOF = 100
@@ -102,6 +103,7 @@ class HttpSession(asyncio.Protocol):
         "held",
         "times",
         "begin",
+        "tunnel",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -117,6 +119,7 @@ class HttpSession(asyncio.Protocol):
         self.close_after = False
         self.held: list[bytes] | None = None  # bytes read while over the frontend's limit
         self.begin = time.monotonic()  # when the current request began (for its log)
+        self.tunnel: Tunnel | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -173,6 +176,7 @@ class HttpSession(asyncio.Protocol):
             self.held.append(data)
             self.transport.pause_reading()
             return
+        self.frontend.counters.bin += len(data)
         if self.phase == IDLE and not self.reader.in_head:
             self.deadline = clock.now + self.frontend.timeouts.http_request
             if self.frontend.request_log is not None and self.requests:
@@ -282,6 +286,7 @@ class HttpSession(asyncio.Protocol):
         self.head = head
         self.requests += 1
         frontend = self.frontend
+        frontend.counters.req_tot += 1
         if frontend.request_log is not None:
             self.times = Times(self.begin)
             self.times.head = time.monotonic()
@@ -335,6 +340,7 @@ class HttpSession(asyncio.Protocol):
                 self.deadline = clock.now + self.backend.timeouts.server  # type: ignore[union-attr]
 
     def _request_error(self) -> None:
+        self.frontend.counters.ereq += 1
         if self.resp_started:
             self._abort()
         else:
@@ -385,6 +391,7 @@ class HttpSession(asyncio.Protocol):
 
     def _use(self, server: Server) -> None:
         self.server = server
+        server.counters.lbtot += 1
         if self.stick_key is not None:
             server.backend.stick.learn(self.stick_key, server.name)  # type: ignore[union-attr]
         conn = self.frontend.worker.pool.take(server)
@@ -423,13 +430,18 @@ class HttpSession(asyncio.Protocol):
         if task is not None:
             self.connect_task = None
             task.cancel()
+        server = self.server
+        server.counters.econ += 1  # type: ignore[union-attr]
+        self.backend.counters.econ += 1  # type: ignore[union-attr]
         if self.retries_left <= 0:
             self._reply(503, "SC")
             return
         self.retries_left -= 1
         if self.times is not None:
             self.times.retries += 1
+        server.counters.wretr += 1  # type: ignore[union-attr]
         if self.retries_left == 0 and self.backend.cfg.redispatch:  # type: ignore[union-attr]
+            server.counters.wredis += 1  # type: ignore[union-attr]
             self._dispatch(self.server)
         else:
             self._use(self.server)  # type: ignore[arg-type]
@@ -440,7 +452,10 @@ class HttpSession(asyncio.Protocol):
         conn.received = False
         conn.reader.expect(self.head.method)  # type: ignore[union-attr]
         self.phase = EXCHANGE
-        self.server.opened()  # type: ignore[union-attr]
+        server = self.server
+        server.opened()  # type: ignore[union-attr]
+        server.counters.stot += 1  # type: ignore[union-attr]
+        self.backend.counters.stot += 1  # type: ignore[union-attr]
         if self.body_buffer:
             data = b"".join([self.head_bytes, *self.body_buffer])
             self.body_buffer = []
@@ -504,27 +519,34 @@ class HttpSession(asyncio.Protocol):
                     continue
                 if self.resp_framing == h1.CHUNKED:
                     out.append(h1.LAST_CHUNK)
-                self.transport.write(b"".join(out))
-                if self.times is not None:
-                    self.times.bytes_out += sum(map(len, out))
+                self._send(b"".join(out))
                 out = []
                 self._response_end()
             elif kind == h1.UPGRADE:
-                self.transport.write(b"".join(out))
+                self._send(b"".join(out))
                 self._start_tunnel(value)  # type: ignore[arg-type]
                 return
             else:
-                self.transport.write(b"".join(out))
+                self._send(b"".join(out))
                 self._response_error()
                 return
             if self.phase != EXCHANGE:
                 return
         if out:
-            self.transport.write(b"".join(out))
-            if self.times is not None:
-                self.times.bytes_out += sum(map(len, out))
+            self._send(b"".join(out))
         if self.resp_started:
             self.deadline = clock.now + self.frontend.timeouts.client
+
+    def _send(self, data: bytes) -> None:
+        """Answer bytes to the client, counted."""
+        self.transport.write(data)
+        size = len(data)
+        self.frontend.counters.bout += size
+        server = self.server
+        server.counters.bout += size  # type: ignore[union-attr]
+        server.backend.counters.bout += size  # type: ignore[union-attr]
+        if self.times is not None:
+            self.times.bytes_out += size
 
     def _response_head(self, head: h1.ResponseHead) -> bytes:
         """The head to send to the client, and the framing its body will take."""
@@ -540,6 +562,10 @@ class HttpSession(asyncio.Protocol):
             return b""  # HTTP/1.0 clients get no interim answers
         self.resp_started = True
         self.server_keep_alive = head.keep_alive
+        status = head.status
+        self.frontend.counters.response(status)
+        self.server.counters.response(status)  # type: ignore[union-attr]
+        self.backend.counters.response(status)  # type: ignore[union-attr]
         if self.times is not None:
             self.times.response = time.monotonic()
             self.times.status = head.status
@@ -573,6 +599,8 @@ class HttpSession(asyncio.Protocol):
             self._close()
 
     def _response_error(self) -> None:
+        self.server.counters.eresp += 1  # type: ignore[union-attr]
+        self.backend.counters.eresp += 1  # type: ignore[union-attr]
         if self.resp_started:
             self._abort("SD")
         else:
@@ -629,6 +657,23 @@ class HttpSession(asyncio.Protocol):
         elif self.frontend.stopping and not self.reader.in_head:
             self._close()
 
+    def describe(self) -> dict[str, object]:
+        """This connection, for `show sess`."""
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        return {
+            "id": id(self), "src": f"{peer[0]}:{peer[1]}", "fe": self.frontend.name,
+            "be": self.backend.name if self.backend is not None else "<NONE>",
+            "srv": self.server.name if self.server is not None else "<none>",
+            "age": time.monotonic() - self.begin, "state": _PHASES[self.phase],
+        }
+
+    def kill(self) -> None:
+        """`shutdown sessions server`: end this connection now."""
+        if self.tunnel is not None:
+            self.tunnel.close(abort=True)
+        else:
+            self._abort("KD")
+
     def close_if_idle(self) -> None:
         """Soft stop: an idle keep-alive connection is closed now, a busy one after."""
         self.close_after = True
@@ -642,7 +687,7 @@ class HttpSession(asyncio.Protocol):
         conn.session = None
         self.phase = TUNNEL
         clock.watched.discard(self)
-        tunnel = Tunnel(
+        tunnel = self.tunnel = Tunnel(
             self.transport,
             conn.transport,
             self.backend.timeouts.tunnel,  # type: ignore[union-attr]
@@ -664,6 +709,8 @@ class HttpSession(asyncio.Protocol):
         if not self.resp_started and not self.transport.is_closing():
             page = PAGES[status]
             self.transport.write(page)
+            self.frontend.counters.response(status)
+            self.frontend.counters.bout += len(page)
         if self.frontend.request_log is not None:
             if self.times is None:
                 self.times = Times(self.begin)
@@ -719,6 +766,14 @@ class HttpSession(asyncio.Protocol):
         self.transport.close()
 
     def _abort(self, termination: str = "CD") -> None:
+        server = self.server
+        if server is not None:
+            if termination[0] in "Cc":
+                server.counters.cli_abrt += 1
+                server.backend.counters.cli_abrt += 1
+            else:
+                server.counters.srv_abrt += 1
+                server.backend.counters.srv_abrt += 1
         if self.times is not None:
             self._log(self.times.status, termination)
         self._drop_server(reusable=False)

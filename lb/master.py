@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from lb import config, control
 from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
+from lb.runtime.server import StatsSocket
 from lb.shared import MAX_SLOTS, Shared
 from lb.sticktable import Tables
 
@@ -87,6 +89,12 @@ class Master:
         self.announced: set[int] = set()  # generations announced ready
         self.shared = Shared.create(cfg)
         self.tables = Tables(cfg)
+        self.started = time.time()
+        self.variables: dict[str, tuple[str, str]] = {}  # runtime variables: (type, value)
+        self.maps: dict[str, dict[str, str]] = {}  # named maps, as loaded and changed
+        self.stats_socket: StatsSocket | None = None
+        self._asks: dict[int, dict[WorkerHandle, asyncio.Future[Any]]] = {}
+        self._ask_ids = itertools.count(1)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
 
     # -- the loop -------------------------------------------------------------------
@@ -110,6 +118,9 @@ class Master:
         self.checker = Checker(self.config, self.shared)
         self.checker.start()
         ticker = loop.create_task(self._tick())
+        if self.config.global_.stats is not None:
+            self.stats_socket = StatsSocket(self.config.global_.stats, self)
+            await self.stats_socket.start()
         while True:
             kind, value = await self.events.get()
             if kind == "signal":
@@ -126,6 +137,8 @@ class Master:
             if self.stopping and not self.workers:
                 break
         ticker.cancel()
+        if self.stats_socket is not None:
+            self.stats_socket.close()
         log.info("exiting")
         return 0
 
@@ -199,7 +212,25 @@ class Master:
             "log": self.config.global_.log,
             "log_level": self.log_level,
             "sticks": self.tables.snapshot(),
+            "maps": self.maps,
+            "vars": {name: value for name, (_kind, value) in self.variables.items()},
         }
+
+    async def ask(self, what: str, timeout: float = 2.0, **args: Any) -> list[Any]:
+        """Ask every running worker something (`lb.worker.Worker._answer`); the answers
+        of those that replied within `timeout`."""
+        loop = asyncio.get_running_loop()
+        ident = next(self._ask_ids)
+        waiting = {h: loop.create_future() for h in self.workers.values() if h.ready}
+        self._asks[ident] = waiting
+        for handle in waiting:
+            handle.channel.send({"op": "ask", "req": ident, "what": what, **args})
+        try:
+            if waiting:
+                await asyncio.wait(waiting.values(), timeout=timeout)
+        finally:
+            del self._asks[ident]
+        return [f.result() for f in waiting.values() if f.done() and not f.cancelled()]
 
     def broadcast(self, message: dict[str, Any]) -> None:
         """Send a message to every worker, of every generation."""
@@ -223,6 +254,10 @@ class Master:
             update = self.tables.learn(message["be"], message["key"], message["srv"])
             if update is not None:
                 self.broadcast(update)
+        elif op == "reply":
+            future = self._asks.get(message["req"], {}).get(handle)
+            if future is not None and not future.done():
+                future.set_result(message["data"])
         elif op == "ready":
             handle.ready = True
             self._announce_if_ready(handle.generation)

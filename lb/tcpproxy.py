@@ -43,7 +43,7 @@ class TcpSession(asyncio.Protocol):
     __slots__ = (
         "frontend", "transport", "deadline", "server", "retries_left", "task", "done",
         "early", "early_eof", "queue_id", "slot", "begin", "queued", "connect", "connected",
-        "retries",
+        "retries", "tunnel",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -62,6 +62,7 @@ class TcpSession(asyncio.Protocol):
         self.begin = time.monotonic()
         self.queued = self.connect = self.connected = -1.0
         self.retries = 0
+        self.tunnel: Tunnel | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -145,8 +146,11 @@ class TcpSession(asyncio.Protocol):
         self.connected = time.monotonic()
         clock.watched.discard(self)
         server.opened()
+        server.counters.stot += 1
+        server.counters.lbtot += 1
+        server.backend.counters.stot += 1
         timeouts = self.frontend.timeouts
-        tunnel = Tunnel(
+        tunnel = self.tunnel = Tunnel(
             self.transport,
             transport,  # type: ignore[arg-type]
             max(timeouts.client, timeouts.server),
@@ -161,8 +165,13 @@ class TcpSession(asyncio.Protocol):
 
     def _finished(self, tunnel: Tunnel) -> None:
         self._release_slot()
-        self.server.closed()  # type: ignore[union-attr]
-        self._log(tunnel.ends[1].received, "--")
+        server = self.server
+        server.closed()  # type: ignore[union-attr]
+        read, written = tunnel.ends[0].received, tunnel.ends[1].received
+        for counters in (self.frontend.counters, server.counters, server.backend.counters):  # type: ignore[union-attr]
+            counters.bin += read
+            counters.bout += written
+        self._log(written, "--")
         self.frontend.closed(self)
 
     def _log(self, bytes_out: int, termination: str) -> None:
@@ -234,6 +243,25 @@ class TcpSession(asyncio.Protocol):
         self._release_slot()
         clock.watched.discard(self)
         self.frontend.closed(self)
+
+    def describe(self) -> dict[str, object]:
+        """This connection, for `show sess`."""
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        backend = self.frontend.default_backend
+        return {
+            "id": id(self), "src": f"{peer[0]}:{peer[1]}", "fe": self.frontend.name,
+            "be": backend.name if backend is not None else "<NONE>",
+            "srv": self.server.name if self.server is not None else "<none>",
+            "age": time.monotonic() - self.begin,
+            "state": "tunnel" if self.tunnel is not None else "connecting",
+        }
+
+    def kill(self) -> None:
+        """`shutdown sessions server`: end this connection now."""
+        if self.tunnel is not None:
+            self.tunnel.close(abort=True)
+        else:
+            self._give_up()
 
     def close_if_idle(self) -> None:
         pass  # a TCP connection has no idle point between requests: it finishes

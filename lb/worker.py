@@ -59,6 +59,9 @@ class Worker:
             self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
         self.stopping = False
         self._done: asyncio.Future[None] | None = None
+        # Runtime state the operator sets through the master (rules read it)
+        self.variables: dict[str, str] = dict(hello.get("vars", {}))
+        self.maps: dict[str, dict[str, str]] = dict(hello.get("maps", {}))
 
     def connections(self) -> int:
         """Connections admitted by pylb as a whole, all frontends."""
@@ -102,10 +105,55 @@ class Worker:
                 if frontend.request_log is not None:
                     frontend.request_log.reopen()
             log.info("log files reopened")
+        elif op == "ask":
+            self._send({"op": "reply", "req": message["req"], "data": self._answer(message)})
         elif op == "soft-stop":
             self.soft_stop()
         elif op == "stop":
             self._finish()
+
+    def _answer(self, message: dict[str, Any]) -> Any:
+        """What the master asks for an operator's command (see lb.runtime)."""
+        what = message["what"]
+        if what == "stats":
+            return {
+                "fe": {name: f.counters.as_list() for name, f in self.frontends.items()},
+                "be": {name: b.counters.as_list() for name, b in self.backends.items()},
+                "srv": {
+                    f"{b.name}/{s.name}": s.counters.as_list()
+                    for b in self.backends.values()
+                    for s in b.servers
+                },
+            }
+        if what == "check-limits":
+            for frontend in self.frontends.values():
+                frontend.check_limits()
+            return True
+        if what == "set-map":
+            self.maps[message["name"]] = message["content"]
+            return True
+        if what == "set-var":
+            self.variables[message["name"]] = message["value"]
+            return True
+        if what == "sessions":
+            return [
+                session.describe()
+                for frontend in self.frontends.values()
+                for session in frontend.sessions
+            ]
+        if what == "shutdown-sessions":
+            victims = [
+                session
+                for frontend in self.frontends.values()
+                for session in frontend.sessions
+                if session.server is not None
+                and (session.server.backend.name, session.server.name)
+                == (message["be"], message["srv"])
+            ]
+            for session in victims:
+                session.kill()
+            return len(victims)
+        return None
 
     def _master_gone(self) -> None:
         log.warning("master is gone: soft-stopping")

@@ -1,0 +1,1 @@
+"""The runtime API: HAProxy's stats socket commands, served by the master."""

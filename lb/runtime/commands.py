@@ -1,0 +1,447 @@
+"""The runtime API's commands, as HAProxy's stats socket has them.
+
+Each command is a row of `COMMANDS`: its leading words, the level it needs, its handler
+and its help line. Handlers run in the master; a change they make to shared state is seen
+by every worker at once (shared memory), and one that workers hold themselves (runtime
+variables, maps) is acknowledged by every worker before the answer is written.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lb import counters
+from lb.runtime import stats
+from lb.shared import (
+    DRAIN,
+    FE_DISABLED,
+    FE_MAXCONN,
+    GLOBAL_MAXCONN,
+    MAINT,
+    READY,
+    SRV_ADMIN,
+    SRV_MAXCONN,
+    SRV_WEIGHT,
+)
+
+if TYPE_CHECKING:
+    from lb.master import Master
+
+LEVELS = {"user": 0, "operator": 1, "admin": 2}
+USER, OPERATOR, ADMIN = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out: its message is the answer."""
+
+
+@dataclass
+class Session:
+    """One client of the socket."""
+
+    level: int
+    timeout: float
+    interactive: bool = False
+
+
+Handler = Callable[["Master", list[str], Session], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    level: int
+    handler: Handler
+    usage: str
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _server(master: Master, ref: str) -> tuple[str, str, int]:
+    """`backend/server` -> (backend, server, shared-memory base)."""
+    backend, sep, server = ref.partition("/")
+    if not sep:
+        raise CommandError("Require 'backend/server'.")
+    if backend not in master.config.backends:
+        raise CommandError("No such backend.")
+    base = master.shared.layout.servers.get((backend, server))
+    if base is None:
+        raise CommandError("No such server.")
+    return backend, server, base
+
+
+def _frontend(master: Master, name: str) -> int:
+    base = master.shared.layout.frontends.get(name)
+    if base is None:
+        raise CommandError("No such frontend.")
+    return base
+
+
+def _number(text: str, what: str) -> int:
+    if not re.fullmatch(r"\d+", text):
+        raise CommandError(f"'{text}' is not a valid {what} (expected a positive integer).")
+    return int(text)
+
+
+def _args(args: list[str], count: int, usage: str) -> list[str]:
+    if len(args) < count:
+        raise CommandError(f"Usage: {usage}")
+    return args
+
+
+async def _totals(master: Master) -> dict[str, dict[str, dict[str, int]]]:
+    """Every worker's counters, added up."""
+    totals: dict[str, dict[str, dict[str, int]]] = {"fe": {}, "be": {}, "srv": {}}
+    for answer in await master.ask("stats"):
+        for kind in totals:
+            for name, values in answer[kind].items():
+                counters.add(totals[kind].setdefault(name, counters.zero()), values)
+    return totals
+
+
+async def _limits_changed(master: Master) -> None:
+    """Make every worker act on new limits now (accept again, or stop) before we answer."""
+    await master.ask("check-limits")
+
+
+# -- show -----------------------------------------------------------------------------
+
+
+async def show_info(master: Master, args: list[str], session: Session) -> str:
+    return stats.show_info(master, await _totals(master)) + "\n"
+
+
+async def show_stat(master: Master, args: list[str], session: Session) -> str:
+    text = stats.show_stat(master, await _totals(master))
+    if len(args) >= 3:  # `show stat IID TYPE SID`, as hatop sends it
+        iid, types, sid = (int(a) for a in args[:3])
+        header, *lines = text.splitlines()
+        wanted = [header]
+        for line in lines:
+            cells = line.split(",")
+            row_iid, row_type, row_sid = int(cells[27]), int(cells[32]), int(cells[28])
+            if (iid in (-1, row_iid) and (types == -1 or types & (1 << row_type))
+                    and sid in (-1, row_sid)):
+                wanted.append(line)
+        text = "\n".join(wanted) + "\n"
+    return text + "\n"
+
+
+async def show_servers_state(master: Master, args: list[str], session: Session) -> str:
+    backend = args[0] if args else None
+    if backend is not None and backend not in master.config.backends:
+        raise CommandError("Can't find backend.")
+    return stats.show_servers_state(master, backend) + "\n"
+
+
+async def show_sess(master: Master, args: list[str], session: Session) -> str:
+    lines = []
+    for worker, answer in enumerate(await master.ask("sessions"), 1):
+        for s in answer:
+            lines.append(
+                f"0x{s['id']:x}: proto=tcpv4 src={s['src']} fe={s['fe']} be={s['be']} "
+                f"srv={s['srv']} age={int(s['age'])}s state={s['state']} worker={worker}"
+            )
+    return "\n".join(lines) + ("\n" if lines else "") + "\n"
+
+
+async def show_table(master: Master, args: list[str], session: Session) -> str:
+    tables = master.tables
+    names = [args[0]] if args else list(tables.tables)
+    if args and args[0] not in tables.tables:
+        raise CommandError("No such table.")
+    tables.purge()
+    now = time.monotonic()
+    lines = []
+    for name in names:
+        cfg = tables.configs[name]
+        table = tables.tables[name]
+        lines.append(
+            f"# table: {name}, type: {cfg.type}, size:{cfg.size}, used:{len(table)}"
+        )
+        if args:
+            for key, (server, expires) in table.items():
+                exp = "" if expires == float("inf") else f" exp={int((expires - now) * 1000)}"
+                lines.append(f"0x{abs(hash((name, key))):x}: key={key} use=0{exp} "
+                             f"server_key={server}")
+    return "\n".join(lines) + "\n\n"
+
+
+async def clear_table(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 1, "clear table <table> [key <key>]")
+    key = args[2] if len(args) >= 3 and args[1] == "key" else None
+    update = master.tables.clear(args[0], key)
+    if update is None:
+        raise CommandError("No such table.")
+    master.broadcast(update)
+    return "\n"
+
+
+# -- servers --------------------------------------------------------------------------
+
+
+def _set_admin(master: Master, ref: str, state: int) -> None:
+    backend, _, base = _server(master, ref)
+    master.shared.words[base + SRV_ADMIN] = state
+    master.shared.changed(base)
+    master.keeper.dispatch(backend)  # queued requests may move
+
+
+def _weight(master: Master, ref: str, text: str) -> str:
+    backend, server, base = _server(master, ref)
+    cfg = next(s for s in master.config.backends[backend].servers if s.name == server)
+    if text.endswith("%"):
+        weight = cfg.weight * _number(text[:-1], "weight") // 100
+    else:
+        weight = _number(text, "weight")
+    if weight > 256:
+        raise CommandError("Weight must be between 0 and 256.")
+    master.shared.words[base + SRV_WEIGHT] = weight
+    master.shared.changed(base)
+    return "\n"
+
+
+async def set_server(master: Master, args: list[str], session: Session) -> str:
+    usage = "set server <backend>/<server> state [ready|drain|maint] | weight <w>"
+    _args(args, 3, usage)
+    ref, field, value = args[:3]
+    if field == "state":
+        states = {"ready": READY, "drain": DRAIN, "maint": MAINT}
+        if value not in states:
+            raise CommandError("'set server <srv> state' expects 'ready', 'drain' and 'maint'.")
+        _set_admin(master, ref, states[value])
+        return "\n"
+    if field == "weight":
+        return _weight(master, ref, value)
+    raise CommandError(f"Usage: {usage}")
+
+
+async def set_weight(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 2, "set weight <backend>/<server> <weight>[%]")
+    return _weight(master, args[0], args[1])
+
+
+async def enable_server(master: Master, args: list[str], session: Session) -> str:
+    _set_admin(master, _args(args, 1, "enable server <backend>/<server>")[0], READY)
+    return "\n"
+
+
+async def disable_server(master: Master, args: list[str], session: Session) -> str:
+    _set_admin(master, _args(args, 1, "disable server <backend>/<server>")[0], MAINT)
+    return "\n"
+
+
+async def shutdown_sessions(master: Master, args: list[str], session: Session) -> str:
+    ref = _args(args, 2, "shutdown sessions server <backend>/<server>")[1]
+    backend, server, _ = _server(master, ref)
+    await master.ask("shutdown-sessions", be=backend, srv=server)
+    return "\n"
+
+
+# -- frontends and limits ---------------------------------------------------------------
+
+
+async def enable_frontend(master: Master, args: list[str], session: Session) -> str:
+    base = _frontend(master, _args(args, 1, "enable frontend <frontend>")[0])
+    master.shared.words[base + FE_DISABLED] = 0
+    await _limits_changed(master)
+    return "\n"
+
+
+async def disable_frontend(master: Master, args: list[str], session: Session) -> str:
+    base = _frontend(master, _args(args, 1, "disable frontend <frontend>")[0])
+    master.shared.words[base + FE_DISABLED] = 1
+    await _limits_changed(master)
+    return "\n"
+
+
+async def set_maxconn(master: Master, args: list[str], session: Session) -> str:
+    usage = "set maxconn frontend <frontend> <n> | server <backend>/<server> <n> | global <n>"
+    _args(args, 2, usage)
+    words = master.shared.words
+    if args[0] == "global":
+        words[GLOBAL_MAXCONN] = _number(args[1], "maxconn")
+    elif args[0] == "frontend" and len(args) >= 3:
+        words[_frontend(master, args[1]) + FE_MAXCONN] = _number(args[2], "maxconn")
+    elif args[0] == "server" and len(args) >= 3:
+        backend, _, base = _server(master, args[1])
+        words[base + SRV_MAXCONN] = _number(args[2], "maxconn")
+        master.keeper.dispatch(backend)  # a raised limit serves queued requests now
+    else:
+        raise CommandError(f"Usage: {usage}")
+    await _limits_changed(master)
+    return "\n"
+
+
+# -- maps and variables -------------------------------------------------------------------
+
+
+def _map(master: Master, name: str) -> dict[str, str]:
+    maps = master.maps
+    if name not in maps:
+        raise CommandError("Unknown map identifier. Please use #<id> or <file>.")
+    return maps[name]
+
+
+async def _push_map(master: Master, name: str) -> None:
+    await master.ask("set-map", name=name, content=master.maps[name])
+
+
+async def show_map(master: Master, args: list[str], session: Session) -> str:
+    if not args:
+        lines = ["# id (name) description"]
+        for index, name in enumerate(master.maps):
+            lines.append(f"{index} ({name}) entries:{len(master.maps[name])}")
+        return "\n".join(lines) + "\n\n"
+    content = _map(master, args[0])
+    return "".join(
+        f"0x{abs(hash((args[0], key))):x} {key} {value}\n" for key, value in content.items()
+    ) + "\n"
+
+
+async def add_map(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 3, "add map <map> <key> <value>")
+    _map(master, args[0])[args[1]] = " ".join(args[2:])
+    await _push_map(master, args[0])
+    return "\n"
+
+
+async def set_map(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 3, "set map <map> <key> <value>")
+    content = _map(master, args[0])
+    if args[1] not in content:
+        raise CommandError("entry not found.")
+    content[args[1]] = " ".join(args[2:])
+    await _push_map(master, args[0])
+    return "\n"
+
+
+async def del_map(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 2, "del map <map> <key>")
+    content = _map(master, args[0])
+    if content.pop(args[1], None) is None:
+        raise CommandError("Key not found.")
+    await _push_map(master, args[0])
+    return "\n"
+
+
+async def clear_map(master: Master, args: list[str], session: Session) -> str:
+    _map(master, _args(args, 1, "clear map <map>")[0]).clear()
+    await _push_map(master, args[0])
+    return "\n"
+
+
+_VAR_EXPR = re.compile(r"^(str|int)\((.*)\)$")
+
+
+async def set_var(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 2, "set var <proc.name> <str(value)|int(value)>")
+    name, expr = args[0], " ".join(args[1:])
+    if not name.startswith("proc."):
+        raise CommandError("Only 'proc' scope variables may be set here (proc.<name>).")
+    match = _VAR_EXPR.match(expr)
+    if match is None:
+        raise CommandError("Expected 'str(<value>)' or 'int(<value>)'.")
+    kind, value = match.groups()
+    if kind == "int":
+        value = str(_number(value.lstrip("-"), "integer") * (-1 if value.startswith("-") else 1))
+    master.variables[name] = (kind, value)
+    await master.ask("set-var", name=name, value=value)
+    return "\n"
+
+
+async def get_var(master: Master, args: list[str], session: Session) -> str:
+    name = _args(args, 1, "get var <proc.name>")[0]
+    if name not in master.variables:
+        raise CommandError("Variable not found.")
+    kind, value = master.variables[name]
+    return f"{name}: type={'sint' if kind == 'int' else 'str'} value=<{value}>\n\n"
+
+
+# -- session --------------------------------------------------------------------------
+
+
+async def set_timeout(master: Master, args: list[str], session: Session) -> str:
+    _args(args, 2, "set timeout cli <seconds>")
+    if args[0] != "cli":
+        raise CommandError("'set timeout' only supports 'cli'.")
+    session.timeout = float(_number(args[1], "timeout"))
+    return "\n" if not session.interactive else ""
+
+
+async def help_(master: Master, args: list[str], session: Session) -> str:
+    lines = ["The following commands are valid at this level:"]
+    for command in COMMANDS:
+        if command.level <= session.level:
+            lines.append(f"  {command.usage}")
+    lines.append("  prompt : toggle interactive mode with prompt")
+    lines.append("  quit : disconnect")
+    return "\n".join(lines) + "\n\n"
+
+
+COMMANDS = (
+    Command(("help",), USER, help_, "help : this message"),
+    Command(("show", "info"), USER, show_info, "show info : report information about pylb"),
+    Command(("show", "stat"), USER, show_stat, "show stat [<iid> <type> <sid>] : CSV stats"),
+    Command(("show", "servers", "state"), USER, show_servers_state,
+            "show servers state [<backend>] : dump the servers' runtime state"),
+    Command(("set", "timeout"), USER, set_timeout, "set timeout cli <delay> : idle timeout"),
+    Command(("show", "sess"), OPERATOR, show_sess, "show sess : list client connections"),
+    Command(("show", "table"), OPERATOR, show_table, "show table [<table>] : stick tables"),
+    Command(("show", "map"), OPERATOR, show_map, "show map [<map>] : list maps or entries"),
+    Command(("get", "var"), OPERATOR, get_var, "get var <name> : a runtime variable"),
+    Command(("clear", "table"), ADMIN, clear_table,
+            "clear table <table> [key <key>] : remove entries"),
+    Command(("set", "server"), ADMIN, set_server,
+            "set server <b>/<s> state ready|drain|maint | weight <w> : change a server"),
+    Command(("set", "weight"), ADMIN, set_weight, "set weight <b>/<s> <w>[%] : change weight"),
+    Command(("enable", "server"), ADMIN, enable_server, "enable server <b>/<s> : ready"),
+    Command(("disable", "server"), ADMIN, disable_server, "disable server <b>/<s> : maint"),
+    Command(("enable", "frontend"), ADMIN, enable_frontend,
+            "enable frontend <f> : accept again"),
+    Command(("disable", "frontend"), ADMIN, disable_frontend,
+            "disable frontend <f> : stop accepting (connections wait)"),
+    Command(("set", "maxconn"), ADMIN, set_maxconn,
+            "set maxconn frontend <f> <n> | server <b>/<s> <n> | global <n> : limits"),
+    Command(("shutdown", "sessions"), ADMIN, shutdown_sessions,
+            "shutdown sessions server <b>/<s> : kill a server's connections"),
+    Command(("add", "map"), ADMIN, add_map, "add map <map> <key> <value> : add an entry"),
+    Command(("set", "map"), ADMIN, set_map, "set map <map> <key> <value> : change an entry"),
+    Command(("del", "map"), ADMIN, del_map, "del map <map> <key> : remove an entry"),
+    Command(("clear", "map"), ADMIN, clear_map, "clear map <map> : remove all entries"),
+    Command(("set", "var"), ADMIN, set_var, "set var <proc.name> <expr> : set a variable"),
+)
+
+
+def find(words: list[str]) -> tuple[Command, list[str]] | None:
+    """The command these words run, and its arguments."""
+    best: tuple[Command, list[str]] | None = None
+    for command in COMMANDS:
+        size = len(command.words)
+        if tuple(words[:size]) == command.words and (best is None or size > len(best[0].words)):
+            best = (command, words[size:])
+    return best
+
+
+async def execute(master: Master, line: str, session: Session) -> str:
+    """Run one command line (no `;`); the answer, errors included, ends with an empty line."""
+    words = line.split()
+    if not words:
+        return ""
+    found = find(words)
+    if found is None:
+        return f"Unknown command: '{line}'. Enter 'help' for the list of commands.\n\n"
+    command, args = found
+    if command.level > session.level:
+        return "Permission denied\n\n"
+    try:
+        return await command.handler(master, args, session)
+    except CommandError as err:
+        return f"{err}\n\n"
+    except ValueError as err:
+        return f"Invalid argument: {err}\n\n"

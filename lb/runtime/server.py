@@ -1,0 +1,113 @@
+"""The stats socket: a UNIX stream socket served by the master.
+
+One command line per connection (commands joined by `;`), answered, then closed; or, after
+`prompt`, an interactive session where every answer ends with the prompt `> `, until
+`quit`. A client that stays silent past the timeout, or sends a line longer than
+MAX_LINE, is disconnected: no client can hold the master up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import os
+import pwd
+import stat
+from typing import TYPE_CHECKING
+
+from lb import config
+from lb.log import log
+from lb.runtime import commands
+
+if TYPE_CHECKING:
+    from lb.master import Master
+
+MAX_LINE = 16384
+PROMPT = "> "
+
+
+class StatsSocket:
+    def __init__(self, cfg: config.StatsSocket, master: Master) -> None:
+        self.cfg = cfg
+        self.master = master
+        self.path = os.path.abspath(cfg.path)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Listen on the socket's path (a stale socket file left there is replaced)."""
+        if os.path.exists(self.path) and stat.S_ISSOCK(os.stat(self.path).st_mode):
+            os.unlink(self.path)
+        self._server = await asyncio.start_unix_server(
+            self._serve, self.path, limit=MAX_LINE
+        )
+        os.chmod(self.path, self.cfg.mode)
+        if self.cfg.user or self.cfg.group:
+            uid = pwd.getpwnam(self.cfg.user).pw_uid if self.cfg.user else -1
+            gid = grp.getgrnam(self.cfg.group).gr_gid if self.cfg.group else -1
+            os.chown(self.path, uid, gid)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = commands.Session(commands.LEVELS[self.cfg.level], self.cfg.timeout)
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), session.timeout)
+                except (asyncio.LimitOverrunError, ValueError):
+                    writer.write(b"Command line too long.\n")
+                    break
+                if not line:
+                    break
+                answer, keep_going = await self._run_line(line.decode("utf-8", "replace"),
+                                                          session)
+                writer.write(answer.encode())
+                await asyncio.wait_for(writer.drain(), session.timeout)
+                if not keep_going:
+                    break
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:  # a bug in a command must not take the master down
+            log.exception("stats socket: command failed")
+        finally:
+            writer.close()
+
+    async def _run_line(self, line: str, session: commands.Session) -> tuple[str, bool]:
+        """The answer to one line, and whether the connection stays open."""
+        out = []
+        for command in _split(line):
+            if command == "prompt":
+                session.interactive = not session.interactive
+                continue
+            if command == "quit":
+                return "".join(out), False
+            out.append(await commands.execute(self.master, command, session))
+        if session.interactive:
+            out.append(PROMPT if out else "\n" + PROMPT)
+            return "".join(out), True
+        return "".join(out), False
+
+
+def _split(line: str) -> list[str]:
+    """Commands of one line: `;` separates them, `\\;` is a literal semicolon."""
+    parts, current, escaped = [], [], False
+    for char in line.strip():
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ";":
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]
