@@ -21,37 +21,32 @@ FIELDS = (
     "req_tot",  # HTTP requests
     "cli_abrt",  # aborted by the client
     "srv_abrt",  # aborted by the server
-    "hrsp_1xx",
-    "hrsp_2xx",
-    "hrsp_3xx",
-    "hrsp_4xx",
-    "hrsp_5xx",
-    "hrsp_other",
 )
-_STATUS_FIELD = {1: "hrsp_1xx", 2: "hrsp_2xx", 3: "hrsp_3xx", 4: "hrsp_4xx", 5: "hrsp_5xx"}
+HRSP = ("hrsp_other", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx")
+ALL = FIELDS + HRSP
 
 
 class Counters:
-    __slots__ = FIELDS
+    __slots__ = (*FIELDS, "hrsp")
 
     def __init__(self) -> None:
         for name in FIELDS:
             setattr(self, name, 0)
+        self.hrsp = [0] * 6  # answers by status class: [other, 1xx, 2xx, 3xx, 4xx, 5xx]
 
     def response(self, status: int) -> None:
         """Count an answer sent to a client, by status class."""
-        name = _STATUS_FIELD.get(status // 100, "hrsp_other")
-        setattr(self, name, getattr(self, name) + 1)
+        self.hrsp[status // 100 if 100 <= status < 600 else 0] += 1
 
     def as_list(self) -> list[int]:
-        return [getattr(self, name) for name in FIELDS]
+        return [*(getattr(self, name) for name in FIELDS), *self.hrsp]
 
 
 def add(total: dict[str, int], values: list[int]) -> None:
     """Add one worker's counters (as sent) into a running total."""
-    for name, value in zip(FIELDS, values, strict=True):
+    for name, value in zip(ALL, values, strict=True):
         total[name] = total.get(name, 0) + value
 
 
 def zero() -> dict[str, int]:
-    return dict.fromkeys(FIELDS, 0)
+    return dict.fromkeys(ALL, 0)

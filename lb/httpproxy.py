@@ -563,9 +563,10 @@ class HttpSession(asyncio.Protocol):
         self.resp_started = True
         self.server_keep_alive = head.keep_alive
         status = head.status
-        self.frontend.counters.response(status)
-        self.server.counters.response(status)  # type: ignore[union-attr]
-        self.backend.counters.response(status)  # type: ignore[union-attr]
+        kind = status // 100 if status < 600 else 0
+        self.frontend.counters.hrsp[kind] += 1
+        self.server.counters.hrsp[kind] += 1  # type: ignore[union-attr]
+        self.backend.counters.hrsp[kind] += 1  # type: ignore[union-attr]
         if self.times is not None:
             self.times.response = time.monotonic()
             self.times.status = head.status

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,146 @@ class Global:
     stats: StatsSocket | None
 
 
+# -- HTTP rules: HAProxy's words, parsed (by lb.rules.syntax) but not compiled -------------
+# lb.rules.FrontendRules compiles these into the per-request evaluator. Plain data, so the
+# configuration still pickles and compares.
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A fetch and its converters, as in ``hdr(host),lower,map(hosts,app)``.
+
+    ``fetch`` is the canonical name (src path url method hdr cook host nbsrv var); ``args``
+    its arguments (a header name in lower case, a cookie name, a backend, ``proc.NAME`` and
+    an optional default); ``converters`` pairs of (lower|upper|map, arguments)."""
+
+    fetch: str
+    args: tuple[str, ...]
+    converters: tuple[tuple[str, tuple[str, ...]], ...]
+    text: str
+
+
+# Literal text and samples, for values that may contain %[...] (set-header, redirect, ...).
+Template = tuple[str | Sample, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AclTest:
+    """One ACL line: a sample, a match method and the patterns, any of which may match.
+
+    ``match`` is str beg end sub reg len found bool int ip; ``operator`` is eq ne lt le gt
+    ge for int and len (eq otherwise); ``values`` are the patterns as written."""
+
+    sample: Sample
+    match: str
+    icase: bool
+    operator: str
+    values: tuple[str, ...]
+    text: str
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acl:
+    """A named ACL: its lines are OR'ed, as when HAProxy repeats an ``acl`` name."""
+
+    name: str
+    tests: tuple[AclTest, ...]
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class AclUse:
+    """One word of a condition: a named ACL (``anonymous`` None) or ``{ ... }``."""
+
+    name: str | None
+    anonymous: AclTest | None
+    negate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """``if``/``unless`` followed by OR'ed groups of AND'ed ACL uses."""
+
+    unless: bool
+    any_of: tuple[tuple[AclUse, ...], ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What ``deny`` and ``return`` send: an errorfile (``errorfile`` path or the frontend's
+    for the status) or a body with a content type and extra headers."""
+
+    status: int
+    errorfile: bytes | None  # a whole response, already normalised
+    default_errorfile: bool  # the frontend's errorfile for ``status``, else pylb's page
+    content_type: str | None
+    body: bytes
+    headers: tuple[tuple[str, Template], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DenyRule:
+    payload: Payload
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnRule:
+    payload: Payload
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectRule:
+    """``kind`` is location, prefix or scheme; ``value`` may contain %[...]."""
+
+    kind: str
+    value: Template
+    code: int
+    drop_query: bool
+    append_slash: bool
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRule:
+    """set-header / add-header (``value`` set) or del-header (``value`` None)."""
+
+    action: str
+    name: str
+    value: Template | None
+    cond: Condition | None
+    line: int
+
+
+HttpRequestRule = DenyRule | ReturnRule | RedirectRule | HeaderRule
+
+
+@dataclass(frozen=True, slots=True)
+class UseBackend:
+    """A backend by name (``dynamic`` None) or by ``%[...]`` evaluated per request."""
+
+    backend: str
+    dynamic: Template | None
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFile:
+    """``errorfile STATUS PATH``: the file's response, normalised (Content-Length and
+    Connection: close); empty when the file is (close without answering)."""
+
+    status: int
+    path: str
+    response: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Frontend:
     name: str
@@ -73,6 +213,13 @@ class Frontend:
     forwardfor: bool
     log: str | None
     line: int
+    # HTTP rules (mode http only); see lb.rules for what they do.
+    acl: tuple[Acl, ...] = ()
+    http_request: tuple[HttpRequestRule, ...] = ()
+    use_backend: tuple[UseBackend, ...] = ()
+    monitor_uri: str | None = None
+    monitor_fail: Condition | None = None
+    errorfiles: tuple[ErrorFile, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +288,4 @@ class Config:
     global_: Global
     frontends: dict[str, Frontend]
     backends: dict[str, Backend]
+    maps: dict[str, str] = field(default_factory=dict)  # map name -> file path
