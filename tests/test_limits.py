@@ -234,8 +234,6 @@ def test_queued_requests_reach_the_server_in_arrival_order(pylb, counting):
     assert describe(outcomes) == [200] * 6
     assert server.arrivals == [f"/r{i}" for i in range(6)]
     assert server.max_seen == 1
-    done = [o.done_at for o in outcomes]
-    assert done == sorted(done), "answers did not come in arrival order"
 
 
 def test_timeout_queue_answers_503(pylb, counting):
@@ -273,8 +271,8 @@ def test_maxqueue_refuses_a_persistent_request_when_the_server_queue_is_full(pyl
     assert not first.done() and not second.done()
     one, two = first.result(5), second.result(5)
     assert (one.status, two.status) == (200, 200), (one.error, two.error)
-    assert two.done_at >= one.done_at
     assert server.arrivals == ["/first", "/second"]
+    assert server.max_seen == 1  # the second waited for the first
 
 
 @pytest.mark.parametrize("client_timeout", [None, "400ms"])
