@@ -19,6 +19,7 @@ from lb import config, httplog
 from lb.backend import Backend
 from lb.counters import Counters
 from lb.httpproxy import HttpSession
+from lb.rules import FrontendRules
 from lb.shared import (
     FE_DISABLED,
     FE_FIELDS,
@@ -31,6 +32,12 @@ from lb.tcpproxy import TcpSession
 
 if TYPE_CHECKING:
     from lb.worker import Worker
+
+
+def _has_rules(cfg: config.Frontend) -> bool:
+    return bool(
+        cfg.acl or cfg.http_request or cfg.use_backend or cfg.monitor_uri or cfg.errorfiles
+    )
 
 
 class Frontend:
@@ -46,6 +53,11 @@ class Frontend:
         self.sessions: set[Any] = set()
         self.held: deque[Any] = deque()  # accepted over the limit: waiting, unread
         self.request_log = httplog.RequestLog(cfg.log) if cfg.log else None
+        config_ = worker.config
+        self.rules = (
+            FrontendRules.compile(cfg, config_.maps, backends=config_.backends)
+            if _has_rules(cfg) else None
+        )
         self.counters = Counters()
         self.total = 0  # connections this worker accepted
         self.stopping = False

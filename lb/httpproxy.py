@@ -293,8 +293,17 @@ class HttpSession(asyncio.Protocol):
         if not head.keep_alive or head.upgrade or frontend.stopping:
             self.close_after = True
         backend = frontend.default_backend
+        if frontend.rules is not None:
+            decision = frontend.rules.evaluate(_RuleView(self.client_ip, head), frontend.worker)
+            if decision.response is not None:
+                self._answer(decision.response)
+                return
+            if decision.del_headers or decision.set_headers:
+                _edit_headers(head, decision.del_headers, decision.set_headers)
+            if decision.backend is not None:
+                backend = frontend.worker.backends.get(decision.backend, backend)
         if backend is None:
-            self._reply(503)
+            self._reply(503, "SC")
             return
         self.backend = backend
         self.retries_left = backend.cfg.retries
@@ -702,13 +711,23 @@ class HttpSession(asyncio.Protocol):
         self.server.closed()  # type: ignore[union-attr]
         self.frontend.closed(self)
 
-    def _reply(self, status: int, termination: str = "PR") -> None:
-        """Answer with one of pylb's own pages, then close; `termination` is the log's
-        termination state (who ended it, at which step)."""
+    def _answer(self, response: bytes) -> None:
+        """A whole response a rule decided (deny, redirect, return, monitor-uri)."""
+        status = int(response[9:12]) if len(response) >= 12 else 0
+        if status == 403:
+            self.frontend.counters.dreq += 1
+        self._reply(status, "PR", response)
+
+    def _reply(self, status: int, termination: str = "PR", page: bytes | None = None) -> None:
+        """Answer with one of pylb's own pages (an `errorfile` when the frontend has one
+        for that status), then close; `termination` is the log's termination state."""
         self._drop_server(reusable=False)
-        page = b""
-        if not self.resp_started and not self.transport.is_closing():
-            page = PAGES[status]
+        rules = self.frontend.rules
+        if page is None:
+            page = (rules.error_page(status) if rules is not None else None) or PAGES[status]
+        if self.resp_started or self.transport.is_closing():
+            page = b""
+        if page:
             self.transport.write(page)
             self.frontend.counters.response(status)
             self.frontend.counters.bout += len(page)
@@ -781,6 +800,43 @@ class HttpSession(asyncio.Protocol):
         self.phase = CLOSED
         clock.watched.discard(self)
         self.transport.abort()
+
+
+class _RuleView:
+    """A request as the rules engine (lb.rules.Request) sees it."""
+
+    __slots__ = ("client_ip", "head")
+
+    def __init__(self, client_ip: bytes, head: h1.RequestHead) -> None:
+        self.client_ip = client_ip.decode()
+        self.head = head
+
+    @property
+    def method(self) -> str:
+        return self.head.method.decode("latin-1")
+
+    @property
+    def target(self) -> str:
+        return self.head.target.decode("latin-1")
+
+    def header(self, name: str) -> str | None:
+        value = self.head.header(name.encode("latin-1"))
+        return value.decode("latin-1") if value is not None else None
+
+    def cookie(self, name: str) -> str | None:
+        value = persist.cookie_value(self.head, name.encode("latin-1"))
+        return value.decode("latin-1") if value is not None else None
+
+
+def _edit_headers(head: h1.RequestHead, remove: list[str], add: list[tuple[str, str]]) -> None:
+    """Apply a rule's del-header and set-header to the head pylb forwards."""
+    gone = {name.lower().encode("latin-1") for name in remove}
+    head.forward = [line for line in head.forward if line.split(b":", 1)[0].lower() not in gone]
+    for name, value in add:
+        head.forward.append(f"{name}: {value}\r\n".encode("latin-1"))
+    head.forwarded_for = next(
+        (i for i, line in enumerate(head.forward) if line[:16].lower() == b"x-forwarded-for:"), -1
+    )
 
 
 def _without_failed_request(events: list[tuple[int, object]]) -> list[tuple[int, object]]:

@@ -29,6 +29,7 @@ from lb import config, control
 from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
+from lb.rules import load_map
 from lb.runtime.server import StatsSocket
 from lb.shared import MAX_SLOTS, Shared
 from lb.sticktable import Tables
@@ -91,7 +92,8 @@ class Master:
         self.tables = Tables(cfg)
         self.started = time.time()
         self.variables: dict[str, tuple[str, str]] = {}  # runtime variables: (type, value)
-        self.maps: dict[str, dict[str, str]] = {}  # named maps, as loaded and changed
+        # named maps, as loaded and then changed at run time
+        self.maps = {name: load_map(path) for name, path in cfg.maps.items()}
         self.stats_socket: StatsSocket | None = None
         self._asks: dict[int, dict[WorkerHandle, asyncio.Future[Any]]] = {}
         self._ask_ids = itertools.count(1)

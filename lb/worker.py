@@ -63,6 +63,19 @@ class Worker:
         self.variables: dict[str, str] = dict(hello.get("vars", {}))
         self.maps: dict[str, dict[str, str]] = dict(hello.get("maps", {}))
 
+    # -- lb.rules.Runtime: what rules may look at ----------------------------------------
+
+    def nbsrv(self, backend: str) -> int:
+        """Usable servers of a backend (up, not in maintenance)."""
+        found = self.backends.get(backend)
+        return sum(s.persistable for s in found.servers) if found is not None else 0
+
+    def var(self, name: str) -> str | None:
+        return self.variables.get(name)
+
+    def map(self, name: str) -> dict[str, str]:
+        return self.maps.get(name, {})
+
     def connections(self) -> int:
         """Connections admitted by pylb as a whole, all frontends."""
         return self.shared.total(GLOBAL_FIELDS)

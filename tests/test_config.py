@@ -958,3 +958,372 @@ def test_docs_mention_every_key() -> None:
               schema.STICK_TABLE]
     missing = sorted({key for table in tables for key in table if f"| `{key}`" not in docs})
     assert missing == []
+
+
+# -- HTTP rules: acl, http-request, use_backend, monitor, errorfile, maps ---------------------
+
+RULES = """\
+frontends:
+  web:
+    bind: 127.0.0.1:8080
+    default_backend: app
+    acl:
+      is_api: path_beg /api
+      maint: var(proc.maintenance_mode) -m str on
+    http-request:
+      - deny if maint !is_api
+    use_backend:
+      - api if is_api
+    monitor-uri: /alive
+    monitor-fail: maint
+backends:
+  app:
+    servers:
+      s1:
+        address: 127.0.0.1:9001
+  api:
+    servers:
+      s1:
+        address: 127.0.0.1:9002
+"""
+
+
+@pytest.fixture
+def rule_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Map and error files, relative to the current directory as pylb reads them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "hosts.map").write_text("www.example.com app\n")
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "503.http").write_text("HTTP/1.1 503 Sorry\n\ndown\n")
+    (tmp_path / "errors" / "maint.html").write_text("<h1>maintenance</h1>\n")
+    (tmp_path / "errors" / "bad.http").write_text("<h1>not a response</h1>\n")
+    return tmp_path
+
+
+def test_rules_load_into_the_model() -> None:
+    from lb.config.model import Acl, AclTest, AclUse, Condition, DenyRule, Sample, UseBackend
+
+    cfg = loads(RULES)
+    web = cfg.frontends["web"]
+    maint = AclTest(
+        Sample("var", ("proc.maintenance_mode",), (), "var(proc.maintenance_mode)"),
+        "str", False, "eq", ("on",), "var(proc.maintenance_mode) -m str on", 7,
+    )
+    is_api = AclTest(Sample("path", (), (), "path_beg"), "beg", False, "eq", ("/api",),
+                     "path_beg /api", 6)
+    assert web.acl == (Acl("is_api", (is_api,), 6), Acl("maint", (maint,), 7))
+    assert web.http_request == (
+        DenyRule(web.http_request[0].payload,  # type: ignore[union-attr]
+                 Condition(False, ((AclUse("maint", None, False), AclUse("is_api", None, True)),),
+                           "if maint !is_api"), 9),
+    )
+    assert web.http_request[0].payload.status == 403  # type: ignore[union-attr]
+    assert web.use_backend == (
+        UseBackend("api", None, Condition(False, ((AclUse("is_api", None, False),),),
+                                          "if is_api"), 11),
+    )
+    assert web.monitor_uri == "/alive"
+    assert web.monitor_fail == Condition(False, ((AclUse("maint", None, False),),), "if maint")
+    assert (web.errorfiles, cfg.maps) == ((), {})
+    assert hash(web)  # still a plain frozen value
+    plain = loads(MINIMAL).frontends["web"]
+    assert (plain.acl, plain.http_request, plain.use_backend) == ((), (), ())
+    assert (plain.monitor_uri, plain.monitor_fail, plain.errorfiles) == (None, None, ())
+
+
+def test_rules_with_files(rule_files: Path) -> None:
+    text = RULES.replace("    monitor-fail: maint\n", """\
+    monitor-fail: maint
+    errorfile:
+      503: errors/503.http
+""").replace("      - deny if maint !is_api\n", """\
+      - return status 503 content-type text/html file errors/maint.html if maint !is_api
+""").replace("      - api if is_api\n", """\
+      - api if is_api
+      - "%[hdr(host),lower,map(hosts,app)]"
+""") + "maps:\n  hosts: maps/hosts.map\n"
+    cfg = loads(text)
+    web = cfg.frontends["web"]
+    assert cfg.maps == {"hosts": "maps/hosts.map"}
+    (errorfile,) = web.errorfiles
+    assert (errorfile.status, errorfile.path) == (503, "errors/503.http")
+    assert errorfile.response == (
+        b"HTTP/1.1 503 Sorry\r\nContent-Length: 5\r\nConnection: close\r\n\r\ndown\n"
+    )
+    rule = web.http_request[0]
+    assert rule.payload.body == b"<h1>maintenance</h1>\n"  # type: ignore[union-attr]
+    assert rule.payload.content_type == "text/html"  # type: ignore[union-attr]
+    dynamic = web.use_backend[1]
+    assert (dynamic.backend, dynamic.cond) == ("%[hdr(host),lower,map(hosts,app)]", None)
+    assert dynamic.dynamic is not None and dynamic.dynamic[0].converters == (  # type: ignore[union-attr]
+        ("lower", ()), ("map", ("hosts", "app"))
+    )
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_a_single_rule_may_be_a_string_and_acl_lines_a_list() -> None:
+    text = RULES.replace("      is_api: path_beg /api\n",
+                         "      is_api:\n        - path_beg /api\n        - path_end .json\n")
+    text = text.replace("    use_backend:\n      - api if is_api\n",
+                        "    use_backend: api if is_api\n")
+    web = loads(text).frontends["web"]
+    assert [(t.match, t.values, t.line) for t in web.acl[0].tests] == [
+        ("beg", ("/api",), 7), ("end", (".json",), 8)
+    ]
+    assert [u.backend for u in web.use_backend] == ["api"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        # unknown fetches, matchers, converters, flags and actions
+        ("is_api: path_beg /api", "is_api: pth_beg /api",
+         "t.cfg:6: frontends.web.acl.is_api: unknown fetch 'pth_beg' (did you mean path_beg?)"),
+        ("-m str on", "-m exact on",
+         "t.cfg:7: frontends.web.acl.maint: unknown match method 'exact'; expected str, beg, "
+         "end, sub, reg, len, found, bool, int or ip"),
+        ("is_api: path_beg /api", "is_api: hdr(host),lowercase x",
+         "t.cfg:6: frontends.web.acl.is_api: unknown converter 'lowercase' (did you mean "
+         "lower?); expected lower, upper or map"),
+        ("is_api: path_beg /api", "is_api: path -x /a",
+         "t.cfg:6: frontends.web.acl.is_api: unknown ACL flag '-x' (write -- before a value "
+         "that starts with -)"),
+        ("is_api: path_beg /api", "is_api: path -f list.acl",
+         "t.cfg:6: frontends.web.acl.is_api: ACL flag -f is not supported by pylb"),
+        ("- deny if maint !is_api", "- block if maint",
+         "t.cfg:9: frontends.web.http-request: unknown action 'block'; expected deny, "
+         "redirect, return, set-header, add-header or del-header"),
+        ("- deny if maint !is_api", "- deny when maint",
+         "t.cfg:9: frontends.web.http-request: unknown deny option 'when'; expected status, "
+         "content-type, default-errorfiles, errorfile, file, string, hdr or deny_status, then "
+         "if or unless"),
+        ("- deny if maint !is_api", "- redirect location /x cod 301",
+         "t.cfg:9: frontends.web.http-request: unknown redirect option 'cod' (did you mean "
+         "code?); expected code, drop-query or append-slash, then if or unless"),
+        ("- deny if maint !is_api", "- redirect location /x set-cookie A=1",
+         "t.cfg:9: frontends.web.http-request: redirect option set-cookie is not supported "
+         "by pylb"),
+        # references to ACLs, backends and maps
+        ("- deny if maint !is_api", "- deny if mant",
+         "t.cfg:9: frontends.web.http-request: no ACL named 'mant' (did you mean maint?)"),
+        ("- api if is_api", "- api if is_ap1",
+         "t.cfg:11: frontends.web.use_backend: no ACL named 'is_ap1' (did you mean is_api?)"),
+        ("monitor-fail: maint", "monitor-fail: site_dead || maint",
+         "t.cfg:13: frontends.web.monitor-fail: no ACL named 'site_dead'"),
+        ("- api if is_api", "- apii if is_api",
+         "t.cfg:11: frontends.web.use_backend: no backend named 'apii' (did you mean api?)"),
+        ("maint: var(proc.maintenance_mode) -m str on", "maint: nbsrv(ap) lt 1",
+         "t.cfg:7: frontends.web.acl.maint: no backend named 'ap' (did you mean app?)"),
+        ("- deny if maint !is_api", "- deny if { nbsrv(db) lt 1 }",
+         "t.cfg:9: frontends.web.http-request: no backend named 'db'"),
+        ("is_api: path_beg /api", "is_api: hdr(host),map(hosts) -m found",
+         "t.cfg:6: frontends.web.acl.is_api: no map named 'hosts' in the maps section"),
+        ("- deny if maint !is_api", "- set-header X-B %[hdr(host),map(hosts)]",
+         "t.cfg:9: frontends.web.http-request: no map named 'hosts' in the maps section"),
+        # ACL syntax
+        ("is_api: path_beg /api", "is_api: path_beg",
+         "t.cfg:6: frontends.web.acl.is_api: expected at least one value to match after "
+         "path_beg (or -m found to test presence)"),
+        ("is_api: path_beg /api", "is_api: hdr(x) -m found yes",
+         "t.cfg:6: frontends.web.acl.is_api: -m found takes no values, got 'yes'"),
+        ("is_api: path_beg /api", "is_api: path_beg -m sub /api",
+         "t.cfg:6: frontends.web.acl.is_api: path_beg already means -m beg; write path -m sub"),
+        ("is_api: path_beg /api", "is_api: hdr_beg(x_y) -m sub /api",
+         "t.cfg:6: frontends.web.acl.is_api: hdr_beg already means -m beg; write hdr(x_y) "
+         "-m sub"),
+        ("is_api: path_beg /api", "is_api: path_beg,lower /api",
+         "t.cfg:6: frontends.web.acl.is_api: path_beg cannot be followed by converters; write "
+         "path,lower -m beg"),
+        ("is_api: path_beg /api", "is_api: nbsrv(app) -i lt 1",
+         "t.cfg:6: frontends.web.acl.is_api: -i only applies to string matches, not -m int"),
+        ("is_api: path_beg /api", "is_api: src -m int 1",
+         "t.cfg:6: frontends.web.acl.is_api: -m int cannot match src, which gives an ip"),
+        ("is_api: path_beg /api", "is_api: path_reg ^/(api",
+         "t.cfg:6: frontends.web.acl.is_api: invalid regex '^/(api': missing ), unterminated "
+         "subpattern at position 2"),
+        ("is_api: path_beg /api", "is_api: src 10.0.0.0/33",
+         "t.cfg:6: frontends.web.acl.is_api: invalid netmask '33' in '10.0.0.0/33'"),
+        ("is_api: path_beg /api", "is_api: src example.com",
+         "t.cfg:6: frontends.web.acl.is_api: expected an IP address or network like "
+         "10.0.0.0/8, got 'example.com' (host names are not supported)"),
+        ("maint: var(proc.maintenance_mode) -m str on", "maint: nbsrv(app) lt x",
+         "t.cfg:7: frontends.web.acl.maint: expected an integer or a range like 10:20, got 'x'"),
+        ("maint: var(proc.maintenance_mode) -m str on", "maint: nbsrv(app) lt 1:3",
+         "t.cfg:7: frontends.web.acl.maint: lt cannot be used with a range ('1:3')"),
+        ("maint: var(proc.maintenance_mode) -m str on", "maint: var(txn.x) on",
+         "t.cfg:7: frontends.web.acl.maint: only proc.NAME variables exist in pylb (set with "
+         "'set var' on the stats socket), got 'txn.x'"),
+        ("is_api: path_beg /api", "is_api: hdr(host,1) a",
+         "t.cfg:6: frontends.web.acl.is_api: hdr takes one argument, a header name"),
+        ("is_api: path_beg /api", "is_api: nbsrv lt 1",
+         "t.cfg:6: frontends.web.acl.is_api: nbsrv needs a backend name: nbsrv(NAME)"),
+        ("is_api: path_beg /api", "is_api:",
+         "t.cfg:6: frontends.web.acl.is_api: expected an ACL like path_beg /api, got null"),
+        ("is_api: path_beg /api", "'is api': path_beg /api",
+         "t.cfg:6: frontends.web.acl.is api: invalid ACL name (use letters, digits and - _ . :)"),
+        # conditions
+        ("- deny if maint !is_api", "- deny if",
+         "t.cfg:9: frontends.web.http-request: if needs a condition"),
+        ("- deny if maint !is_api", "- deny if maint ||",
+         "t.cfg:9: frontends.web.http-request: || needs an ACL on each side"),
+        ("- deny if maint !is_api", "- deny if { path_beg /x",
+         "t.cfg:9: frontends.web.http-request: missing } after {"),
+        ("- deny if maint !is_api", "- deny if {path_beg /x }",
+         "t.cfg:9: frontends.web.http-request: braces must be separate words: { path_beg /x }"),
+        ("- deny if maint !is_api", "- deny if a/b",
+         "t.cfg:9: frontends.web.http-request: expected an ACL name, got 'a/b'"),
+        ("monitor-fail: maint", "monitor-fail: !maint",
+         't.cfg:13: frontends.web.monitor-fail: YAML reads a leading ! as a tag: quote the '
+         'value, like "!maint"'),
+        ("- deny if maint !is_api", "- deny if maint\n      - 42",
+         "t.cfg:10: frontends.web.http-request: unknown action '42'; expected deny, redirect, "
+         "return, set-header, add-header or del-header"),
+        ("- deny if maint !is_api", "- {deny: maint}",
+         "t.cfg:9: frontends.web.http-request: expected a rule like deny if blocked, "
+         "got a mapping"),
+        # actions' arguments
+        ("- deny if maint !is_api", "- deny deny_status 418",
+         "t.cfg:9: frontends.web.http-request: default-errorfiles needs a status pylb has an "
+         "error page for (200, 400, 401, 403, 404, 405, 407, 408, 410, 413, 414, 425, 429, "
+         "431, 500, 501, 502, 503 or 504), got 418"),
+        ("- deny if maint !is_api", "- redirect location /x code 304",
+         "t.cfg:9: frontends.web.http-request: expected a redirect code (301, 302, 303, 307 "
+         "or 308), got '304'"),
+        ("- deny if maint !is_api", "- redirect to /x",
+         "t.cfg:9: frontends.web.http-request: expected redirect location|prefix|scheme VALUE "
+         "[code N]"),
+        ("- deny if maint !is_api", "- return string hello",
+         "t.cfg:9: frontends.web.http-request: string needs content-type, like content-type "
+         "text/html"),
+        ("- deny if maint !is_api", "- return status 700",
+         "t.cfg:9: frontends.web.http-request: expected a status from 200 to 599, got '700'"),
+        ("- deny if maint !is_api", "- set-header X-Time %T",
+         "t.cfg:9: frontends.web.http-request: unsupported %T in '%T': only %[sample] and %% "
+         "(a literal %) are supported"),
+        ("- deny if maint !is_api", "- set-header X-Path",
+         "t.cfg:9: frontends.web.http-request: expected set-header NAME VALUE"),
+        ("- deny if maint !is_api", "- del-header X:Y",
+         "t.cfg:9: frontends.web.http-request: expected a header name, got 'X:Y'"),
+        ("- api if is_api", "- '%[path_beg]'",
+         "t.cfg:11: frontends.web.use_backend: path_beg is an ACL keyword; write path here"),
+        ("- api if is_api", "- '%[hdr(host)'",
+         "t.cfg:11: frontends.web.use_backend: missing ] after %[ in '%[hdr(host)'"),
+        ("- api if is_api", "- 'a b'",
+         "t.cfg:11: frontends.web.use_backend: unexpected 'b' (expected if or unless)"),
+        ("monitor-uri: /alive", "monitor-uri: /a b",
+         "t.cfg:12: frontends.web.monitor-uri: expected a URI like /site_alive, got '/a b'"),
+        ("    monitor-uri: /alive\n", "",
+         "t.cfg:12: frontends.web.monitor-fail: monitor-fail needs monitor-uri"),
+        ("    monitor-uri: /alive\n", "    monitor-uri: /alive\n    errorfile: {418: x.http}\n",
+         "t.cfg:13: frontends.web.errorfile.418: expected one of 200, 400, 401, 403, 404, 405, "
+         "407, 408, 410, 413, 414, 425, 429, 431, 500, 501, 502, 503 or 504, got '418'"),
+        # rules live in frontends only
+        ("frontends:", "defaults:\n  acl: {a: path /}\nfrontends:",
+         "t.cfg:2: defaults.acl: unknown key (did you mean backlog?)"),
+        ("  app:\n", "  app:\n    http-request: [deny]\n",
+         "t.cfg:16: backends.app.http-request: unknown key"),
+    ],
+)
+def test_rule_errors(old: str, new: str, expected: str) -> None:
+    assert old in RULES
+    assert error_of(RULES.replace(old, new, 1)) == expected
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("    monitor-uri: /alive\n",
+         "    monitor-uri: /alive\n    errorfile:\n      503: errors/nope.http\n",
+         "t.cfg:14: frontends.web.errorfile.503: cannot read errorfile 'errors/nope.http': "
+         "No such file or directory"),
+        ("    monitor-uri: /alive\n",
+         "    monitor-uri: /alive\n    errorfile:\n      503: errors/bad.http\n",
+         "t.cfg:14: frontends.web.errorfile.503: errorfile 'errors/bad.http' has no empty line "
+         "after its headers"),
+        ("    monitor-uri: /alive\n",
+         "    monitor-uri: /alive\n    errorfile:\n      503: errors\n",
+         "t.cfg:14: frontends.web.errorfile.503: cannot read errorfile 'errors': Is a directory"),
+        ("backends:", "maps:\n  hosts: maps/nope.map\nbackends:",
+         "t.cfg:15: maps.hosts: cannot read map file 'maps/nope.map': No such file or directory"),
+        ("backends:", "maps:\n  'host map': maps/hosts.map\nbackends:",
+         "t.cfg:15: maps.host map: invalid map name (use letters, digits and - _ . :)"),
+        ("- deny if maint !is_api", "- return status 200 content-type text/html file nope.html",
+         "t.cfg:9: frontends.web.http-request: cannot read file 'nope.html': No such file or "
+         "directory"),
+        ("- deny if maint !is_api", "- deny errorfile errors/bad.http",
+         "t.cfg:9: frontends.web.http-request: errorfile 'errors/bad.http' has no empty line "
+         "after its headers"),
+        ("- api if is_api", "- '%[hdr(host),map(hosts,nope)]'",
+         "t.cfg:11: frontends.web.use_backend: no backend named 'nope'"),
+    ],
+)
+def test_rule_file_errors(rule_files: Path, old: str, new: str, expected: str) -> None:
+    text = RULES + "maps:\n  hosts: maps/hosts.map\n" if "maps:" not in new else RULES
+    assert old in text
+    assert error_of(text.replace(old, new, 1)) == expected
+
+
+def test_map_files_are_checked_for_utf8(rule_files: Path) -> None:
+    (rule_files / "maps" / "bin.map").write_bytes(b"a b\n\xff c\n")
+    assert error_of(RULES + "maps:\n  bin: maps/bin.map\n") == (
+        "t.cfg:24: maps.bin: map file 'maps/bin.map' line 2 is not valid UTF-8"
+    )
+
+
+def test_http_rules_need_mode_http() -> None:
+    tcp = """\
+frontends:
+  pg:
+    bind: 127.0.0.1:5432
+    mode: tcp
+    default_backend: db
+    {key}
+backends:
+  db:
+    mode: tcp
+    servers:
+      s1:
+        address: 127.0.0.1:5433
+"""
+    for key, written in [
+        ("acl", "acl: {local: src 127.0.0.1}"),
+        ("http-request", "http-request: [deny]"),
+        ("use_backend", "use_backend: [db]"),
+        ("monitor-uri", "monitor-uri: /alive"),
+    ]:
+        assert error_of(tcp.replace("{key}", written)) == (
+            f"t.cfg:6: frontends.pg.{key}: {key} needs mode http (frontend 'pg' is mode tcp)"
+        )
+    assert loads(tcp.replace("{key}", "maxconn: 5")).frontends["pg"].acl == ()
+
+
+def test_use_backend_modes_must_match() -> None:
+    text = RULES + "  db:\n    mode: tcp\n    servers:\n      s1:\n        address: 127.0.0.1:5\n"
+    assert error_of(text.replace("- api if is_api", "- db if is_api")) == (
+        "t.cfg:11: frontends.web.use_backend: backend 'db' is mode tcp but frontend 'web' is "
+        "mode http"
+    )
+
+
+def test_docs_rules_example_loads(rule_files: Path) -> None:
+    """The example of the HTTP rules section of docs/configuration.md is valid."""
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    marker = "<!-- rules example -->\n```\n"
+    assert marker in docs
+    example = docs.split(marker, 1)[1].split("```", 1)[0]
+    cfg = loads(example, "docs")
+    www = cfg.frontends["www"]
+    assert [a.name for a in www.acl][:3] == ["is_api", "old_host", "blocked"]
+    assert (www.monitor_uri, cfg.maps) == ("/site_alive", {"hosts": "maps/hosts.map"})
+    assert [e.status for e in www.errorfiles] == [503]
+
+
+def test_docs_mention_every_rule_option() -> None:
+    from lb.rules import syntax
+
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    words = [*syntax.FETCHES, *syntax.CONVERTERS, *syntax.MATCHES, *syntax.OPERATORS,
+             *syntax.ACTIONS, "deny_status", "drop-query", "append-slash",
+             "default-errorfiles", "content-type"]
+    assert sorted({w for w in words if f"`{w}" not in docs}) == []

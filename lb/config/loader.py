@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from typing import Any
+
+from lb.rules import syntax as rules
 
 from .errors import ConfigError
 from .fields import Named, Section, attrs, build, inherited, read_section, resolve
-from .model import Address, Backend, Config, Frontend, Global, Server, Timeouts
+from .model import (
+    Address,
+    Backend,
+    Condition,
+    Config,
+    Frontend,
+    Global,
+    Sample,
+    Server,
+    Timeouts,
+)
 from .schema import BACKEND, FRONTEND, GLOBAL, ROOT, SERVER, TIMEOUT
 from .yamltree import Value, compose
 
@@ -43,12 +56,13 @@ def loads(text: str, path: str = "<string>") -> Config:
     backends = {
         name: _backend(name, item, defaults) for name, item in sub("backends").items()
     }
+    maps: dict[str, str] = sub("maps")  # type: ignore[assignment]
     frontends = {
-        name: _frontend(name, item, defaults, global_, backends)
+        name: _frontend(name, item, defaults, global_, backends, maps)
         for name, item in sub("frontends").items()
     }
     _check_binds(sub("frontends"))
-    return Config(path, text, global_, frontends, backends)
+    return Config(path, text, global_, frontends, backends, maps)
 
 
 def _timeouts(merged: Section) -> Timeouts:
@@ -56,7 +70,12 @@ def _timeouts(merged: Section) -> Timeouts:
 
 
 def _frontend(
-    name: str, item: Named, defaults: Section, global_: Global, backends: dict[str, Backend]
+    name: str,
+    item: Named,
+    defaults: Section,
+    global_: Global,
+    backends: dict[str, Backend],
+    maps: dict[str, str],
 ) -> Frontend:
     values, origin = resolve(FRONTEND, inherited(FRONTEND, defaults), item.section)
     kw = attrs(FRONTEND, values)
@@ -67,18 +86,88 @@ def _frontend(
     frontend = Frontend(name=name, line=item.at.key_line, **kw)
     target = frontend.default_backend
     if target is not None:
-        at = origin["default_backend"]
-        backend = backends.get(target)
-        if backend is None:
-            close = difflib.get_close_matches(target, list(backends), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise at.error(f"no backend named {target!r}{hint}")
-        if backend.mode != frontend.mode:
-            raise at.error(
-                f"backend {target!r} is mode {backend.mode} "
-                f"but frontend {name!r} is mode {frontend.mode}"
-            )
+        _check_backend(frontend, target, backends, origin["default_backend"], None)
+    _check_rules(frontend, origin, backends, maps)
     return frontend
+
+
+def _no_such(what: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"no {what} named {name!r}{hint}"
+
+
+def _check_backend(
+    frontend: Frontend, target: str, backends: dict[str, Backend], at: Value, line: int | None
+) -> None:
+    """``target`` exists and has the frontend's mode (default_backend, use_backend)."""
+    backend = backends.get(target)
+    if backend is None:
+        raise at.error(_no_such("backend", target, list(backends)), line=line)
+    if backend.mode != frontend.mode:
+        raise at.error(
+            f"backend {target!r} is mode {backend.mode} "
+            f"but frontend {frontend.name!r} is mode {frontend.mode}",
+            line=line,
+        )
+
+
+# Frontend keys that only make sense in mode http.
+RULE_KEYS = ("acl", "http-request", "use_backend", "monitor-uri", "monitor-fail", "errorfile")
+
+
+def _check_rules(
+    fe: Frontend, origin: dict[str, Value], backends: dict[str, Backend], maps: dict[str, str]
+) -> None:
+    """HTTP rules need mode http; the ACLs, backends and maps they name must exist."""
+    if fe.mode != "http":
+        for key in RULE_KEYS:
+            if key in origin:
+                raise origin[key].error(
+                    f"{key} needs mode http (frontend {fe.name!r} is mode {fe.mode})",
+                    line=origin[key].key_line,
+                )
+        return
+    if fe.monitor_fail is not None and fe.monitor_uri is None:
+        at = origin["monitor-fail"]
+        raise at.error("monitor-fail needs monitor-uri", line=at.key_line)
+    names = [acl.name for acl in fe.acl]
+
+    def check(at: Value, line: int, samples: Iterator[Sample], cond: Condition | None,
+              key: str | None = None) -> None:
+        def fail(message: str) -> ConfigError:
+            dotted = at.dotted if key is None else f"{at.dotted}.{key}"
+            return ConfigError(message, path=at.file, line=line, key=dotted)
+
+        for use in rules.condition_uses(cond):
+            if use.name is not None and use.name not in names:
+                raise fail(_no_such("ACL", use.name, names))
+        for sample in samples:
+            for kind, name in rules.references(sample):
+                if kind == "backend" and name not in backends:
+                    raise fail(_no_such("backend", name, list(backends)))
+                if kind == "map" and name not in maps:
+                    raise fail(_no_such("map", name, list(maps)) + " in the maps section")
+
+    for acl in fe.acl:
+        for test in acl.tests:
+            check(origin["acl"], test.line, iter((test.sample,)), None, acl.name)
+    for rule in fe.http_request:
+        check(origin["http-request"], rule.line, rules.rule_samples(rule), rule.cond)
+    for use in fe.use_backend:
+        at = origin["use_backend"]
+        check(at, use.line, rules.rule_samples(use), use.cond)
+        if use.dynamic is None:
+            _check_backend(fe, use.backend, backends, at, use.line)
+        else:
+            default = rules.map_default(use.dynamic)
+            if default is not None:
+                _check_backend(fe, default, backends, at, use.line)
+    if fe.monitor_fail is not None:
+        at = origin["monitor-fail"]
+        anonymous = (u.anonymous.sample for u in rules.condition_uses(fe.monitor_fail)
+                     if u.anonymous is not None)
+        check(at, at.line, anonymous, fe.monitor_fail)
 
 
 def _backend(name: str, item: Named, defaults: Section) -> Backend:

@@ -4,9 +4,24 @@ attribute in model.py and its line in docs/configuration.md)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from lb.rules import syntax as rules
 
 from .fields import Field, Schema, named, partial, record
-from .model import Address, Cookie, HttpCheck, StatsSocket, StickTable
+from .model import (
+    Acl,
+    Address,
+    Condition,
+    Cookie,
+    ErrorFile,
+    HttpCheck,
+    HttpRequestRule,
+    StatsSocket,
+    StickTable,
+    UseBackend,
+)
 from .values import (
     balance,
     bind_address,
@@ -43,6 +58,107 @@ def binds(v: Value) -> tuple[tuple[Address, int], ...]:
 
 
 mode = choice("http", "tcp")
+
+# -- HTTP rules: HAProxy's words in YAML strings, parsed by lb.rules.syntax -----------------
+
+T = TypeVar("T")
+
+
+def _rule_text(v: Value, what: str) -> str:
+    """A rule is one YAML string; an unquoted leading ! would make it a YAML tag."""
+    tag = str(v.node.tag)
+    if v.is_scalar and tag.startswith("!"):
+        written = f"{tag} {v.node.value}".rstrip()
+        raise v.error(f'YAML reads a leading ! as a tag: quote the value, like "{written}"')
+    if not v.is_scalar or v.is_null:
+        raise v.error(f"expected {what}, got {v.describe()}")
+    return v.text or ""
+
+
+def _located(v: Value, parse: Callable[[str, int], T], what: str) -> T:
+    """``parse`` the rule at ``v``; its ValueError becomes a ConfigError at that line."""
+    text = _rule_text(v, what)
+    try:
+        return parse(text, v.line)
+    except ValueError as exc:
+        raise v.error(str(exc)) from None
+
+
+def _lines(v: Value) -> list[Value]:
+    """One string or a list of them (null: none)."""
+    if v.is_null:
+        return []
+    return [v] if v.is_scalar else v.elements()
+
+
+def acls(v: Value) -> tuple[Acl, ...]:
+    """``NAME: criterion [flags] values`` or ``NAME: [line, line]``; lines are OR'ed."""
+    out: list[Acl] = []
+    for acl_name, child in v.items():
+        if not rules.NAME_RE.fullmatch(acl_name):
+            raise child.error("invalid ACL name (use letters, digits and - _ . :)",
+                              line=child.key_line)
+        lines = _lines(child)
+        if not lines:
+            raise child.error("expected an ACL like path_beg /api, got null")
+        what = "an ACL like path_beg /api"
+        tests = tuple(_located(item, rules.parse_acl, what) for item in lines)
+        out.append(Acl(acl_name, tests, child.key_line))
+    return tuple(out)
+
+
+def http_request(v: Value) -> tuple[HttpRequestRule, ...]:
+    what = "a rule like deny if blocked"
+    return tuple(_located(item, rules.parse_http_request, what) for item in _lines(v))
+
+
+def use_backend(v: Value) -> tuple[UseBackend, ...]:
+    what = "a backend and an optional condition, like api if is_api"
+    return tuple(_located(item, rules.parse_use_backend, what) for item in _lines(v))
+
+
+def monitor_uri(v: Value) -> str:
+    return _located(v, rules.parse_monitor_uri, "a URI like /site_alive")
+
+
+def monitor_fail(v: Value) -> Condition:
+    return _located(v, rules.parse_condition, "a condition like site_dead || maint")
+
+
+def errorfiles(v: Value) -> tuple[ErrorFile, ...]:
+    """``STATUS: PATH``; each file is read and checked now, as HAProxy does."""
+    out: list[ErrorFile] = []
+    for status_text, child in v.items():
+        try:
+            status = rules.errorfile_status(status_text)
+        except ValueError as exc:
+            raise child.error(str(exc), line=child.key_line) from None
+        file = path(child)
+        try:
+            response = rules.read_errorfile(file)
+        except ValueError as exc:
+            raise child.error(str(exc)) from None
+        out.append(ErrorFile(status, file, response))
+    return tuple(out)
+
+
+def maps(v: Value) -> dict[str, str]:
+    """``NAME: PATH`` of map files; each is read now so a missing file stops the load."""
+    out: dict[str, str] = {}
+    for map_name, child in v.items():
+        if not rules.NAME_RE.fullmatch(map_name):
+            raise child.error("invalid map name (use letters, digits and - _ . :)",
+                              line=child.key_line)
+        file = path(child)
+        try:
+            rules.load_map(file)
+        except OSError as exc:
+            raise child.error(f"cannot read map file {file!r}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise child.error(str(exc)) from None
+        out[map_name] = file
+    return out
+
 
 TIMEOUT: Schema = {
     "connect": Field(duration, 5.0),
@@ -120,6 +236,13 @@ FRONTEND: Schema = {
     "timeout": Field(partial(TIMEOUT), merge=True, inherit=True, attr="timeouts"),
     "forwardfor": Field(boolean, False, inherit=True),
     "log": Field(log_target, inherit=True),  # None: no request log
+    # HTTP rules; never inherited from defaults (HAProxy refuses them there too)
+    "acl": Field(acls, ()),
+    "http-request": Field(http_request, ()),
+    "use_backend": Field(use_backend, ()),
+    "monitor-uri": Field(monitor_uri),
+    "monitor-fail": Field(monitor_fail),
+    "errorfile": Field(errorfiles, (), attr="errorfiles"),
 }
 
 BACKEND: Schema = {
@@ -146,4 +269,5 @@ ROOT: Schema = {
     "defaults": Field(partial(DEFAULTS)),
     "frontends": Field(named(FRONTEND, "frontend", at_least_one=True), required=True),
     "backends": Field(named(BACKEND, "backend")),
+    "maps": Field(maps),
 }
