@@ -316,7 +316,7 @@ class HttpSession(asyncio.Protocol):
                 server = backend.by_cookie.get(value.decode("latin-1"))
                 if server is not None and server.persistable:
                     self.sticky = self.cookie_server = server
-        if self.sticky is None:
+        if self.sticky is None and self.stick_key is not None:
             self.sticky = backend.stuck(self.stick_key)
         self.head_bytes = h1.request_head_bytes(
             head, self.client_ip if frontend.cfg.forwardfor else None
@@ -368,7 +368,8 @@ class HttpSession(asyncio.Protocol):
         if server is None:
             self._reply(503, "SC")  # no server is usable
             return
-        self._release_slot()
+        if self.queue_id or self.slot is not None:
+            self._release_slot()
         if server.maxconn > 0:  # a limited server: the master hands out its slots
             if self.times is not None:
                 self.times.queued = time.monotonic()
@@ -494,7 +495,8 @@ class HttpSession(asyncio.Protocol):
         if task is not None:
             self.connect_task = None
             task.cancel()
-        self._release_slot()
+        if self.queue_id or self.slot is not None:
+            self._release_slot()
         conn = self.conn
         if conn is None:
             return

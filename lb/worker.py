@@ -8,6 +8,7 @@ listening sockets; the worker answers `ready` once it accepts on all of them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -211,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logsetup.setup(hello.get("log", "stderr"), hello.get("log_level", logging.INFO))
     worker = Worker(channel, hello, fds)
+    # What exists now (code, configuration) lives as long as the worker: keep it out of
+    # the collector's way; requests allocate much and rarely make cycles.
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
     logsetup.set_role(worker.name)
     setproctitle.setproctitle(
         f"pylb: worker {worker.index}/{worker.count} [gen {worker.generation}]"
