@@ -246,7 +246,11 @@ class ServerCheck:
 class Checker:
     """All the health checks of pylb, run by the master."""
 
-    def __init__(self, cfg: config.Config, shared: Shared) -> None:
+    def __init__(
+        self, cfg: config.Config, shared: Shared, previous: Checker | None = None
+    ) -> None:
+        """`previous`: the checker of the generation before a reload, whose health
+        counters carry over (no re-rise from scratch)."""
         self.checks = [
             ServerCheck(backend, server, shared)
             for backend in cfg.backends.values()
@@ -254,6 +258,12 @@ class Checker:
             if server.check
         ]
         self.tasks: list[asyncio.Task[None]] = []
+        if previous is not None:
+            health = {check.name: check.health for check in previous.checks}
+            for check in self.checks:
+                if check.name in health:
+                    top = check.server.rise + check.server.fall - 1
+                    check.health = min(health[check.name], top)
 
     def start(self) -> None:
         """One task per checked server; the first checks are spread over the first

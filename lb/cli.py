@@ -13,7 +13,8 @@ import setproctitle
 from lb import __version__, config, pidfile, sock
 from lb import log as logsetup
 from lb.log import log
-from lb.master import Listener, Master
+from lb.master import Master
+from lb.sock import Listener
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -110,6 +110,19 @@ class Frontend:
         for session in list(self.sessions):
             session.close_if_idle()
 
+    async def adopt(self, sock: socket.socket, data: bytes) -> None:
+        """Serve a connection an older generation handed over, with what it had read."""
+        sock.setblocking(False)
+        try:
+            _, session = await asyncio.get_running_loop().connect_accepted_socket(
+                self._factory, sock
+            )
+        except OSError:
+            sock.close()
+            return
+        if data:
+            session.data_received(data)
+
     # -- limits ---------------------------------------------------------------------
 
     def current(self) -> int:

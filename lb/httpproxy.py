@@ -290,7 +290,9 @@ class HttpSession(asyncio.Protocol):
         if frontend.request_log is not None:
             self.times = Times(self.begin)
             self.times.head = time.monotonic()
-        if not head.keep_alive or head.upgrade or frontend.stopping:
+        if not head.keep_alive or head.upgrade or (
+            frontend.stopping and not frontend.worker.handing_over
+        ):
             self.close_after = True
         backend = frontend.default_backend
         if frontend.rules is not None:
@@ -667,7 +669,7 @@ class HttpSession(asyncio.Protocol):
             self._unpause(PIPELINE)
             self._process(pending)
         elif self.frontend.stopping and not self.reader.in_head:
-            self._close()
+            self._leave()
 
     def describe(self) -> dict[str, object]:
         """This connection, for `show sess`."""
@@ -687,10 +689,27 @@ class HttpSession(asyncio.Protocol):
             self._abort("KD")
 
     def close_if_idle(self) -> None:
-        """Soft stop: an idle keep-alive connection is closed now, a busy one after."""
-        self.close_after = True
-        if self.phase == IDLE and self.pending is None and not self.reader.in_head:
+        """Soft stop: an idle keep-alive connection leaves now (handed over to the next
+        generation, or closed), a busy one after its answer."""
+        if self.held is not None:
+            self._leave()
+        elif self.phase == IDLE and self.pending is None and not self.reader.in_head:
+            self._leave()
+        elif not self.frontend.worker.handing_over:
+            self.close_after = True
+
+    def _leave(self) -> None:
+        """Between requests on a stopping worker: hand the connection to the next
+        generation when there is one, else close it."""
+        frontend = self.frontend
+        if not frontend.worker.handing_over:
             self._close()
+            return
+        data = b"".join(self.held) if self.held is not None else b""
+        self.phase = CLOSED
+        clock.watched.discard(self)
+        frontend.worker.hand_over(frontend.name, self.transport, data)  # before the worker
+        frontend.closed(self)  # may see it has nothing left and exit
 
     def _start_tunnel(self, server_bytes: bytes) -> None:
         conn = self.conn

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,19 +24,21 @@ from typing import Any
 import uvloop
 
 import lb
-from lb import config, control
+from lb import config, control, reload
 from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
 from lb.rules import load_map
 from lb.runtime.server import StatsSocket
 from lb.shared import MAX_SLOTS, Shared
+from lb.sock import Listener
 from lb.sticktable import Tables
 
 RESPAWN_BACKOFF_MAX = 30.0
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
 STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
 TICK = 0.1  # period of the master's housekeeping
+RELOAD_TIMEOUT = 30.0  # how long a new generation gets to accept
 
 _SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
 
@@ -61,13 +62,6 @@ class WorkerHandle:
 
     def __str__(self) -> str:
         return f"worker {self.index}/{self.workers} gen {self.generation}"
-
-
-@dataclass(frozen=True)
-class Listener:
-    frontend: str
-    address: str
-    sock: socket.socket
 
 
 class Master:
@@ -96,6 +90,10 @@ class Master:
         self.maps = {name: load_map(path) for name, path in cfg.maps.items()}
         self.stats_socket: StatsSocket | None = None
         self._asks: dict[int, dict[WorkerHandle, asyncio.Future[Any]]] = {}
+        self._ready: dict[int, asyncio.Future[None]] = {}  # generations a reload waits for
+        self._reload_lock = asyncio.Lock()
+        self._heir = 0  # round-robin position for handed-over connections
+        self.reloads = 0
         self._ask_ids = itertools.count(1)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
 
@@ -167,8 +165,9 @@ class Master:
         elif sig == signal.SIGWINCH:
             log.info("SIGWINCH: reopening log files")
             self.broadcast({"op": "reopen-logs"})
-        else:
-            log.warning("%s: reload is not available in this version", _SIGNAL_NAMES[sig])
+        else:  # SIGUSR2, SIGHUP
+            log.info("%s: reloading", _SIGNAL_NAMES[sig])
+            asyncio.get_running_loop().create_task(self.reload())
 
     # -- workers --------------------------------------------------------------------
 
@@ -218,9 +217,79 @@ class Master:
             "vars": {name: value for name, (_kind, value) in self.variables.items()},
         }
 
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration and replace the workers by a new generation on the
+        same listening sockets, carrying runtime state; the old generation hands over its
+        idle connections and finishes the rest. (True, "") or (False, why): an invalid
+        configuration changes nothing."""
+        async with self._reload_lock:
+            if self.stopping:
+                return False, "stopping"
+            try:
+                cfg = config.load(self.config.path)
+                listeners, stale = reload.listeners_for(cfg, self.listeners)
+            except (config.ConfigError, OSError) as err:
+                log.error("reload failed, the running configuration stays: %s", err)
+                return False, str(err)
+            previous = (self.config, self.shared, self.listeners, self.checker, self.maps)
+            shared = Shared.create(cfg)
+            reload.carry_state(self.shared, self.config, shared, cfg)
+            self._switch(cfg, shared, listeners, {
+                name: self.maps.get(name) or load_map(path) for name, path in cfg.maps.items()
+            })
+            old_generation, self.generation = self.generation, self.generation + 1
+            ready = self._ready[self.generation] = asyncio.get_running_loop().create_future()
+            for index in range(1, cfg.global_.workers + 1):
+                self._spawn(index)
+            try:
+                await asyncio.wait_for(ready, RELOAD_TIMEOUT)
+            except TimeoutError:
+                log.error("reload failed: generation %d did not start", self.generation)
+                for handle in self.workers.values():
+                    if handle.generation == self.generation:
+                        handle.stopping = True
+                        _kill(handle.pid, signal.SIGKILL)
+                self.generation = old_generation
+                config_, shared_, listeners_, checker_, maps_ = previous
+                self._switch(config_, shared_, listeners_, maps_, checker_)
+                return False, "the new workers did not start"
+            for handle in self.workers.values():
+                if handle.generation < self.generation and not handle.stopping:
+                    handle.stopping = True
+                    handle.channel.send({"op": "soft-stop", "handover": True})
+            for listener in stale:
+                listener.sock.close()  # old workers closed theirs on soft stop
+            previous[1].close()
+            self.reloads += 1
+            log.info("reload %d done: generation %d serves %s", self.reloads,
+                     self.generation, cfg.path)
+            return True, ""
+
+    def _switch(
+        self,
+        cfg: config.Config,
+        shared: Shared,
+        listeners: list[Listener],
+        maps: dict[str, dict[str, str]],
+        checker: Checker | None = None,
+    ) -> None:
+        """Make `cfg` the configuration that new workers, checks and commands follow."""
+        self.checker.stop()
+        self.checker = checker or Checker(cfg, shared, previous=self.checker)
+        self.checker.start()
+        self.config, self.shared, self.listeners, self.maps = cfg, shared, listeners, maps
+        self.keeper.reconfigure(cfg, shared)
+        self.tables.reconfigure(cfg)
+
     async def ask(self, what: str, timeout: float = 2.0, **args: Any) -> list[Any]:
         """Ask every running worker something (`lb.worker.Worker._answer`); the answers
         of those that replied within `timeout`."""
+        return list((await self.ask_each(what, timeout, **args)).values())
+
+    async def ask_each(
+        self, what: str, timeout: float = 2.0, **args: Any
+    ) -> dict[WorkerHandle, Any]:
+        """`ask`, with each answer by the worker that gave it."""
         loop = asyncio.get_running_loop()
         ident = next(self._ask_ids)
         waiting = {h: loop.create_future() for h in self.workers.values() if h.ready}
@@ -232,7 +301,7 @@ class Master:
                 await asyncio.wait(waiting.values(), timeout=timeout)
         finally:
             del self._asks[ident]
-        return [f.result() for f in waiting.values() if f.done() and not f.cancelled()]
+        return {h: f.result() for h, f in waiting.items() if f.done() and not f.cancelled()}
 
     def broadcast(self, message: dict[str, Any]) -> None:
         """Send a message to every worker, of every generation."""
@@ -240,9 +309,31 @@ class Master:
             handle.channel.send(message)
 
     def _received(self, handle: WorkerHandle, message: dict[str, Any], fds: list[int]) -> None:
+        if message.get("op") == "handover":
+            self._hand_over(message, fds)  # at once: the connections wait in no queue
+            return
         for fd in fds:
             os.close(fd)
         self.events.put_nowait(("message", (handle, message)))
+
+    def _hand_over(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Client connections an old worker lets go: to the newest generation's workers,
+        in turn. Our copies of the descriptors close once they are on their way."""
+        heirs = [
+            h for h in self.workers.values()
+            if h.generation == self.generation and h.ready and not h.stopping
+        ]
+        try:
+            if not heirs:
+                log.warning("no worker to take over %d connections: closing them", len(fds))
+                return
+            for position, (conn, fd) in enumerate(zip(message["conns"], fds, strict=True)):
+                heir = heirs[(self._heir + position) % len(heirs)]
+                heir.channel.send({"op": "adopt", "conns": [conn]}, [fd])
+            self._heir += len(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -270,6 +361,9 @@ class Master:
             return
         self.announced.add(generation)
         log.info("generation %d ready: %d workers accepting", generation, len(members))
+        waiter = self._ready.pop(generation, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.old_pids:
             pids, sig = self.old_pids
             self.old_pids = None

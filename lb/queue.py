@@ -51,22 +51,43 @@ class Keeper:
     """The master's side: slots in use and the queues, per server and per backend."""
 
     def __init__(self, cfg: config.Config, shared: Shared, send: Send) -> None:
-        self._words = shared.words
         self._send = send
         self._seq = itertools.count()
         self.servers: dict[tuple[str, str], _ServerSlots] = {}
         self.by_backend: dict[str, list[_ServerSlots]] = {}
         self.queues: dict[str, deque[_Waiting]] = {}
+        self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
+        self.reconfigure(cfg, shared)
+
+    def reconfigure(self, cfg: config.Config, shared: Shared) -> None:
+        """Follow a (re)loaded configuration. Servers and backends that remain keep their
+        busy slots and waiting requests: the limits count every generation together."""
+        old_servers, old_queues = self.servers, self.queues
+        self._words = shared.words
+        self.servers, self.by_backend, self.queues = {}, {}, {}
         for name, backend in cfg.backends.items():
-            self.queues[name] = deque()
+            self.queues[name] = old_queues.get(name, deque())
             self.by_backend[name] = []
             for server in backend.servers:
-                slots = _ServerSlots(
-                    name, server.name, shared.layout.servers[(name, server.name)], server.maxqueue
-                )
-                self.servers[(name, server.name)] = slots
+                key = (name, server.name)
+                slots = _ServerSlots(name, server.name, shared.layout.servers[key], server.maxqueue)
+                previous = old_servers.get(key)
+                if previous is not None:
+                    slots.used, slots.queue = previous.used, previous.queue
+                self.servers[key] = slots
                 self.by_backend[name].append(slots)
-        self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
+        for key, previous in old_servers.items():
+            if key in self.servers:
+                continue
+            for waiting in previous.queue:  # their server is gone: any other will do
+                queue = self.queues.get(waiting.backend)
+                if queue is not None:
+                    queue.append(waiting)
+                else:
+                    self._send(waiting.owner, {"op": "grant", "id": waiting.id,
+                                               "be": waiting.backend, "srv": None})
+        for name in self.queues:
+            self.dispatch(name)
 
     # -- state of a server --------------------------------------------------------------
 
@@ -126,13 +147,16 @@ class Keeper:
         if held.get(key, 0) <= 0:
             return
         held[key] -= 1
-        self.servers[key].used -= 1
-        self.dispatch(message["be"])
+        slots = self.servers.get(key)
+        if slots is not None:  # else gone with a reload: nothing left to free
+            slots.used -= 1
+            self.dispatch(message["be"])
 
     def worker_gone(self, owner: Any) -> None:
         """A worker exited: its slots are free and its waiting requests gone."""
         for key, count in self.held.pop(owner, {}).items():
-            self.servers[key].used -= count
+            if key in self.servers:
+                self.servers[key].used -= count
         for queue in self._all_queues():
             for waiting in [w for w in queue if w.owner is owner]:
                 queue.remove(waiting)

@@ -104,6 +104,12 @@ class Shared:
         words[backend + BE_VERSION] += 1
         words[server_base + SRV_LASTCHG] = int(time.time())
 
+    def close(self) -> None:
+        """The master lets go of an old generation's segment (its workers keep theirs)."""
+        self.words.release()
+        self._memory.close()
+        os.close(self.fd)
+
     def counters(self, base: int, fields: int) -> int:
         """Where the per-slot counters of the entry at `base` begin."""
         return base + fields

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 from lb.config import Address
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket and the frontend bind it serves."""
+
+    frontend: str
+    address: str
+    sock: socket.socket
 
 
 def bind(address: Address, backlog: int) -> socket.socket:

@@ -82,6 +82,19 @@ class Tables:
             name: OrderedDict() for name in self.configs
         }
 
+    def reconfigure(self, cfg: config.Config) -> None:
+        """A reload: keep the entries of backends that still have a table."""
+        old = self.tables
+        self.configs = {
+            name: backend.stick_table
+            for name, backend in cfg.backends.items()
+            if backend.stick_table is not None
+        }
+        self.tables = {name: old.get(name, OrderedDict()) for name in self.configs}
+        for name, table in self.tables.items():
+            while len(table) > self.configs[name].size:
+                table.popitem(last=False)
+
     def learn(self, backend: str, key: str, server: str) -> dict[str, Any] | None:
         """Store an entry; the message to send every worker, or None if not a table."""
         table = self.tables.get(backend)

@@ -8,6 +8,7 @@ listening sockets; the worker answers `ready` once it accepts on all of them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import logging
 import os
@@ -59,6 +60,8 @@ class Worker:
         for (frontend, _address), fd in zip(hello["listeners"], fds, strict=True):
             self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
         self.stopping = False
+        self.handing_over = False  # soft-stopping with a newer generation to take over
+        self._leaving: list[tuple[dict[str, Any], int]] = []  # connections to hand over
         self._done: asyncio.Future[None] | None = None
         # Runtime state the operator sets through the master (rules read it)
         self.variables: dict[str, str] = dict(hello.get("vars", {}))
@@ -105,9 +108,10 @@ class Worker:
             self.channel.send(message)
 
     def _on_control(self, message: dict[str, Any], fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
         op = message["op"]
+        if op != "adopt":
+            for fd in fds:
+                os.close(fd)
         if op == "grant":
             self.queue.on_grant(message, self.backends)
         elif op == "stick":
@@ -121,8 +125,11 @@ class Worker:
             log.info("log files reopened")
         elif op == "ask":
             self._send({"op": "reply", "req": message["req"], "data": self._answer(message)})
+        elif op == "adopt":
+            self._adopt(message["conns"], fds)
+            return
         elif op == "soft-stop":
-            self.soft_stop()
+            self.soft_stop(handover=message.get("handover", False))
         elif op == "stop":
             self._finish()
 
@@ -139,6 +146,8 @@ class Worker:
                     for s in b.servers
                 },
             }
+        if what == "connections":
+            return sum(len(f.sessions) for f in self.frontends.values())
         if what == "check-limits":
             for frontend in self.frontends.values():
                 frontend.check_limits()
@@ -173,11 +182,55 @@ class Worker:
         log.warning("master is gone: soft-stopping")
         self.soft_stop()
 
-    def soft_stop(self) -> None:
-        """Stop accepting, finish what is in flight, then exit."""
+    # -- handing connections over to the next generation ---------------------------------
+
+    def hand_over(self, frontend: str, transport: asyncio.BaseTransport, data: bytes) -> None:
+        """Give a client connection, and bytes already read from it, to the master for the
+        next generation. The connection itself stays open: only our handle on it goes."""
+        raw = transport.get_extra_info("socket")
+        fd = os.dup(raw.fileno())
+        transport.pause_reading()  # type: ignore[attr-defined]
+        transport.abort()  # closes our descriptor, not the connection: the dup holds it
+        if not self._leaving:
+            asyncio.get_running_loop().call_soon(self._send_leaving)
+        self._leaving.append(({"fe": frontend, "data": base64.b64encode(data).decode()}, fd))
+
+    def _send_leaving(self) -> None:
+        leaving, self._leaving = self._leaving, []
+        for start in range(0, len(leaving), control.MAX_FDS - 1):
+            batch = leaving[start : start + control.MAX_FDS - 1]
+            self._send_with_fds(
+                {"op": "handover", "conns": [conn for conn, _ in batch]},
+                [fd for _, fd in batch],
+            )
+        self.maybe_exit()
+
+    def _send_with_fds(self, message: dict[str, Any], fds: list[int]) -> None:
+        try:
+            if self.channel is not None:
+                self.channel.send(message, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)  # in flight now (or lost with the master): not ours
+
+    def _adopt(self, conns: list[dict[str, Any]], fds: list[int]) -> None:
+        """Connections an older generation handed over: served here from now on."""
+        loop = asyncio.get_running_loop()
+        for conn, fd in zip(conns, fds, strict=True):
+            frontend = self.frontends.get(conn["fe"])
+            if frontend is None:
+                os.close(fd)
+                continue
+            loop.create_task(frontend.adopt(socket.socket(fileno=fd),
+                                            base64.b64decode(conn["data"])))
+
+    def soft_stop(self, handover: bool = False) -> None:
+        """Stop accepting, finish what is in flight, then exit. With `handover`, a new
+        generation is up: idle connections go to it instead of being closed."""
         if self.stopping:
             return
         self.stopping = True
+        self.handing_over = handover
         for frontend in self.frontends.values():
             frontend.soft_stop()
         hard_stop = self.config.global_.hard_stop_after
@@ -191,7 +244,9 @@ class Worker:
         self._finish()
 
     def maybe_exit(self) -> None:
-        if self.stopping and not any(f.sessions for f in self.frontends.values()):
+        if self.stopping and not self._leaving and not any(
+            f.sessions for f in self.frontends.values()
+        ):
             self._finish()
 
     def _finish(self) -> None:

@@ -8,6 +8,7 @@ variables, maps) is acknowledged by every worker before the answer is written.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -384,6 +385,42 @@ async def help_(master: Master, args: list[str], session: Session) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h{seconds % 3600 // 60:02d}m" \
+        f"{seconds % 60:02d}s"
+
+
+async def show_proc(master: Master, args: list[str], session: Session) -> str:
+    """The master, the current generation's workers and the old ones still draining."""
+    held = await master.ask_each("connections")
+    now = time.monotonic()
+    line = "{:<8} {:<8} {:<12} {:<12} {:<13} {}"
+    lines = [
+        line.format("#<PID>", "<type>", "<generation>", "<reloads>", "<uptime>", "<conns>"),
+        line.format(os.getpid(), "master", master.generation, master.reloads,
+                    _age(time.time() - master.started), sum(held.values())),
+    ]
+    current = [h for h in master.workers.values() if h.generation == master.generation]
+    old = [h for h in master.workers.values() if h.generation != master.generation]
+    for title, handles in (("# workers", current), ("# old workers", old)):
+        lines.append(title)
+        for handle in sorted(handles, key=lambda h: (h.generation, h.index)):
+            lines.append(line.format(
+                handle.pid, "worker", handle.generation, "-",
+                _age(now - handle.started), held.get(handle, "?"),
+            ))
+    return "\n".join(lines) + "\n\n"
+
+
+async def reload_(master: Master, args: list[str], session: Session) -> str:
+    """Reload, answering once the new generation accepts (or why it could not)."""
+    done, why = await master.reload()
+    if done:
+        return f"Success=1\n--\ngeneration {master.generation} ready\n\n"
+    return f"Success=0\n--\n{why}\n\n"
+
+
 COMMANDS = (
     Command(("help",), USER, help_, "help : this message"),
     Command(("show", "info"), USER, show_info, "show info : report information about pylb"),
@@ -415,6 +452,9 @@ COMMANDS = (
     Command(("del", "map"), ADMIN, del_map, "del map <map> <key> : remove an entry"),
     Command(("clear", "map"), ADMIN, clear_map, "clear map <map> : remove all entries"),
     Command(("set", "var"), ADMIN, set_var, "set var <proc.name> <expr> : set a variable"),
+    Command(("show", "proc"), OPERATOR, show_proc,
+            "show proc : the master and its workers, current and old"),
+    Command(("reload",), ADMIN, reload_, "reload : new generation of workers, state kept"),
 )
 
 
