@@ -24,7 +24,7 @@ from typing import Any
 import uvloop
 
 import lb
-from lb import config, control, reload
+from lb import config, control, reload, systemd
 from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
@@ -225,11 +225,14 @@ class Master:
         async with self._reload_lock:
             if self.stopping:
                 return False, "stopping"
+            systemd.notify("RELOADING=1", systemd.monotonic_usec(),
+                           f"STATUS=reloading {self.config.path}")
             try:
                 cfg = config.load(self.config.path)
                 listeners, stale = reload.listeners_for(cfg, self.listeners)
             except (config.ConfigError, OSError) as err:
                 log.error("reload failed, the running configuration stays: %s", err)
+                systemd.notify("READY=1", f"STATUS=reload failed: {err}")
                 return False, str(err)
             previous = (self.config, self.shared, self.listeners, self.checker, self.maps)
             shared = Shared.create(cfg)
@@ -252,6 +255,7 @@ class Master:
                 self.generation = old_generation
                 config_, shared_, listeners_, checker_, maps_ = previous
                 self._switch(config_, shared_, listeners_, maps_, checker_)
+                systemd.notify("READY=1", "STATUS=reload failed: the new workers did not start")
                 return False, "the new workers did not start"
             for handle in self.workers.values():
                 if handle.generation < self.generation and not handle.stopping:
@@ -364,6 +368,8 @@ class Master:
         waiter = self._ready.pop(generation, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        systemd.notify("READY=1", f"STATUS=generation {generation}: {len(members)} workers",
+                       f"MAINPID={os.getpid()}")
         if self.old_pids:
             pids, sig = self.old_pids
             self.old_pids = None
@@ -410,6 +416,7 @@ class Master:
 
     def _stop(self, hard: bool) -> None:
         self.stopping = True
+        systemd.notify("STOPPING=1")
         self.checker.stop()
         for handle in self.workers.values():
             handle.stopping = True
