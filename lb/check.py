@@ -247,10 +247,10 @@ class Checker:
     """All the health checks of pylb, run by the master."""
 
     def __init__(
-        self, cfg: config.Config, shared: Shared, previous: Checker | None = None
+        self, cfg: config.Config, shared: Shared, health: dict[str, int] | None = None
     ) -> None:
-        """`previous`: the checker of the generation before a reload, whose health
-        counters carry over (no re-rise from scratch)."""
+        """`health`: the counters of the generation before a reload, by server
+        ("backend/server"), so that a server carries on where it was (no re-rise)."""
         self.checks = [
             ServerCheck(backend, server, shared)
             for backend in cfg.backends.values()
@@ -258,8 +258,7 @@ class Checker:
             if server.check
         ]
         self.tasks: list[asyncio.Task[None]] = []
-        if previous is not None:
-            health = {check.name: check.health for check in previous.checks}
+        if health is not None:
             for check in self.checks:
                 if check.name in health:
                     top = check.server.rise + check.server.fall - 1
@@ -272,6 +271,9 @@ class Checker:
         for position, check in enumerate(self.checks):
             delay = check.server.inter * position / count
             self.tasks.append(asyncio.get_running_loop().create_task(check.run(delay)))
+
+    def health(self) -> dict[str, int]:
+        return {check.name: check.health for check in self.checks}
 
     def stop(self) -> None:
         for task in self.tasks:

@@ -10,11 +10,12 @@ import sys
 
 import setproctitle
 
-from lb import __version__, config, pidfile, sock
+from lb import __version__, config, pidfile, reload, takeover
 from lb import log as logsetup
 from lb.log import log
 from lb.master import Master
 from lb.sock import Listener
+from lb.takeover import Inheritance
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,16 +55,22 @@ def main(argv: list[str] | None = None) -> int:
 
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logsetup.setup(cfg.global_.log, level)
+    inheritance = None
+    if args.socket or args.soft_finish or args.terminate:
+        inheritance = take_over(args.socket, cfg)
     try:
-        listeners = bind_all(cfg)
+        listeners, stale = reload.listeners_for(cfg, inheritance.listeners if inheritance else [])
     except OSError as err:
         print(f"pylb: {err}", file=sys.stderr)
         return 1
+    for listener in stale:
+        listener.sock.close()  # binds the new configuration no longer has
 
     pid_path = args.pidfile or cfg.global_.pidfile
     pid_path = os.path.abspath(pid_path) if pid_path else None
     if args.daemon or cfg.global_.daemon:
-        daemonize(listeners)
+        heir = inheritance.heir if inheritance is not None else None
+        daemonize(listeners, [heir.fileno()] if heir is not None else [])
         logsetup.setup(cfg.global_.log, level)  # the daemon's own stderr is /dev/null
     if pid_path:
         pidfile.write(pid_path)
@@ -74,40 +81,37 @@ def main(argv: list[str] | None = None) -> int:
     elif args.terminate:
         old = (args.terminate, signal.SIGTERM)
     try:
-        return Master(cfg, listeners, level, old).run()
+        return Master(cfg, listeners, level, old, inheritance).run()
     finally:
         if pid_path:
             pidfile.remove(pid_path)
 
 
-def bind_all(cfg: config.Config) -> list[Listener]:
-    """Bind every frontend's addresses; on any failure close what was bound and raise."""
-    listeners: list[Listener] = []
+def take_over(path: str | None, cfg: config.Config) -> Inheritance | None:
+    """Ask the running pylb (its stats socket: `-x`, else the configuration's) for its
+    listening sockets and state. Without them the binds are made anew."""
+    if path is None and cfg.global_.stats is not None:
+        path = cfg.global_.stats.path
+    if path is None:
+        log.warning("no stats socket to take over from: binding anew")
+        return None
     try:
-        for frontend in cfg.frontends.values():
-            for address in frontend.binds:
-                try:
-                    listening = sock.bind(address, frontend.backlog)
-                except OSError as err:
-                    raise OSError(
-                        f"cannot bind frontend {frontend.name} to {address}: {err.strerror}"
-                    ) from err
-                listeners.append(Listener(frontend.name, str(address), listening))
-    except OSError:
-        for listener in listeners:
-            listener.sock.close()
-        raise
-    log.debug("bound %d listeners", len(listeners))
-    return listeners
+        inheritance = takeover.inherit(path)
+    except (OSError, ValueError) as err:
+        log.warning("cannot take over from %s (%s): binding anew", path, err)
+        return None
+    log.info("took over %d listening sockets and the state of the running pylb",
+             len(inheritance.listeners))
+    return inheritance
 
 
-def daemonize(listeners: list[Listener]) -> None:
+def daemonize(listeners: list[Listener], keep: list[int]) -> None:
     import daemon  # python-daemon; imported here since only -D needs it
 
     context = daemon.DaemonContext(
         working_directory=os.getcwd(),  # relative paths stay relative to where we started
         umask=0o022,
-        files_preserve=[listener.sock.fileno() for listener in listeners],
+        files_preserve=[listener.sock.fileno() for listener in listeners] + keep,
         detach_process=True,
     )
     context.open()

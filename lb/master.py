@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from typing import Any
 import uvloop
 
 import lb
-from lb import config, control, reload, systemd
+from lb import config, control, reload, systemd, takeover
 from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
@@ -33,6 +35,7 @@ from lb.runtime.server import StatsSocket
 from lb.shared import MAX_SLOTS, Shared
 from lb.sock import Listener
 from lb.sticktable import Tables
+from lb.takeover import Inheritance
 
 RESPAWN_BACKOFF_MAX = 30.0
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
@@ -71,6 +74,7 @@ class Master:
         listeners: list[Listener],
         log_level: int = logging.INFO,
         old_pids: tuple[list[int], int] | None = None,
+        inheritance: Inheritance | None = None,
     ) -> None:
         self.config = cfg
         self.listeners = listeners
@@ -96,6 +100,34 @@ class Master:
         self.reloads = 0
         self._ask_ids = itertools.count(1)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
+        self.heirs: list[socket.socket] = []  # a newer pylb taking over: where connections go
+        self.inheritance = inheritance
+        self.health: dict[str, int] | None = None
+        if inheritance is not None and inheritance.state is not None:
+            self._inherit(inheritance.state)
+
+    def _inherit(self, state: dict[str, Any]) -> None:
+        """Start from the state of the pylb we take over from, as a reload would."""
+        old, old_cfg = takeover.old_memory(state)
+        reload.carry_state(old, old_cfg, self.shared, self.config)  # type: ignore[arg-type]
+        self.tables.load(state["tables"], self.config)
+        self.variables = {name: (kind, value) for name, (kind, value) in state["vars"].items()}
+        for name, content in state["maps"].items():
+            if name in self.maps:
+                self.maps[name] = content
+        self.health = state["health"]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Our runtime state, for a newer pylb taking over (`_getstate`)."""
+        return {
+            "config_path": self.config.path,
+            "config_text": self.config.text,
+            "words": list(self.shared.words),
+            "tables": self.tables.snapshot(),
+            "vars": self.variables,
+            "maps": self.maps,
+            "health": self.checker.health(),
+        }
 
     # -- the loop -------------------------------------------------------------------
 
@@ -115,8 +147,12 @@ class Master:
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
         for index in range(1, self.config.global_.workers + 1):
             self._spawn(index)
-        self.checker = Checker(self.config, self.shared)
+        self.checker = Checker(self.config, self.shared, self.health)
         self.checker.start()
+        if self.inheritance is not None and self.inheritance.heir is not None:
+            heir = takeover.HeirReader(self.inheritance.heir)
+            heir.sock.setblocking(False)
+            loop.add_reader(heir.sock, self._inherited_connections, heir)
         ticker = loop.create_task(self._tick())
         if self.config.global_.stats is not None:
             self.stats_socket = StatsSocket(self.config.global_.stats, self)
@@ -279,7 +315,7 @@ class Master:
     ) -> None:
         """Make `cfg` the configuration that new workers, checks and commands follow."""
         self.checker.stop()
-        self.checker = checker or Checker(cfg, shared, previous=self.checker)
+        self.checker = checker or Checker(cfg, shared, self.checker.health())
         self.checker.start()
         self.config, self.shared, self.listeners, self.maps = cfg, shared, listeners, maps
         self.keeper.reconfigure(cfg, shared)
@@ -328,6 +364,9 @@ class Master:
             if h.generation == self.generation and h.ready and not h.stopping
         ]
         try:
+            if not heirs and self.heirs:  # a newer pylb is taking over
+                self._pass_on(message, fds)
+                return
             if not heirs:
                 log.warning("no worker to take over %d connections: closing them", len(fds))
                 return
@@ -338,6 +377,26 @@ class Master:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _pass_on(self, message: dict[str, Any], fds: list[int]) -> None:
+        data = json.dumps({"conns": message["conns"]}).encode() + b"\n"
+        for heir in list(self.heirs):
+            try:
+                socket.send_fds(heir, [data], fds)
+                return
+            except OSError:
+                self.heirs.remove(heir)
+        log.warning("the pylb taking over is gone: closing %d connections", len(fds))
+
+    def _inherited_connections(self, heir: takeover.HeirReader) -> None:
+        """Connections the pylb we took over from lets go: to our workers."""
+        conns, ended = heir.read()
+        if conns:
+            fds = [fd for _, fd in conns]
+            self._hand_over({"conns": [conn for conn, _ in conns]}, fds)
+        if ended:
+            asyncio.get_running_loop().remove_reader(heir.sock)
+            heir.sock.close()
 
     def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -422,8 +481,8 @@ class Master:
             handle.stopping = True
             if hard:
                 _kill(handle.pid, signal.SIGTERM)
-            else:
-                handle.channel.send({"op": "soft-stop"})
+            else:  # with a newer pylb up, idle connections go to it
+                handle.channel.send({"op": "soft-stop", "handover": bool(self.heirs)})
         loop = asyncio.get_running_loop()
         if hard:
             loop.call_later(STOP_GRACE, self._kill_remaining)

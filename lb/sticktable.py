@@ -113,6 +113,16 @@ class Tables:
             "del": evicted,
         }
 
+    def load(self, snapshot: dict[str, list[list[Any]]], cfg: config.Config) -> None:
+        """Entries from another pylb's `snapshot` (taking over from it)."""
+        for backend, entries in snapshot.items():
+            table = self.tables.get(backend)
+            if table is None:
+                continue
+            for key, server, expires in entries:
+                table[key] = (server, math.inf if expires is None else expires)
+        self.reconfigure(cfg)
+
     def purge(self) -> None:
         """Drop expired entries (replicas expire theirs on lookup)."""
         now = time.monotonic()

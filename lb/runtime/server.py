@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import json
 import os
 import pwd
+import socket
 import stat
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ class StatsSocket:
         self._server = await asyncio.start_unix_server(
             self._serve, self.path, limit=MAX_LINE
         )
+        self._inode = os.stat(self.path).st_ino
         os.chmod(self.path, self.cfg.mode)
         if self.cfg.user or self.cfg.group:
             uid = pwd.getpwnam(self.cfg.user).pw_uid if self.cfg.user else -1
@@ -51,7 +54,8 @@ class StatsSocket:
             self._server.close()
             self._server = None
             try:
-                os.unlink(self.path)
+                if os.stat(self.path).st_ino == self._inode:  # not a newer pylb's socket
+                    os.unlink(self.path)
             except OSError:
                 pass
 
@@ -66,6 +70,9 @@ class StatsSocket:
                     break
                 if not line:
                     break
+                if line.startswith(b"_"):  # a newer pylb taking over (lb.takeover)
+                    await self._takeover(line.decode().strip(), session, writer)
+                    return
                 answer, keep_going = await self._run_line(line.decode("utf-8", "replace"),
                                                           session)
                 writer.write(answer.encode())
@@ -78,6 +85,40 @@ class StatsSocket:
             log.exception("stats socket: command failed")
         finally:
             writer.close()
+
+    async def _takeover(
+        self, command: str, session: commands.Session, writer: asyncio.StreamWriter
+    ) -> None:
+        # The transport's socket object cannot carry descriptors: use a real one.
+        raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        if not (self.cfg.expose_fd or session.level == commands.ADMIN):
+            writer.write(b'{"error": "Permission denied: needs expose-fd listeners or level '
+                         b'admin"}\n')
+            await writer.drain()
+            raw.close()
+            return
+        master = self.master
+        if command == "_getsocks":
+            data = json.dumps(
+                {"listeners": [[lst.frontend, lst.address] for lst in master.listeners]}
+            ).encode() + b"\n"
+            raw.setblocking(True)
+            socket.send_fds(raw, [data], [lst.sock.fileno() for lst in master.listeners])
+            raw.close()
+            log.info("listening sockets handed to a new process")
+        elif command == "_getstate":
+            writer.write(json.dumps(master.snapshot()).encode() + b"\n")
+            await writer.drain()
+        elif command == "_handover":
+            writer.write(b"ok\n")
+            await writer.drain()
+            raw.setblocking(True)
+            master.heirs.append(raw)  # kept: idle connections will go there
+            return
+        else:
+            writer.write(b'{"error": "unknown"}\n')
+            await writer.drain()
+        raw.close()
 
     async def _run_line(self, line: str, session: commands.Session) -> tuple[str, bool]:
         """The answer to one line, and whether the connection stays open."""
