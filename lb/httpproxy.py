@@ -334,6 +334,9 @@ class HttpSession(asyncio.Protocol):
     def _send_body(self, data: bytes) -> None:
         if self.phase == EXCHANGE:
             self.conn.transport.write(data)  # type: ignore[union-attr]
+            server = self.server
+            server.counters.bin += len(data)  # type: ignore[union-attr]
+            server.backend.counters.bin += len(data)  # type: ignore[union-attr]
             return
         self.body_buffer.append(data)
         self.buffered += len(data)
@@ -404,6 +407,7 @@ class HttpSession(asyncio.Protocol):
     def _use(self, server: Server) -> None:
         self.server = server
         server.counters.lbtot += 1
+        server.backend.counters.lbtot += 1
         if self.stick_key is not None:
             server.backend.stick.learn(self.stick_key, server.name)  # type: ignore[union-attr]
         conn = self.frontend.worker.pool.take(server)
@@ -466,8 +470,9 @@ class HttpSession(asyncio.Protocol):
         self.phase = EXCHANGE
         server = self.server
         server.opened()  # type: ignore[union-attr]
-        server.counters.stot += 1  # type: ignore[union-attr]
-        self.backend.counters.stot += 1  # type: ignore[union-attr]
+        for counters in (server.counters, server.backend.counters):  # type: ignore[union-attr]
+            counters.stot += 1
+            counters.req_tot += 1
         if self.body_buffer:
             data = b"".join([self.head_bytes, *self.body_buffer])
             self.body_buffer = []
@@ -476,6 +481,8 @@ class HttpSession(asyncio.Protocol):
         else:
             data = self.head_bytes
         conn.transport.write(data)
+        server.counters.bin += len(data)  # type: ignore[union-attr]
+        server.backend.counters.bin += len(data)  # type: ignore[union-attr]
         if self.times is not None:
             self.times.sent = time.monotonic()
             if self.times.connect < 0:

@@ -349,8 +349,14 @@ class Master:
             handle.channel.send(message)
 
     def _received(self, handle: WorkerHandle, message: dict[str, Any], fds: list[int]) -> None:
-        if message.get("op") == "handover":
+        op = message.get("op")
+        if op == "handover":
             self._hand_over(message, fds)  # at once: the connections wait in no queue
+            return
+        if op == "stick":  # at once too: other workers want the entry before they need it
+            update = self.tables.learn(message["be"], message["key"], message["srv"])
+            if update is not None:
+                self.broadcast(update)
             return
         for fd in fds:
             os.close(fd)
@@ -406,10 +412,6 @@ class Master:
             self.keeper.release(handle, message)
         elif op == "cancel":
             self.keeper.cancel(handle, message)
-        elif op == "stick":
-            update = self.tables.learn(message["be"], message["key"], message["srv"])
-            if update is not None:
-                self.broadcast(update)
         elif op == "reply":
             future = self._asks.get(message["req"], {}).get(handle)
             if future is not None and not future.done():

@@ -142,11 +142,12 @@ async def show_servers_state(master: Master, args: list[str], session: Session) 
 
 async def show_sess(master: Master, args: list[str], session: Session) -> str:
     lines = []
-    for worker, answer in enumerate(await master.ask("sessions"), 1):
+    for handle, answer in (await master.ask_each("sessions")).items():
         for s in answer:
             lines.append(
                 f"0x{s['id']:x}: proto=tcpv4 src={s['src']} fe={s['fe']} be={s['be']} "
-                f"srv={s['srv']} age={int(s['age'])}s state={s['state']} worker={worker}"
+                f"srv={s['srv']} age={int(s['age'])}s state={s['state']} "
+                f"worker={handle.index}/{handle.workers} gen={handle.generation}"
             )
     return "\n".join(lines) + ("\n" if lines else "") + "\n"
 

@@ -186,7 +186,7 @@ def show_stat(master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> s
                 weight=words[base + SRV_WEIGHT], act=int(not server.backup),
                 bck=int(server.backup), lastchg=now - words[base + SRV_LASTCHG],
                 qlimit=server.maxqueue or "", addr=str(server.address),
-                cookie=server.cookie or "", mode=backend.mode, req_tot="", **check,
+                cookie=server.cookie or "", mode=backend.mode, **check,
             )
         rows.add(
             BACKEND, name, "BACKEND", 0, totals["be"].get(name, counters.zero()),
