@@ -178,7 +178,15 @@ class _Reader:
         self.in_head = False
         self.closed = False  # after an error or a final message: read nothing more
 
-    # httptools callbacks (names fixed by httptools); per header: keep this one lean.
+    # httptools callbacks (names fixed by httptools)
+    def on_message_begin(self) -> None:
+        self.forward = []
+        self.hop = []
+        self.options = False
+        self.head_size = 0
+        self.in_head = True
+
+    # per header: keep this one lean
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
         if lower in HOP_BY_HOP:
@@ -221,11 +229,7 @@ class RequestReader(_Reader):
         self.head: RequestHead | None = None
 
     def on_message_begin(self) -> None:
-        self.forward = []
-        self.hop = []
-        self.options = False
-        self.head_size = 0
-        self.in_head = True
+        super().on_message_begin()
         self._url = []
         self._pending_bytes = 0
 
@@ -323,11 +327,7 @@ class ResponseReader(_Reader):
         self._head_only = method == b"HEAD"
 
     def on_message_begin(self) -> None:
-        self.forward = []
-        self.hop = []
-        self.options = False
-        self.head_size = 0
-        self.in_head = True
+        super().on_message_begin()
         self._reason = []
 
     def on_status(self, reason: bytes) -> None:

@@ -19,6 +19,11 @@ import re
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lb.httpproxy import HttpSession
+    from lb.tcpproxy import TcpSession
 
 __all__ = ["Record", "RequestLog", "format_http", "format_tcp"]
 
@@ -371,3 +376,91 @@ def _split_host_port(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+# -- records from sessions -----------------------------------------------------------------
+
+
+class Times:
+    """When each step of one request happened (monotonic seconds), for its log line.
+    Only kept when the frontend logs requests."""
+
+    __slots__ = ("wall", "begin", "head", "queued", "granted", "connect", "sent", "response",
+                 "status", "bytes_out", "retries")
+
+    def __init__(self, begin: float) -> None:
+        self.wall = time.time() - (time.monotonic() - begin)
+        self.begin = begin
+        self.head = self.queued = self.granted = self.connect = self.sent = -1.0
+        self.response = -1.0
+        self.status = -1  # the server's answer, once it came
+        self.bytes_out = 0
+        self.retries = 0
+
+
+def _ms(start: float, end: float) -> int:
+    return -1 if start < 0 or end < 0 else int((end - start) * 1000)
+
+
+def _ms(start: float, end: float) -> int:
+    return -1 if start < 0 or end < 0 else int((end - start) * 1000)
+
+
+def http_record(session: HttpSession, times: Times, status: int, termination: str) -> Record:
+    """The log record of one HTTP request of `session`."""
+    end = time.monotonic()
+    frontend = session.frontend
+    backend, server, head = session.backend, session.server, session.head
+    peer = session.transport.get_extra_info("peername") or ("", 0)
+    cookie = backend.cfg.cookie if backend is not None else None
+    flags = "--"
+    if cookie is not None:  # persistence: did the client bring one, did we set one
+        flags = ("V" if session.cookie_server is not None else "N") + (
+            "N" if server is None or not server.cookie or session.cookie_server is server
+            else "I"
+        )
+    return Record(
+        client_ip=peer[0], client_port=peer[1], accept_time=times.wall,
+        frontend=frontend.name,
+        backend=backend.name if backend is not None else frontend.name,
+        server=server.name if server is not None else "<NOSRV>",
+        tq=_ms(times.begin, times.head),
+        tw=_ms(times.queued, times.granted) if times.queued >= 0 else
+        (0 if times.head >= 0 and server is not None else -1),
+        tc=_ms(times.connect, times.sent),
+        tr=_ms(times.sent, times.response),
+        tt=_ms(times.begin, end),
+        status=status, bytes_read=times.bytes_out,
+        termination=termination + flags,
+        actconn=frontend.worker.connections(), feconn=frontend.current(),
+        beconn=backend.conns() if backend is not None else 0,
+        srv_conn=server.conns if server is not None else 0,
+        retries=times.retries, srv_queue=0, backend_queue=0,
+        request_line=(
+            f"{head.method.decode('latin-1')} {head.target.decode('latin-1')} "
+            f"HTTP/{head.version}" if head is not None else ""
+        ),
+        mode="http",
+    )
+
+
+def tcp_record(session: TcpSession, bytes_out: int, termination: str) -> Record:
+    """The log record of one TCP connection."""
+    now = time.monotonic()
+    frontend = session.frontend
+    server, backend = session.server, frontend.default_backend
+    peer = session.transport.get_extra_info("peername") or ("", 0)
+    wait = session.connect - session.queued if session.queued >= 0 else 0.0
+    return Record(
+        client_ip=peer[0], client_port=peer[1],
+        accept_time=time.time() - (now - session.begin), frontend=frontend.name,
+        backend=backend.name if backend is not None else frontend.name,
+        server=server.name if server is not None else "<NOSRV>",
+        tq=0, tw=int(wait * 1000),
+        tc=int((session.connected - session.connect) * 1000) if session.connected >= 0 else -1,
+        tr=-1, tt=int((now - session.begin) * 1000), status=-1, bytes_read=bytes_out,
+        termination=termination + "--", actconn=frontend.worker.connections(),
+        feconn=frontend.current(), beconn=backend.conns() if backend is not None else 0,
+        srv_conn=server.conns if server is not None else 0, retries=session.retries,
+        srv_queue=0, backend_queue=0, request_line="", mode="tcp",
+    )

@@ -40,27 +40,6 @@ MAX_BUFFERED_BODY = 256 * 1024  # request body held while the server connection 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
 
 
-class Times:
-    """When each step of one request happened (monotonic seconds), for its log line.
-    Only kept when the frontend logs requests."""
-
-    __slots__ = ("wall", "begin", "head", "queued", "granted", "connect", "sent", "response",
-                 "status", "bytes_out", "retries")
-
-    def __init__(self, begin: float) -> None:
-        self.wall = time.time() - (time.monotonic() - begin)
-        self.begin = begin
-        self.head = self.queued = self.granted = self.connect = self.sent = -1.0
-        self.response = -1.0
-        self.status = -1  # the server's answer, once it came
-        self.bytes_out = 0
-        self.retries = 0
-
-
-def _ms(start: float, end: float) -> int:
-    return -1 if start < 0 or end < 0 else int((end - start) * 1000)
-
-
 class BadResponse(Exception):
     """A server's answer that cannot be passed on."""
 
@@ -146,7 +125,7 @@ class HttpSession(asyncio.Protocol):
         self.stick_key: str | None = None  # this request's key in the stick table
         self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
         self.slot: Server | None = None  # the limited server whose slot this exchange holds
-        self.times: Times | None = None
+        self.times: httplog.Times | None = None
 
     # -- client connection ----------------------------------------------------------
 
@@ -288,7 +267,7 @@ class HttpSession(asyncio.Protocol):
         frontend = self.frontend
         frontend.counters.req_tot += 1
         if frontend.request_log is not None:
-            self.times = Times(self.begin)
+            self.times = httplog.Times(self.begin)
             self.times.head = time.monotonic()
         if not head.keep_alive or head.upgrade or (
             frontend.stopping and not frontend.worker.handing_over
@@ -761,7 +740,7 @@ class HttpSession(asyncio.Protocol):
             self.frontend.counters.bout += len(page)
         if self.frontend.request_log is not None:
             if self.times is None:
-                self.times = Times(self.begin)
+                self.times = httplog.Times(self.begin)
             self.times.bytes_out += len(page)
             self._log(status, termination)
         self._close()
@@ -770,43 +749,10 @@ class HttpSession(asyncio.Protocol):
         """One line in the frontend's request log, in HAProxy's HTTP format."""
         times = self.times
         self.times = None
-        if times is None:
-            return
-        end = time.monotonic()
-        frontend = self.frontend
-        backend, server, head = self.backend, self.server, self.head
-        peer = self.transport.get_extra_info("peername") or ("", 0)
-        cookie = self.backend.cfg.cookie if self.backend is not None else None
-        flags = "--"
-        if cookie is not None:
-            flags = ("V" if self.cookie_server is not None else "N") + (
-                "N" if server is None or not server.cookie or self.cookie_server is server
-                else "I"
+        if times is not None:
+            self.frontend.request_log.write(  # type: ignore[union-attr]
+                httplog.http_record(self, times, status, termination)
             )
-        record = httplog.Record(
-            client_ip=peer[0], client_port=peer[1], accept_time=times.wall,
-            frontend=frontend.name,
-            backend=backend.name if backend is not None else frontend.name,
-            server=server.name if server is not None else "<NOSRV>",
-            tq=_ms(times.begin, times.head),
-            tw=_ms(times.queued, times.granted) if times.queued >= 0 else
-            (0 if times.head >= 0 and server is not None else -1),
-            tc=_ms(times.connect, times.sent),
-            tr=_ms(times.sent, times.response),
-            tt=_ms(times.begin, end),
-            status=status, bytes_read=times.bytes_out,
-            termination=termination + flags,
-            actconn=frontend.worker.connections(), feconn=frontend.current(),
-            beconn=backend.conns() if backend is not None else 0,
-            srv_conn=server.conns if server is not None else 0,
-            retries=times.retries, srv_queue=0, backend_queue=0,
-            request_line=(
-                f"{head.method.decode('latin-1')} {head.target.decode('latin-1')} "
-                f"HTTP/{head.version}" if head is not None else ""
-            ),
-            mode="http",
-        )
-        frontend.request_log.write(record)  # type: ignore[union-attr]
 
     def _close(self) -> None:
         self.phase = CLOSED

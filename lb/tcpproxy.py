@@ -176,26 +176,8 @@ class TcpSession(asyncio.Protocol):
 
     def _log(self, bytes_out: int, termination: str) -> None:
         """One line in the frontend's request log, in HAProxy's TCP format."""
-        frontend = self.frontend
-        if frontend.request_log is None:
-            return
-        now = time.monotonic()
-        server, backend = self.server, frontend.default_backend
-        peer = self.transport.get_extra_info("peername") or ("", 0)
-        wait = self.connect - self.queued if self.queued >= 0 else 0.0
-        frontend.request_log.write(httplog.Record(
-            client_ip=peer[0], client_port=peer[1],
-            accept_time=time.time() - (now - self.begin), frontend=frontend.name,
-            backend=backend.name if backend is not None else frontend.name,
-            server=server.name if server is not None else "<NOSRV>",
-            tq=0, tw=int(wait * 1000),
-            tc=int((self.connected - self.connect) * 1000) if self.connected >= 0 else -1,
-            tr=-1, tt=int((now - self.begin) * 1000), status=-1, bytes_read=bytes_out,
-            termination=termination + "--", actconn=frontend.worker.connections(),
-            feconn=frontend.current(), beconn=backend.conns() if backend is not None else 0,
-            srv_conn=server.conns if server is not None else 0, retries=self.retries,
-            srv_queue=0, backend_queue=0, request_line="", mode="tcp",
-        ))
+        if self.frontend.request_log is not None:
+            self.frontend.request_log.write(httplog.tcp_record(self, bytes_out, termination))
 
     def data_received(self, data: bytes) -> None:
         # Before the relay: keep this read for the server and read no more until then.
