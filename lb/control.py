@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class Channel:
         self._loop.add_reader(sock, self._readable)
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send, or queue; the caller may close its `fds` as soon as this returns (queued
+        descriptors are duplicates, closed once sent)."""
         if self.closed:
             return
         data = json.dumps(message, separators=(",", ":")).encode()
@@ -67,7 +70,7 @@ class Channel:
             return
         if not self._outbox:
             self._loop.add_writer(self.sock, self._writable)
-        self._outbox.append((data, fds or []))
+        self._outbox.append((data, [os.dup(fd) for fd in fds or []]))
 
     def _try_send(self, data: bytes, fds: list[int]) -> bool:
         try:
@@ -86,6 +89,8 @@ class Channel:
             data, fds = self._outbox[0]
             if not self._try_send(data, fds):
                 return
+            for fd in fds:
+                os.close(fd)
             if self._outbox:
                 self._outbox.popleft()
         if not self.closed:
@@ -108,6 +113,9 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        for _, fds in self._outbox:
+            for fd in fds:
+                os.close(fd)
         self._outbox.clear()
         self._loop.remove_reader(self.sock)
         self._loop.remove_writer(self.sock)

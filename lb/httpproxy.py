@@ -142,6 +142,11 @@ class HttpSession(asyncio.Protocol):
         """The frontend's limits let this connection in: start reading requests."""
         self.deadline = clock.now + self.frontend.timeouts.http_request
         clock.watched.add(self)
+        if self.frontend.stopping:  # accepted as the worker stopped accepting
+            if self.frontend.worker.handing_over and self.held is None:
+                self._leave()
+                return
+            self.close_after = True  # serve what it sends, then close
         held = self.held
         if held is not None:
             self.held = None

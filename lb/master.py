@@ -274,7 +274,8 @@ class Master:
             shared = Shared.create(cfg)
             reload.carry_state(self.shared, self.config, shared, cfg)
             self._switch(cfg, shared, listeners, {
-                name: self.maps.get(name) or load_map(path) for name, path in cfg.maps.items()
+                name: self.maps[name] if name in self.maps else load_map(path)
+                for name, path in cfg.maps.items()
             })
             old_generation, self.generation = self.generation, self.generation + 1
             ready = self._ready[self.generation] = asyncio.get_running_loop().create_future()
@@ -365,10 +366,10 @@ class Master:
     def _hand_over(self, message: dict[str, Any], fds: list[int]) -> None:
         """Client connections an old worker lets go: to the newest generation's workers,
         in turn. Our copies of the descriptors close once they are on their way."""
-        heirs = [
-            h for h in self.workers.values()
-            if h.generation == self.generation and h.ready and not h.stopping
-        ]
+        # The newest generation that accepts (a reload may be starting a newer one).
+        able = [h for h in self.workers.values() if h.ready and not h.stopping]
+        newest = max((h.generation for h in able), default=0)
+        heirs = [h for h in able if h.generation == newest]
         try:
             if not heirs and self.heirs:  # a newer pylb is taking over
                 self._pass_on(message, fds)
@@ -452,6 +453,10 @@ class Master:
         os.close(handle.pidfd)
         self.keeper.worker_gone(handle)
         self.shared.clear_slot(handle.slot)  # what it counted is no longer open
+        for waiting in self._asks.values():  # it will not answer: nobody waits for it
+            future = waiting.pop(handle, None)
+            if future is not None and not future.done():
+                future.cancel()
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         if handle.stopping or self.stopping:
             log.info("%s (pid %d) exited: %s", handle, handle.pid, how)

@@ -31,6 +31,8 @@ from lb.shared import GLOBAL_FIELDS, Shared
 from lb.sticktable import Replica
 from lb.timer import clock
 
+EXIT_GRACE = 0.05  # seconds a stopping worker waits for connections already accepted
+
 
 class Worker:
     def __init__(self, sock: socket.socket, hello: dict[str, Any], fds: list[int]) -> None:
@@ -62,6 +64,7 @@ class Worker:
         self.stopping = False
         self.handing_over = False  # soft-stopping with a newer generation to take over
         self._leaving: list[tuple[dict[str, Any], int]] = []  # connections to hand over
+        self._exit_check: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[None] | None = None
         # Runtime state the operator sets through the master (rules read it)
         self.variables: dict[str, str] = dict(hello.get("vars", {}))
@@ -244,9 +247,21 @@ class Worker:
         self._finish()
 
     def maybe_exit(self) -> None:
-        if self.stopping and not self._leaving and not any(
+        """Exit once stopping with nothing left, after a short grace: connections the
+        kernel handed us just before we stopped accepting may still be on their way."""
+        if self._idle() and self._exit_check is None:
+            self._exit_check = asyncio.get_running_loop().call_later(
+                EXIT_GRACE, self._exit_if_idle
+            )
+
+    def _idle(self) -> bool:
+        return self.stopping and not self._leaving and not any(
             f.sessions for f in self.frontends.values()
-        ):
+        )
+
+    def _exit_if_idle(self) -> None:
+        self._exit_check = None
+        if self._idle():
             self._finish()
 
     def _finish(self) -> None:
