@@ -107,11 +107,15 @@ class Frontend:
     def soft_stop(self) -> None:
         self.stopping = True
         self.stop_accepting()
-        for session in list(self.sessions):
+        # Queued requests leave in the order they were queued, to keep their turns.
+        for session in sorted(self.sessions, key=lambda s: getattr(s, "queue_id", 0)):
             session.close_if_idle()
 
-    async def adopt(self, sock: socket.socket, data: bytes) -> None:
-        """Serve a connection an older generation handed over, with what it had read."""
+    async def adopt(
+        self, sock: socket.socket, data: bytes, ticket: list[int] | None = None
+    ) -> None:
+        """Serve a connection an older generation handed over, with what it had read
+        (and, for a request that waited in a queue, the ticket of its place there)."""
         sock.setblocking(False)
         try:
             _, session = await asyncio.get_running_loop().connect_accepted_socket(
@@ -120,6 +124,8 @@ class Frontend:
         except OSError:
             sock.close()
             return
+        if ticket is not None:
+            session.resume = ticket
         if data:
             session.data_received(data)
 

@@ -11,6 +11,7 @@ one side pauses reading on the other.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,8 @@ class HttpSession(asyncio.Protocol):
         "times",
         "begin",
         "tunnel",
+        "received",
+        "resume",
     )
 
     def __init__(self, frontend: Frontend) -> None:
@@ -98,6 +101,7 @@ class HttpSession(asyncio.Protocol):
         self.close_after = False
         self.held: list[bytes] | None = None  # bytes read while over the frontend's limit
         self.begin = time.monotonic()  # when the current request began (for its log)
+        self.resume: list[int] | None = None  # a queue place held in an older generation
         self.tunnel: Tunnel | None = None
         self._reset_exchange()
 
@@ -125,6 +129,7 @@ class HttpSession(asyncio.Protocol):
         self.stick_key: str | None = None  # this request's key in the stick table
         self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
         self.slot: Server | None = None  # the limited server whose slot this exchange holds
+        self.received: list[bytes] = []  # the head's lines as the client sent them
         self.times: httplog.Times | None = None
 
     # -- client connection ----------------------------------------------------------
@@ -268,6 +273,7 @@ class HttpSession(asyncio.Protocol):
             self._reply(405)
             return
         self.head = head
+        self.received = head.forward  # edits below replace the list, never change it
         self.requests += 1
         frontend = self.frontend
         frontend.counters.req_tot += 1
@@ -297,6 +303,7 @@ class HttpSession(asyncio.Protocol):
         if cfg.stick_on is not None:  # before the cookie edits below change the head
             self.stick_key = persist.stick_key(head, self.client_ip, cfg.stick_on)
         if cfg.cookie is not None:
+            head.forward = list(head.forward)  # edited in place below
             value = persist.request_cookie(head, cfg.cookie)  # edits the head: before rendering
             if value is not None:
                 server = backend.by_cookie.get(value.decode("latin-1"))
@@ -365,8 +372,9 @@ class HttpSession(asyncio.Protocol):
             self.phase = QUEUED
             self.deadline = clock.now + backend.timeouts.queue  # type: ignore[union-attr]
             self.queue_id = self.frontend.worker.queue.acquire(
-                backend, server, server is sticky, self._granted  # type: ignore[arg-type]
+                backend, server, server is sticky, self._granted, self.resume  # type: ignore[arg-type]
             )
+            self.resume = None
             return
         self._use(server)
 
@@ -688,18 +696,45 @@ class HttpSession(asyncio.Protocol):
             self._leave()
         elif not self.frontend.worker.handing_over:
             self.close_after = True
+        elif self.phase == QUEUED and self._movable():
+            # Waiting for a server slot: the request moves too, with what was read of it,
+            # and waits there for its turn.
+            data = self._request_bytes()
+            ticket = [os.getpid(), self.queue_id]
+            self.frontend.worker.queue.forget(self.queue_id)  # its place goes with it
+            self.queue_id = 0
+            self.times = None
+            self._leave(data, ticket)
 
-    def _leave(self) -> None:
-        """Between requests on a stopping worker: hand the connection to the next
-        generation when there is one, else close it."""
+    def _movable(self) -> bool:
+        """Can this queued request be given, as bytes, to another process? Not when more
+        was read than it (pipelined), nor when its chunked body is only partly read (the
+        rest would continue a chunk that was already re-framed)."""
+        head = self.head
+        return self.pending is None and (self.req_done or head.framing != h1.CHUNKED)  # type: ignore[union-attr]
+
+    def _request_bytes(self) -> bytes:
+        """The current request as the client sent it, with the body read so far."""
+        head = self.head
+        assert head is not None
+        lines = [b"%s %s HTTP/%s\r\n" % (head.method, head.target, head.version.encode())]
+        lines += self.received
+        lines += [b"%s: %s\r\n" % (name, value) for name, value in head.hop]
+        lines.append(b"\r\n")
+        return b"".join(lines) + b"".join(self.body_buffer)
+
+    def _leave(self, data: bytes = b"", ticket: list[int] | None = None) -> None:
+        """Between requests on a stopping worker: hand the connection, and `data` read
+        from it, to the next generation when there is one, else close it."""
         frontend = self.frontend
         if not frontend.worker.handing_over:
             self._close()
             return
-        data = b"".join(self.held) if self.held is not None else b""
+        if self.held is not None:
+            data = b"".join(self.held)
         self.phase = CLOSED
         clock.watched.discard(self)
-        frontend.worker.hand_over(frontend.name, self.transport, data)  # before the worker
+        frontend.worker.hand_over(frontend.name, self.transport, data, ticket)  # before the worker
         frontend.closed(self)  # may see it has nothing left and exit
 
     def _start_tunnel(self, server_bytes: bytes) -> None:

@@ -15,6 +15,7 @@ Messages (worker -> master): acquire {id, be, srv, persist}, cancel {id}, releas
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from lb.backend import Backend, Server
 
 Send = Callable[[Any, dict[str, Any]], None]
+TURN_KEPT = 10.0  # seconds a moved request's place waits for it in a new generation
 
 
 @dataclass(eq=False)
@@ -57,6 +59,7 @@ class Keeper:
         self.by_backend: dict[str, list[_ServerSlots]] = {}
         self.queues: dict[str, deque[_Waiting]] = {}
         self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
+        self.turns: dict[tuple[Any, int], tuple[int, float]] = {}  # places of moved requests
         self.reconfigure(cfg, shared)
 
     def reconfigure(self, cfg: config.Config, shared: Shared) -> None:
@@ -115,14 +118,15 @@ class Keeper:
 
     def acquire(self, owner: Any, message: dict[str, Any]) -> None:
         backend, wanted = message["be"], self.servers[(message["be"], message["srv"])]
-        waiting = _Waiting(owner, message["id"], next(self._seq), backend)
+        seq = self._resume(message["resume"]) if message.get("resume") else None
+        waiting = _Waiting(owner, message["id"], next(self._seq) if seq is None else seq, backend)
         if message.get("persist"):
             if self._room(wanted):
                 self._grant(waiting, wanted)
             elif wanted.maxqueue and len(wanted.queue) >= wanted.maxqueue:
                 self._send(owner, {"op": "grant", "id": waiting.id, "be": backend, "srv": None})
             else:
-                wanted.queue.append(waiting)
+                _enqueue(wanted.queue, waiting)
             return
         if self._room(wanted) and self._selectable(wanted):
             self._grant(waiting, wanted)
@@ -131,7 +135,19 @@ class Keeper:
             if other is not wanted and self._room(other) and self._selectable(other):
                 self._grant(waiting, other)
                 return
-        self.queues[backend].append(waiting)
+        _enqueue(self.queues[backend], waiting)
+
+    def _resume(self, ticket: list[int]) -> int | None:
+        """A request moved to a new generation takes back its place in the queue: the
+        turn (sequence number) its old entry had, which goes."""
+        pid, ident = ticket
+        for queue in self._all_queues():
+            for waiting in queue:
+                if getattr(waiting.owner, "pid", None) == pid and waiting.id == ident:
+                    queue.remove(waiting)
+                    return waiting.seq
+        turn = self.turns.pop((pid, ident), None)  # its old worker already exited
+        return turn[0] if turn is not None else None
 
     def cancel(self, owner: Any, message: dict[str, Any]) -> None:
         ident = message["id"]
@@ -157,9 +173,14 @@ class Keeper:
         for key, count in self.held.pop(owner, {}).items():
             if key in self.servers:
                 self.servers[key].used -= count
+        now = time.monotonic()
         for queue in self._all_queues():
             for waiting in [w for w in queue if w.owner is owner]:
                 queue.remove(waiting)
+                # Its request may be on its way to a new generation: keep its turn a while.
+                self.turns[(getattr(owner, "pid", None), waiting.id)] = (waiting.seq, now)
+        for key in [k for k, (_, when) in self.turns.items() if now - when > TURN_KEPT]:
+            del self.turns[key]
         for backend in self.by_backend:
             self.dispatch(backend)
 
@@ -215,6 +236,15 @@ class Keeper:
         return [*self.queues.values(), *(s.queue for s in self.servers.values())]
 
 
+def _enqueue(queue: deque[_Waiting], waiting: _Waiting) -> None:
+    """Into `queue` at its turn: at the end, unless it resumes an older place."""
+    if not queue or queue[-1].seq < waiting.seq:
+        queue.append(waiting)
+        return
+    position = next(i for i, other in enumerate(queue) if other.seq > waiting.seq)
+    queue.insert(position, waiting)
+
+
 class Queue:
     """A worker's side: asks the master for slots on limited servers."""
 
@@ -233,16 +263,22 @@ class Queue:
         server: Server,
         persist: bool,
         granted: Callable[[Server | None], None],
+        resume: list[int] | None = None,
     ) -> int:
         """Ask for a slot on `server` (or, unless `persist`, any server of the backend);
-        `granted` is called with the server given, or None if it cannot even be queued."""
+        `granted` is called with the server given, or None if it cannot even be queued.
+        `resume`: the ticket of this request's place in an older generation's queue."""
         ident = next(self._ids)
         self._waiting[ident] = (backend, granted)
         self._send(
             {"op": "acquire", "id": ident, "be": backend.name, "srv": server.name,
-             "persist": persist}
+             "persist": persist, "resume": resume}
         )
         return ident
+
+    def forget(self, ident: int) -> None:
+        """Stop waiting for `ident` here, leaving its place for its next owner to resume."""
+        self._waiting.pop(ident, None)
 
     def cancel(self, ident: int) -> None:
         if self._waiting.pop(ident, None) is not None:

@@ -187,7 +187,13 @@ class Worker:
 
     # -- handing connections over to the next generation ---------------------------------
 
-    def hand_over(self, frontend: str, transport: asyncio.BaseTransport, data: bytes) -> None:
+    def hand_over(
+        self,
+        frontend: str,
+        transport: asyncio.BaseTransport,
+        data: bytes,
+        ticket: list[int] | None = None,
+    ) -> None:
         """Give a client connection, and bytes already read from it, to the master for the
         next generation. The connection itself stays open: only our handle on it goes."""
         raw = transport.get_extra_info("socket")
@@ -196,7 +202,8 @@ class Worker:
         transport.abort()  # closes our descriptor, not the connection: the dup holds it
         if not self._leaving:
             asyncio.get_running_loop().call_soon(self._send_leaving)
-        self._leaving.append(({"fe": frontend, "data": base64.b64encode(data).decode()}, fd))
+        conn = {"fe": frontend, "data": base64.b64encode(data).decode(), "ticket": ticket}
+        self._leaving.append((conn, fd))
 
     def _send_leaving(self) -> None:
         leaving, self._leaving = self._leaving, []
@@ -224,8 +231,9 @@ class Worker:
             if frontend is None:
                 os.close(fd)
                 continue
-            loop.create_task(frontend.adopt(socket.socket(fileno=fd),
-                                            base64.b64decode(conn["data"])))
+            loop.create_task(frontend.adopt(
+                socket.socket(fileno=fd), base64.b64decode(conn["data"]), conn.get("ticket")
+            ))
 
     def soft_stop(self, handover: bool = False) -> None:
         """Stop accepting, finish what is in flight, then exit. With `handover`, a new
