@@ -148,12 +148,14 @@ class Frontend:
         self.sessions.add(session)
         self.total += 1
         self.counters.stot += 1
-        if self.held or not self._has_room():
-            self.held.append(session)
-            self.stop_accepting()
-            return False
-        self._count(1)
-        if not self._has_room():
+        with self.worker.shared.limits_lock():
+            if self.held or not self._has_room():
+                self.held.append(session)
+                self.stop_accepting()
+                return False
+            self._count(1)
+            full = not self._has_room()
+        if full:
             self.stop_accepting()
         return True
 
@@ -177,9 +179,12 @@ class Frontend:
         """Let held connections in, and accept again, as far as the limits allow."""
         if self.stopping:
             return
-        while self.held and self._has_room():
-            session = self.held.popleft()
-            self._count(1)
+        while self.held:
+            with self.worker.shared.limits_lock():
+                if not self._has_room():
+                    break
+                session = self.held.popleft()
+                self._count(1)
             session.admitted()
         if self._accepting:
             if not self._has_room():

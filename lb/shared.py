@@ -14,9 +14,12 @@ instant may both get the same ticket, which costs one repeated server, never a r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import time
+from collections.abc import Iterator
 
 from lb import config
 
@@ -103,6 +106,17 @@ class Shared:
         backend = words[server_base + SRV_BACKEND]
         words[backend + BE_VERSION] += 1
         words[server_base + SRV_LASTCHG] = int(time.time())
+
+    @contextlib.contextmanager
+    def limits_lock(self) -> Iterator[None]:
+        """Held by a worker between checking a connection limit and counting a connection
+        in, so that two workers admitting at the same instant cannot both take the last
+        place. A lock on the segment's first byte: two system calls per new connection."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
 
     def close(self) -> None:
         """The master lets go of an old generation's segment (its workers keep theirs)."""
