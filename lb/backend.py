@@ -28,7 +28,7 @@ class Server:
     """A server: its configuration, and accessors to its shared runtime state."""
 
     __slots__ = (
-        "name", "cfg", "backend", "host", "port", "cookie", "total", "counters", "_words",
+        "name", "cfg", "backend", "host", "port", "cookie", "counters", "_words",
         "_base", "_mine", "_first",
     )
 
@@ -39,7 +39,6 @@ class Server:
         self.host = cfg.address.host
         self.port = cfg.address.port
         self.cookie = cfg.cookie
-        self.total = 0  # requests or connections this worker sent to it
         self.counters = Counters()
         self._words = shared.words
         self._base = shared.layout.servers[(backend.name, cfg.name)]
@@ -88,7 +87,6 @@ class Server:
 
     def opened(self) -> None:
         self._words[self._mine] += 1
-        self.total += 1
 
     def closed(self) -> None:
         self._words[self._mine] -= 1

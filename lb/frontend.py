@@ -59,7 +59,6 @@ class Frontend:
             if _has_rules(cfg) else None
         )
         self.counters = Counters()
-        self.total = 0  # connections this worker accepted
         self.stopping = False
         self.sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
@@ -146,7 +145,6 @@ class Frontend:
     def admit(self, session: Any) -> bool:
         """Count a new connection in, or hold it (False) when the limit is reached."""
         self.sessions.add(session)
-        self.total += 1
         self.counters.stot += 1
         with self.worker.shared.limits_lock():
             if self.held or not self._has_room():

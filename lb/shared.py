@@ -124,10 +124,6 @@ class Shared:
         self._memory.close()
         os.close(self.fd)
 
-    def counters(self, base: int, fields: int) -> int:
-        """Where the per-slot counters of the entry at `base` begin."""
-        return base + fields
-
     def total(self, first_counter: int) -> int:
         """The sum of an entry's per-slot counters: its value for pylb as a whole."""
         return sum(self.words[first_counter : first_counter + MAX_SLOTS])
