@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import os
 import signal
@@ -44,6 +43,25 @@ TICK = 0.1  # period of the master's housekeeping
 RELOAD_TIMEOUT = 30.0  # how long a new generation gets to accept
 
 _SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
+
+
+@dataclass(eq=False)
+class Elder:
+    """A worker of the pylb we took over from, as our slot keeper sees it: its grants go
+    back over the handover connection."""
+
+    pid: int
+    sock: socket.socket
+
+    @property
+    def channel(self) -> Elder:
+        return self
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            takeover.send_line(self.sock, {"slot": message, "pid": self.pid})
+        except OSError:
+            pass  # the old process is gone: nothing waits for this answer
 
 
 @dataclass(eq=False)
@@ -101,10 +119,14 @@ class Master:
         self._ask_ids = itertools.count(1)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
         self.heirs: list[socket.socket] = []  # a newer pylb taking over: where connections go
+        self.elders: dict[int, Elder] = {}  # the workers of the pylb we took over from
         self.inheritance = inheritance
         self.health: dict[str, int] | None = None
         if inheritance is not None and inheritance.state is not None:
             self._inherit(inheritance.state)
+        if inheritance is not None and inheritance.heir is not None:
+            for pid, held in inheritance.held.items():
+                self.keeper.adopt_slots(self._elder(int(pid)), held)
 
     def _inherit(self, state: dict[str, Any]) -> None:
         """Start from the state of the pylb we take over from, as a reload would."""
@@ -150,9 +172,10 @@ class Master:
         self.checker = Checker(self.config, self.shared, self.health)
         self.checker.start()
         if self.inheritance is not None and self.inheritance.heir is not None:
-            heir = takeover.HeirReader(self.inheritance.heir)
+            heir = takeover.LineReader(self.inheritance.heir, self.inheritance.early)
             heir.sock.setblocking(False)
-            loop.add_reader(heir.sock, self._inherited_connections, heir)
+            loop.add_reader(heir.sock, self._from_elder, heir)
+            loop.call_soon(self._from_elder, heir)  # what came with the answer
         ticker = loop.create_task(self._tick())
         if self.config.global_.stats is not None:
             self.stats_socket = StatsSocket(self.config.global_.stats, self)
@@ -386,28 +409,68 @@ class Master:
                 os.close(fd)
 
     def _pass_on(self, message: dict[str, Any], fds: list[int]) -> None:
-        data = json.dumps({"conns": message["conns"]}).encode() + b"\n"
         for heir in list(self.heirs):
             try:
-                socket.send_fds(heir, [data], fds)
+                takeover.send_line(heir, {"conns": message["conns"]}, fds)
                 return
             except OSError:
                 self.heirs.remove(heir)
         log.warning("the pylb taking over is gone: closing %d connections", len(fds))
 
-    def _inherited_connections(self, heir: takeover.HeirReader) -> None:
-        """Connections the pylb we took over from lets go: to our workers."""
-        conns, ended = heir.read()
-        if conns:
-            fds = [fd for _, fd in conns]
-            self._hand_over({"conns": [conn for conn, _ in conns]}, fds)
+    def add_heir(self, sock: socket.socket) -> None:
+        """A newer pylb takes over: from now on it keeps the server slots, ours included
+        (what waits in our queues moves there), and takes our idle connections."""
+        sock.setblocking(False)
+        self.heirs.append(sock)
+        for owner, message in self.keeper.waiting_of():
+            takeover.send_line(sock, {"slot": message, "pid": owner.pid})
+        asyncio.get_running_loop().add_reader(sock, self._from_heir, takeover.LineReader(sock))
+
+    def _from_heir(self, reader: takeover.LineReader) -> None:
+        """Grants from the pylb taking over, for our workers."""
+        messages, ended = reader.read()
+        for message, fds in messages:
+            for fd in fds:
+                os.close(fd)
+            handle = self.workers.get(message.get("pid", 0))
+            if handle is not None:
+                handle.channel.send(message["slot"])
         if ended:
-            asyncio.get_running_loop().remove_reader(heir.sock)
-            heir.sock.close()
+            asyncio.get_running_loop().remove_reader(reader.sock)
+            if reader.sock in self.heirs:
+                self.heirs.remove(reader.sock)
+
+    def _elder(self, pid: int) -> Elder:
+        elder = self.elders.get(pid)
+        if elder is None:
+            elder = self.elders[pid] = Elder(pid, self.inheritance.heir)  # type: ignore[union-attr]
+        return elder
+
+    def _from_elder(self, reader: takeover.LineReader) -> None:
+        """From the pylb we took over from: its idle connections, for our workers, and
+        its workers' slot requests, answered by our keeper."""
+        messages, ended = reader.read()
+        for message, fds in messages:
+            if "conns" in message:
+                self._hand_over(message, fds)
+            elif "slot" in message:
+                elder, slot = self._elder(message["pid"]), message["slot"]
+                getattr(self.keeper, slot["op"])(elder, slot)
+            elif "gone" in message:
+                self.keeper.worker_gone(self._elder(message["gone"]))
+        if ended:  # it exited: whatever its workers held is free
+            asyncio.get_running_loop().remove_reader(reader.sock)
+            reader.sock.close()
+            for elder in self.elders.values():
+                self.keeper.worker_gone(elder)
+            self.elders.clear()
 
     def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         op = message.get("op")
-        if op == "acquire":
+        if op in ("acquire", "release", "cancel") and self.heirs:
+            # A newer pylb keeps the slots now: ask it on this worker's behalf.
+            takeover.send_line(self.heirs[0], {"slot": message, "pid": handle.pid})
+        elif op == "acquire":
             self.keeper.acquire(handle, message)
         elif op == "release":
             self.keeper.release(handle, message)
@@ -453,6 +516,11 @@ class Master:
         os.close(handle.pidfd)
         self.keeper.worker_gone(handle)
         self.shared.clear_slot(handle.slot)  # what it counted is no longer open
+        if self.heirs:
+            try:
+                takeover.send_line(self.heirs[0], {"gone": handle.pid})
+            except OSError:
+                pass
         for waiting in self._asks.values():  # it will not answer: nobody waits for it
             future = waiting.pop(handle, None)
             if future is not None and not future.done():

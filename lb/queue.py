@@ -168,6 +168,39 @@ class Keeper:
             slots.used -= 1
             self.dispatch(message["be"])
 
+    def held_by_pid(self) -> dict[str, list[list[Any]]]:
+        """Slots in use and requests waiting, by worker pid, for a process taking over."""
+        result: dict[str, list[list[Any]]] = {}
+        for owner, keys in self.held.items():
+            result[str(owner.pid)] = [[b, s, n] for (b, s), n in keys.items() if n > 0]
+        return result
+
+    def adopt_slots(self, owner: Any, held: list[list[Any]]) -> None:
+        """Slots another process's worker holds: counted here until it releases them."""
+        mine = self.held.setdefault(owner, {})
+        for backend, server, count in held:
+            slots = self.servers.get((backend, server))
+            if slots is not None:
+                slots.used += count
+                mine[(backend, server)] = mine.get((backend, server), 0) + count
+
+    def waiting_of(self) -> list[tuple[Any, dict[str, Any]]]:
+        """Every waiting request as the acquire that would queue it again (oldest first)."""
+        found: list[tuple[int, Any, dict[str, Any]]] = []
+        for slots in self.servers.values():
+            for w in slots.queue:
+                found.append((w.seq, w.owner, {"op": "acquire", "id": w.id, "be": w.backend,
+                                               "srv": slots.name, "persist": True}))
+        for backend, queue in self.queues.items():
+            first = self.by_backend[backend][0].name
+            for w in queue:
+                found.append((w.seq, w.owner, {"op": "acquire", "id": w.id, "be": backend,
+                                               "srv": first, "persist": False}))
+            queue.clear()
+        for slots in self.servers.values():
+            slots.queue.clear()
+        return [(owner, message) for _, owner, message in sorted(found, key=lambda f: f[0])]
+
     def worker_gone(self, owner: Any) -> None:
         """A worker exited: its slots are free and its waiting requests gone."""
         for key, count in self.held.pop(owner, {}).items():

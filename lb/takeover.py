@@ -5,14 +5,18 @@ The new process asks the old master, over its stats socket, for
   socket and its kernel backlog: no connection waiting there is lost;
 - `_getstate`: the runtime state (servers, frontends, stick tables, variables, maps,
   health counters), applied by name as an in-place reload does;
-- `_handover`: a connection kept open, on which the old master sends the idle client
-  connections its workers let go once the new process has told it to stop.
+- `_handover`: a connection kept open both ways. The old master sends on it the idle
+  client connections its workers let go once told to stop; and from then on it asks the
+  new master for server slots on its workers' behalf (`slot` messages both ways), so a
+  server's `maxconn` counts both processes together. The answer to `_handover` carries
+  the slots the old workers hold at that moment.
 The old side of these commands is in lb.runtime.server.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +35,8 @@ class Inheritance:
     listeners: list[Listener] = field(default_factory=list)
     state: dict[str, Any] | None = None
     heir: socket.socket | None = None  # where handed-over connections will arrive
+    held: dict[str, list[list[Any]]] = field(default_factory=dict)  # old workers' slots
+    early: bytes = b""  # handover messages read along with the answer
 
 
 @dataclass
@@ -47,7 +53,7 @@ def _request(path: str, command: str) -> tuple[socket.socket, bytes, list[int]]:
     sock.connect(path)
     sock.sendall(command.encode() + b"\n")
     data, fds = b"", []
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         chunk, new_fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 253)
         fds.extend(new_fds)
         if not chunk:
@@ -73,12 +79,28 @@ def inherit(path: str) -> Inheritance:
     sock.close()
     inheritance.state = json.loads(data)
     heir, data, _ = _request(path, "_handover")
-    if data.strip() == b"ok":
+    first, _, rest = data.partition(b"\n")
+    answer = json.loads(first or b"{}")
+    if answer.get("ok"):
         heir.settimeout(None)
         inheritance.heir = heir
+        inheritance.held = answer.get("held", {})
+        inheritance.early = rest  # slot requests that came right behind the answer
     else:
         heir.close()
     return inheritance
+
+
+def send_line(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """One JSON line (and descriptors) on a handover connection, waiting if it is full."""
+    data = json.dumps(message).encode() + b"\n"
+    while data:
+        try:
+            sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+        except BlockingIOError:
+            select.select([], [sock], [], 1.0)
+            continue
+        data, fds = data[sent:], None  # descriptors go with the first byte
 
 
 def old_memory(state: dict[str, Any]) -> tuple[OldMemory, config.Config]:
@@ -87,27 +109,31 @@ def old_memory(state: dict[str, Any]) -> tuple[OldMemory, config.Config]:
     return OldMemory(state["words"], Layout(old_cfg)), old_cfg
 
 
-class HeirReader:
-    """Reads the connections an old master hands over: JSON lines, descriptors in order."""
+class LineReader:
+    """Reads a handover connection: JSON lines; the descriptors of `conns` in order."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, early: bytes = b"") -> None:
         self.sock = sock
-        self._buffer = b""
+        self._buffer = early
         self._fds: list[int] = []
 
-    def read(self) -> tuple[list[tuple[dict[str, Any], int]], bool]:
-        """Whole messages' connections now readable, and whether the stream ended."""
+    def read(self) -> tuple[list[tuple[dict[str, Any], list[int]]], bool]:
+        """Whole messages now readable, each with its descriptors, and whether the
+        stream ended."""
+        chunk: bytes | None
         try:
             chunk, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, 253)
         except BlockingIOError:
-            return [], False
+            chunk, fds = None, []  # nothing new: what is buffered may still be whole
         except OSError:
             chunk, fds = b"", []
         self._fds.extend(fds)
-        self._buffer += chunk
-        conns: list[tuple[dict[str, Any], int]] = []
+        self._buffer += chunk or b""
+        messages: list[tuple[dict[str, Any], list[int]]] = []
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
-            for conn in json.loads(line)["conns"]:
-                conns.append((conn, self._fds.pop(0)))
-        return conns, not chunk
+            message = json.loads(line)
+            count = len(message.get("conns", ()))
+            taken, self._fds = self._fds[:count], self._fds[count:]
+            messages.append((message, taken))
+        return messages, chunk == b""

@@ -116,3 +116,47 @@ def test_takeover_under_load_loses_nothing(tmp_path: Path, backends):
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def test_server_maxconn_holds_across_old_and_new_process(tmp_path: Path):
+    """During a takeover both processes serve; the new one keeps the slot counts of both,
+    so the server never sees more than its maxconn, and every queued request is served."""
+    from test_limits import CountingServer
+
+    server = CountingServer("s1", delay=0.4)
+    try:
+        port = free_port()
+        (tmp_path / "lb.cfg").write_text(yaml.safe_dump({
+            "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin"}},
+            "defaults": {"timeout": {"queue": "20s"}},
+            "frontends": {"www": {"bind": f"127.0.0.1:{port}", "default_backend": "app"}},
+            "backends": {"app": {"servers": {"s1": {"address": server.address,
+                                                      "maxconn": 2}}}},
+        }))
+        pids = [start_daemon(tmp_path)]
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            with HttpConn(port, timeout=20) as conn:
+                status = conn.request("GET", f"/r{i}", headers={"Connection": "close"}).status
+            with lock:
+                statuses.append(status)
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for thread in clients:
+            thread.start()
+        assert server.wait_in_flight(2)
+        pids.append(start_daemon(tmp_path, "-sf", str(pids[0])))  # while 8 wait in queue
+        for thread in clients:
+            thread.join(20)
+        assert statuses == [200] * 10
+        assert server.total == 10
+        assert server.max_seen == 2
+    finally:
+        server.stop()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass

@@ -17,7 +17,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING
 
-from lb import config
+from lb import config, takeover
 from lb.log import log
 from lb.runtime import commands
 
@@ -110,10 +110,11 @@ class StatsSocket:
             writer.write(json.dumps(master.snapshot()).encode() + b"\n")
             await writer.drain()
         elif command == "_handover":
-            writer.write(b"ok\n")
-            await writer.drain()
+            # From here on the new process keeps the slot counts: tell it ours and hand
+            # over in one go (no await in between, so no slot changes hands unseen).
             raw.setblocking(True)
-            master.heirs.append(raw)  # kept: idle connections will go there
+            takeover.send_line(raw, {"ok": True, "held": master.keeper.held_by_pid()})
+            master.add_heir(raw)  # kept: slots and idle connections go there
             return
         else:
             writer.write(b'{"error": "unknown"}\n')
