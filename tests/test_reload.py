@@ -451,21 +451,22 @@ def test_slow_requests_in_flight_finish_on_the_old_generation(pylb, backends):
     lb, reload = start(pylb, lb_config({"s1": server(echo)}, port))
     old_pids = worker_pids(lb)
     conns: list[HttpConn] = []
-    # slow requests until each worker holds one (so that neither may exit at once)
-    while len(conns) < 3 or {holder(lb, c) for c in conns} != old_pids:
-        assert len(conns) < 10, f"connections all on one worker: {[holder(lb, c) for c in conns]}"
+    # slow requests in flight (on whichever workers the kernel gives them to)
+    while len(conns) < 4:
         conns.append(HttpConn(port, timeout=10))
         conns[-1].send(build_request("GET", f"/slow{len(conns)}?delay=1"))
         assert wait_until(lambda: len(client_targets(echo)) == len(conns), 5)
+    holders = {holder(lb, c) for c in conns}
     mark = len(lb.lines)
     generation = reload("SIGUSR2")
     proc = show_proc(lb)
     assert proc.generation == generation == 2
     assert {gen for gen, _ in proc.workers.values()} == {2} and len(proc.workers) == 2
     # the old workers holding the slow requests are still there, listed as old, with them
-    assert proc.old and set(proc.old) <= old_pids, proc
+    # (an old worker that held none may already have exited)
+    assert proc.old and holders <= set(proc.old) <= old_pids, proc
     assert {gen for gen, _ in proc.old.values()} == {1}
-    assert set(proc.old) == old_pids and sum(int(c) for _, c in proc.old.values()) == len(conns)
+    assert sum(int(c) for _, c in proc.old.values()) == len(conns)
     statuses = [conn.read_response().status for conn in conns]
     assert statuses == [200] * len(conns)
     # those keep-alive connections now belong to the new generation: still usable

@@ -78,19 +78,8 @@ def test_entry_learned_by_one_worker_is_used_by_all(pylb, backends):
     # Straight after that answer, 24 concurrent requests on new connections: they spread
     # over the 4 workers, and every one goes where alice was first sent (round-robin alone
     # would alternate). The entry travelled worker -> master -> workers meanwhile.
-    results: list[str] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        server = request(port, "alice", "/?delay=0.3")
-        with lock:
-            results.append(server)
-
-    threads = [threading.Thread(target=client) for _ in range(24)]
-    for thread in threads:
-        thread.start()
     backend_port = int((s1 if first == "s1" else s2).address.rsplit(":", 1)[1])
-    serving = set()
+    serving: set[int] = set()
 
     def count_serving_workers() -> bool:
         for worker in lb.workers():
@@ -102,10 +91,26 @@ def test_entry_learned_by_one_worker_is_used_by_all(pylb, backends):
                 serving.add(worker.pid)
         return len(serving) >= 2
 
-    wait_until(count_serving_workers, 3)
-    for thread in threads:
-        thread.join(10)
-    assert results == [first] * 24
+    # Which worker accepts is the kernel's choice: a few batches make sure that
+    # several workers served alice (each batch must stick to her server anyway).
+    for _batch in range(4):
+        results: list[str] = []
+        lock = threading.Lock()
+
+        def client(out: list[str] = results, guard: threading.Lock = lock) -> None:
+            server = request(port, "alice", "/?delay=0.3")
+            with guard:
+                out.append(server)
+
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for thread in threads:
+            thread.start()
+        wait_until(count_serving_workers, 1.5)
+        for thread in threads:
+            thread.join(10)
+        assert results == [first] * 24
+        if len(serving) >= 2:
+            break
     assert len(serving) >= 2, "the requests did not spread over several workers"
     # bob, new, is balanced normally and then sticks too
     bob = request(port, "bob")
