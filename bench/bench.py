@@ -229,11 +229,14 @@ def tree_cpu_seconds(pid: int) -> float:
 class Managed:
     """A child process in its own session, with output in a log file; stop() kills its tree."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, **popen: Any) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, append: bool = False, **popen: Any
+    ) -> None:
+        """`append`: the log is shared with other processes (successive pylb masters)."""
         self.name = name
         self.argv = argv
         self.log_path = log_path
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab" if append else "wb") as log:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -742,7 +745,8 @@ def format_ratios(ratios: dict[str, float | None]) -> str:
     return "\n".join(f"{k:<{width}}  {v:6.2f}" for k, v in shown.items())
 
 
-def meta(opts: Options, tools: Tools) -> dict[str, Any]:
+def run_meta(tools: Tools) -> dict[str, Any]:
+    """When, where and with which tool versions a run was made (both benchmarks)."""
     versions = {
         "nginx": program_version([tools.nginx, "-v"]),
         "wrk": program_version([tools.wrk, "-v"]),
@@ -754,13 +758,19 @@ def meta(opts: Options, tools: Tools) -> dict[str, Any]:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def meta(opts: Options, tools: Tools) -> dict[str, Any]:
+    return {
+        **run_meta(tools),
         "duration": opts.duration,
         "connections": opts.connections,
         "workers": opts.workers,
         "mode": opts.mode,
         "checks": opts.checks,
         "warmup": opts.warmup,
-        "versions": versions,
     }
 
 

@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -53,16 +52,18 @@ from bench import (
     Tools,
     WrkResult,
     find_tools,
+    fmt,
     free_ports,
     haproxy_config,
     http_ok,
     parse_wrk,
-    program_version,
+    positive_int,
     psutil,
     pylb_config,
     pylb_env,
     pylb_yaml,
     raise_interrupt,
+    run_meta,
     start_nginx,
     temp_dir,
     wait_ready,
@@ -119,13 +120,6 @@ class Options:
     json_path: Path | None
     keep_tmp: bool
     seed: int | None
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -198,26 +192,9 @@ def reap_adopted() -> list[int]:
     return reaped
 
 
-class AppendManaged(Managed):
-    """A Managed process whose output is appended to a log shared with others."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, **popen: Any) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **popen,
-            )
-
-
-def spawn(cls: type[Managed], name: str, argv: list[str], log_path: Path, **kw: Any) -> Managed:
-    proc = cls(name, argv, log_path, **kw)
+def spawn(name: str, argv: list[str], log_path: Path, **kw: Any) -> Managed:
+    """A process of this run (`append=True`: its output joins a log shared with others)."""
+    proc = Managed(name, argv, log_path, **kw)
     SPAWNED.add(proc.pid)
     return proc
 
@@ -471,7 +448,7 @@ class PylbInPlace(Subject):
 
     def start(self) -> None:
         self.write_config()
-        self.master = spawn(Managed, "pylb", self.argv(), self.log_path, cwd=REPO, env=pylb_env())
+        self.master = spawn("pylb", self.argv(), self.log_path, cwd=REPO, env=pylb_env())
         wait_ready(self.master, [self.port])
 
     def reload(self) -> Outcome:
@@ -532,7 +509,8 @@ class PylbTakeover(PylbInPlace):
 
     def start(self) -> None:
         self.write_config()
-        first = spawn(AppendManaged, "pylb", self.argv(), self.log_path, cwd=REPO, env=pylb_env())
+        first = spawn("pylb", self.argv(), self.log_path, append=True, cwd=REPO,
+                      env=pylb_env())
         self.procs.append(first)
         self.master = first
         wait_ready(first, [self.port])
@@ -542,10 +520,10 @@ class PylbTakeover(PylbInPlace):
         old = self.master.pid
         began = time.monotonic()
         new = spawn(
-            AppendManaged,
             "pylb",
             self.argv("-sf", str(old)),
             self.log_path,
+            append=True,
             cwd=REPO,
             env=pylb_env(),
         )
@@ -637,7 +615,7 @@ class HaproxyMasterWorker(Subject):
         assert self.tools.haproxy is not None
         self.write_config()
         argv = [self.tools.haproxy, "-W", "-f", str(self.cfg), "-p", str(self.pidfile)]
-        self.master = spawn(Managed, "haproxy", argv, self.log_path)
+        self.master = spawn("haproxy", argv, self.log_path)
         wait_ready(self.master, [self.port])
         if self.watch.wait_for(self.loaded_re, RELOAD_WAIT, self.master.alive) is None:
             raise BenchError(f"haproxy -W did not report 'Loading success' ({self.log_path})")
@@ -682,7 +660,7 @@ class HaproxyClassic(HaproxyMasterWorker):
         """Run one launcher to its exit; (ok, why not, daemon pid)."""
         assert self.tools.haproxy is not None
         argv = [self.tools.haproxy, "-f", str(self.cfg), "-p", str(self.pidfile), "-D", *extra]
-        launcher = spawn(AppendManaged, "haproxy", argv, self.log_path)
+        launcher = spawn("haproxy", argv, self.log_path, append=True)
         try:
             status = launcher.proc.wait(RELOAD_WAIT)
         except subprocess.TimeoutExpired:
@@ -990,10 +968,6 @@ def print_check(r: RunResult) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(results: list[RunResult]) -> str:
     head = [
         "proxy",
@@ -1093,23 +1067,13 @@ def report(opts: Options, tools: Tools, results: list[RunResult], subreaper: boo
 
 
 def meta(opts: Options, tools: Tools) -> dict[str, Any]:
-    versions = {
-        "nginx": program_version([tools.nginx, "-v"]),
-        "wrk": program_version([tools.wrk, "-v"]),
-    }
-    if tools.haproxy:
-        versions["haproxy"] = program_version([tools.haproxy, "-v"])
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **run_meta(tools),
         "duration": opts.duration,
         "connections": opts.connections,
         "interval_ms": [INTERVAL[0] * 1000, INTERVAL[1] * 1000],
         "pylb_workers": WORKERS,
         "seed": opts.seed,
-        "versions": versions,
     }
 
 
