@@ -2,6 +2,9 @@
 
 A SOCK_SEQPACKET socketpair: one JSON object per packet, descriptors riding along with
 SCM_RIGHTS. Packets keep message boundaries, so neither side needs framing of its own.
+A packet is limited by the socket's buffer, so a larger message (a big state, a long
+list) travels in a memfd: the packet says `{"op": "bulk"}` and carries the memfd as its
+first descriptor. No message is too big; small ones, the usual, cost no extra call.
 """
 
 from __future__ import annotations
@@ -16,28 +19,65 @@ from typing import Any
 
 MAX_PACKET = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD
+INLINE_MAX = 64 * 1024  # larger messages travel in a memfd
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+def encode(message: dict[str, Any], fds: list[int]) -> tuple[bytes, list[int], int | None]:
+    """The packet and descriptors that carry `message`, and the memfd made for a large
+    one (the caller closes it once sent)."""
     data = json.dumps(message, separators=(",", ":")).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
+    if len(data) <= INLINE_MAX:
+        return data, fds, None
+    bulk = os.memfd_create("pylb-message", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(bulk, view):]
+    return b'{"op":"bulk","size":%d}' % len(data), [bulk, *fds], bulk
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data, all_fds, bulk = encode(message, fds or [])
+    try:
+        if all_fds:
+            socket.send_fds(sock, [data], all_fds)
+        else:
+            sock.send(data)
+    finally:
+        if bulk is not None:
+            os.close(bulk)
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and the descriptors that came with it; (None, []) at end of stream."""
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_PACKET, MAX_FDS)
+    fds = list(fds)
     if not data:
         for fd in fds:
             socket.close(fd)
         return None, []
-    return json.loads(data), list(fds)
+    message = json.loads(data)
+    if message.get("op") == "bulk" and fds:
+        bulk = fds.pop(0)
+        try:
+            message = json.loads(_read_all(bulk, message["size"]))
+        finally:
+            os.close(bulk)
+    return message, fds
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 24), offset)
+        if not chunk:
+            raise ValueError("bulk message shorter than announced")
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 class Channel:
@@ -65,12 +105,16 @@ class Channel:
         descriptors are duplicates, closed once sent)."""
         if self.closed:
             return
-        data = json.dumps(message, separators=(",", ":")).encode()
-        if not self._outbox and self._try_send(data, fds or []):
-            return
-        if not self._outbox:
-            self._loop.add_writer(self.sock, self._writable)
-        self._outbox.append((data, [os.dup(fd) for fd in fds or []]))
+        data, all_fds, bulk = encode(message, fds or [])
+        try:
+            if not self._outbox and self._try_send(data, all_fds):
+                return
+            if not self._outbox:
+                self._loop.add_writer(self.sock, self._writable)
+            self._outbox.append((data, [os.dup(fd) for fd in all_fds]))
+        finally:
+            if bulk is not None:
+                os.close(bulk)
 
     def _try_send(self, data: bytes, fds: list[int]) -> bool:
         try:
