@@ -21,7 +21,7 @@ from lb.shared import (
     UP,
     Shared,
 )
-from lb.sticktable import Replica
+from lb.sticktable import StickTable
 
 
 class Server:
@@ -110,7 +110,7 @@ class Backend:
         self.servers = [Server(s, self, shared, slot) for s in cfg.servers]
         self.by_cookie = {s.cookie: s for s in self.servers if s.cookie}
         self.by_name = {s.name: s for s in self.servers}
-        self.stick: Replica | None = None  # the worker attaches its stick-table replica
+        self.stick: StickTable | None = None  # the worker attaches the stick-on table
         self.counters = Counters()
         self._version = -1
         self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
@@ -131,7 +131,7 @@ class Backend:
         """Connections open to its servers from all of pylb."""
         return sum(server.conns for server in self.servers)
 
-    def stuck(self, key: str | None) -> Server | None:
+    def stuck(self, key: bytes | None) -> Server | None:
         """The server the stick table names for `key`, if it may still serve it."""
         if key is None or self.stick is None:
             return None

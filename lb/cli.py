@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     pid_path = args.pidfile or cfg.global_.pidfile
     pid_path = os.path.abspath(pid_path) if pid_path else None
     if args.daemon or cfg.global_.daemon:
-        heir = inheritance.heir if inheritance is not None else None
-        daemonize(listeners, [heir.fileno()] if heir is not None else [])
+        logsetup.close()
+        daemonize(listeners, inheritance.descriptors() if inheritance is not None else [])
         logsetup.setup(cfg.global_.log, level)  # the daemon's own stderr is /dev/null
     if pid_path:
         pidfile.write(pid_path)
@@ -115,3 +115,8 @@ def daemonize(listeners: list[Listener], keep: list[int]) -> None:
         detach_process=True,
     )
     context.open()
+    # python-daemon leaves the /dev/null it puts on 0, 1 and 2 close-on-exec: workers must
+    # inherit them, or the descriptors they receive would land on 0, 1 and 2 and anything
+    # written to stdout or stderr would go into a listening socket or shared memory.
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, True)

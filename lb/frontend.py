@@ -10,8 +10,10 @@ frees. Places freed by another worker are noticed on the next tick (`check_limit
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from lb.worker import Worker
 
 
+_NO_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
 def _has_rules(cfg: config.Frontend) -> bool:
     return bool(
         cfg.acl or cfg.http_request or cfg.use_backend or cfg.monitor_uri or cfg.errorfiles
@@ -54,10 +59,21 @@ class Frontend:
         self.held: deque[Any] = deque()  # accepted over the limit: waiting, unread
         self.request_log = httplog.RequestLog(cfg.log) if cfg.log else None
         config_ = worker.config
-        self.rules = (
+        compiled = (
             FrontendRules.compile(cfg, config_.maps, backends=config_.backends)
-            if _has_rules(cfg) else None
+            if _has_rules(cfg) or cfg.tcp_request_connection else None
         )
+        self.rules = compiled if _has_rules(cfg) else None  # per HTTP request
+        # tcp-request connection, once per connection; None: nothing to do
+        self.connection_rules = (
+            compiled if compiled is not None and compiled.has_connection_rules else None
+        )
+        if self.connection_rules is not None or any(
+            isinstance(rule, config.model.TrackRule) for rule in cfg.http_request
+        ):
+            # Stick tables outlive this worker: a worker that exits with connections
+            # still open (hard-stop-after, stop) lets go of their conn_cur first.
+            atexit.register(self.release_counters)
         self.counters = Counters()
         self.stopping = False
         self.sockets: list[socket.socket] = []
@@ -66,6 +82,7 @@ class Frontend:
         self._starting = False
         session = HttpSession if cfg.mode == "http" else TcpSession
         self._factory = functools.partial(session, self)
+        self._adopted_factory = functools.partial(session, self, adopted=True)
         words = worker.shared.words
         self._words = words
         base = worker.shared.layout.frontends[cfg.name]
@@ -118,7 +135,7 @@ class Frontend:
         sock.setblocking(False)
         try:
             _, session = await asyncio.get_running_loop().connect_accepted_socket(
-                self._factory, sock
+                self._adopted_factory, sock
             )
         except OSError:
             sock.close()
@@ -161,7 +178,42 @@ class Frontend:
         self._words[self._mine] += delta
         self._words[self._global_mine] += delta
 
+    def connected(self, session: Any, client_ip: str, adopted: bool) -> bool:
+        """Run the tcp-request connection rules for a new connection (``connection_rules``
+        is set): False when they reject it, and then it is closed at once with a reset,
+        as HAProxy does, before anything is read. The stick counters it tracks go to
+        ``session.tracked``; ``closed`` lets go of them."""
+        accepted, session.tracked = self.connection_rules.connect(  # type: ignore[union-attr]
+            client_ip, self.worker, adopted
+        )
+        if accepted:
+            return True
+        self.counters.stot += 1
+        self.counters.dreq += 1  # the frontend's only "denied" counter
+        transport = session.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+            except OSError:
+                pass
+        transport.abort()
+        return False
+
+    def release_counters(self) -> None:
+        """Let go of the stick counters of every connection still open (the worker is
+        exiting without closing them one by one)."""
+        for session in list(self.sessions):
+            tracked = session.tracked
+            if tracked is not None:
+                session.tracked = None
+                tracked.close()
+
     def closed(self, session: Any) -> None:
+        tracked = session.tracked
+        if tracked is not None:  # its stick counters, tracked for the connection or a request
+            session.tracked = None
+            tracked.close()
         if session not in self.sessions:
             return
         self.sessions.discard(session)

@@ -25,6 +25,7 @@ from lb.tunnel import Tunnel
 if TYPE_CHECKING:
     from lb.backend import Backend, Server
     from lb.frontend import Frontend
+    from lb.rules import StickCounters
 
 # Session phases
 IDLE, QUEUED, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(6)
@@ -86,10 +87,14 @@ class HttpSession(asyncio.Protocol):
         "tunnel",
         "received",
         "resume",
+        "tracked",
+        "adopted",
     )
 
-    def __init__(self, frontend: Frontend) -> None:
+    def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
         self.frontend = frontend
+        self.adopted = adopted  # handed over by an older generation
+        self.tracked: StickCounters | None = None  # stick counters (track-sc), if any
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.reader = h1.RequestReader(frontend.max_head)
         self.client_ip = b""
@@ -126,7 +131,7 @@ class HttpSession(asyncio.Protocol):
         self.tunnel_bytes = b""
         self.sticky: Server | None = None  # the server persistence names for this request
         self.cookie_server: Server | None = None  # ... when it is the client's cookie
-        self.stick_key: str | None = None  # this request's key in the stick table
+        self.stick_key: bytes | None = None  # this request's key in the stick table
         self.queue_id = 0  # waiting for a slot on a limited server (see lb.queue)
         self.slot: Server | None = None  # the limited server whose slot this exchange holds
         self.received: list[bytes] = []  # the head's lines as the client sent them
@@ -138,7 +143,14 @@ class HttpSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
-        if self.frontend.admit(self):
+        frontend = self.frontend
+        if frontend.connection_rules is not None and not frontend.connected(
+            self, peer[0] if peer else "", self.adopted
+        ):
+            self.phase = CLOSED  # rejected by tcp-request connection: reset already
+            self.held = []  # and should uvloop still read once, the bytes stay unread
+            return
+        if frontend.admit(self):
             self.admitted()
         else:
             self.held = []  # over the limit: wait for a place, reading no further
@@ -285,8 +297,14 @@ class HttpSession(asyncio.Protocol):
         ):
             self.close_after = True
         backend = frontend.default_backend
+        tracked = self.tracked
+        if tracked is not None:
+            tracked.begin_request()  # counted before the rules, which may read the rates
         if frontend.rules is not None:
-            decision = frontend.rules.evaluate(_RuleView(self.client_ip, head), frontend.worker)
+            decision = frontend.rules.evaluate(
+                _RuleView(self.client_ip, head), frontend.worker, tracked
+            )
+            self.tracked = decision.counters
             if decision.response is not None:
                 self._answer(decision.response)
                 return
@@ -300,8 +318,9 @@ class HttpSession(asyncio.Protocol):
         self.backend = backend
         self.retries_left = backend.cfg.retries
         cfg = backend.cfg
-        if cfg.stick_on is not None:  # before the cookie edits below change the head
-            self.stick_key = persist.stick_key(head, self.client_ip, cfg.stick_on)
+        if backend.stick is not None:  # before the cookie edits below change the head
+            text = persist.stick_key(head, self.client_ip, cfg.stick_on)  # type: ignore[arg-type]
+            self.stick_key = backend.stick.key_of(text) if text is not None else None
         if cfg.cookie is not None:
             head.forward = list(head.forward)  # edited in place below
             value = persist.request_cookie(head, cfg.cookie)  # edits the head: before rendering
@@ -576,6 +595,8 @@ class HttpSession(asyncio.Protocol):
         self.server_keep_alive = head.keep_alive
         status = head.status
         kind = status // 100 if status < 600 else 0
+        if kind == 4 and self.tracked is not None:
+            self.tracked.error()  # http_err_cnt / http_err_rate of its stick counters
         self.frontend.counters.hrsp[kind] += 1
         self.server.counters.hrsp[kind] += 1  # type: ignore[union-attr]
         self.backend.counters.hrsp[kind] += 1  # type: ignore[union-attr]
@@ -653,6 +674,8 @@ class HttpSession(asyncio.Protocol):
     # -- ending ---------------------------------------------------------------------
 
     def _finish_exchange(self) -> None:
+        if self.tracked is not None:
+            self.tracked.end_request()
         if self.times is not None:
             self._log(self.times.status, "--")
         self._drop_server(reusable=self.server_keep_alive)
@@ -772,6 +795,12 @@ class HttpSession(asyncio.Protocol):
         rules = self.frontend.rules
         if page is None:
             page = (rules.error_page(status) if rules is not None else None) or PAGES[status]
+        tracked = self.tracked
+        if tracked is not None:  # counted before the client can see the answer
+            tracked.begin_request()  # a request that failed before its head counts too
+            if 400 <= status < 500 and not self.resp_started:
+                tracked.error()
+            tracked.end_request()
         if self.resp_started or self.transport.is_closing():
             page = b""
         if page:
@@ -810,6 +839,8 @@ class HttpSession(asyncio.Protocol):
                 server.backend.counters.srv_abrt += 1
         if self.times is not None:
             self._log(self.times.status, termination)
+        if self.tracked is not None:
+            self.tracked.end_request()
         self._drop_server(reusable=False)
         self.phase = CLOSED
         clock.watched.discard(self)

@@ -44,6 +44,15 @@ def setup(target: str = "stderr", level: int = logging.INFO) -> None:
     """Send pylb's log lines to `target` (stderr, a file, udp@HOST:PORT, unix@PATH)."""
     handler = _handler(target)
     handler.setFormatter(_formatter)
+    close()
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+def close() -> None:
+    """Close the log's handlers (before daemonizing closes their descriptors under them:
+    a handler left behind would later write to, or close, whatever reuses the number)."""
+    for handler in log.handlers:
+        handler.close()
+    log.handlers.clear()

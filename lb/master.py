@@ -25,15 +25,14 @@ from typing import Any
 import uvloop
 
 import lb
-from lb import config, control, reload, systemd, takeover
+from lb import config, control, maps, reload, systemd, takeover
 from lb.check import Checker
 from lb.log import log
 from lb.queue import Keeper
-from lb.rules import load_map
 from lb.runtime.server import StatsSocket
 from lb.shared import MAX_SLOTS, Shared
 from lb.sock import Listener
-from lb.sticktable import Tables
+from lb.tables import Tables
 from lb.takeover import Inheritance
 
 RESPAWN_BACKOFF_MAX = 30.0
@@ -105,11 +104,11 @@ class Master:
         self.stopping = False
         self.announced: set[int] = set()  # generations announced ready
         self.shared = Shared.create(cfg)
-        self.tables = Tables(cfg)
+        self.tables = Tables(cfg, inheritance.tables if inheritance is not None else None)
         self.started = time.time()
         self.variables: dict[str, tuple[str, str]] = {}  # runtime variables: (type, value)
-        # named maps, as loaded and then changed at run time
-        self.maps = {name: load_map(path) for name, path in cfg.maps.items()}
+        # named maps: indexes in shared memory, changed at run time by edits on top
+        self.maps = maps.load(cfg, inheritance.maps if inheritance is not None else {})
         self.stats_socket: StatsSocket | None = None
         self._asks: dict[int, dict[WorkerHandle, asyncio.Future[Any]]] = {}
         self._ready: dict[int, asyncio.Future[None]] = {}  # generations a reload waits for
@@ -132,11 +131,7 @@ class Master:
         """Start from the state of the pylb we take over from, as a reload would."""
         old, old_cfg = takeover.old_memory(state)
         reload.carry_state(old, old_cfg, self.shared, self.config)  # type: ignore[arg-type]
-        self.tables.load(state["tables"], self.config)
         self.variables = {name: (kind, value) for name, (kind, value) in state["vars"].items()}
-        for name, content in state["maps"].items():
-            if name in self.maps:
-                self.maps[name] = content
         self.health = state["health"]
 
     def snapshot(self) -> dict[str, Any]:
@@ -145,9 +140,8 @@ class Master:
             "config_path": self.config.path,
             "config_text": self.config.text,
             "words": list(self.shared.words),
-            "tables": self.tables.snapshot(),
             "vars": self.variables,
-            "maps": self.maps,
+            "maps": maps.descriptors(self.maps)[0],  # edits; the indexes go by _getsocks
             "health": self.checker.health(),
         }
 
@@ -212,7 +206,7 @@ class Master:
         for backend, queue in self.keeper.queues.items():
             if queue or any(s.queue for s in self.keeper.by_backend[backend]):
                 self.keeper.dispatch(backend)
-        self.tables.purge()
+        self.tables.housekeeping()
 
     def _on_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
@@ -247,8 +241,10 @@ class Master:
         )
         theirs.close()
         pidfd = os.pidfd_open(proc.pid)
-        fds = [lst.sock.fileno() for lst in self.listeners] + [self.shared.fd]
-        control.send(ours, self._hello(index, slot), fds)
+        names, tables = self.tables.descriptors()
+        edits, indexes = maps.descriptors(self.maps)
+        fds = [lst.sock.fileno() for lst in self.listeners] + tables + indexes
+        control.send(ours, self._hello(index, slot, names, edits), fds + [self.shared.fd])
         channel = control.Channel(ours, lambda message, fds: None, lambda: None)
         handle = WorkerHandle(
             index, self.generation, self.config.global_.workers, proc, channel, pidfd, slot
@@ -258,7 +254,9 @@ class Master:
         asyncio.get_running_loop().add_reader(pidfd, self._exited, handle)
         log.info("%s started (pid %d)", handle, handle.pid)
 
-    def _hello(self, index: int, slot: int) -> dict[str, Any]:
+    def _hello(
+        self, index: int, slot: int, tables: list[str], edits: dict[str, Any]
+    ) -> dict[str, Any]:
         """The first message to a new worker: who it is and what it serves."""
         return {
             "op": "hello",
@@ -271,8 +269,8 @@ class Master:
             "listeners": [[lst.frontend, lst.address] for lst in self.listeners],
             "log": self.config.global_.log,
             "log_level": self.log_level,
-            "sticks": self.tables.snapshot(),
-            "maps": self.maps,
+            "tables": tables,
+            "maps": edits,
             "vars": {name: value for name, (_kind, value) in self.variables.items()},
         }
 
@@ -288,18 +286,16 @@ class Master:
                            f"STATUS=reloading {self.config.path}")
             try:
                 cfg = config.load(self.config.path)
+                new_maps = await maps.reload(cfg, self.maps)
                 listeners, stale = reload.listeners_for(cfg, self.listeners)
-            except (config.ConfigError, OSError) as err:
+            except (config.ConfigError, OSError, ValueError) as err:
                 log.error("reload failed, the running configuration stays: %s", err)
                 systemd.notify("READY=1", f"STATUS=reload failed: {err}")
                 return False, str(err)
             previous = (self.config, self.shared, self.listeners, self.checker, self.maps)
             shared = Shared.create(cfg)
             reload.carry_state(self.shared, self.config, shared, cfg)
-            self._switch(cfg, shared, listeners, {
-                name: self.maps[name] if name in self.maps else load_map(path)
-                for name, path in cfg.maps.items()
-            })
+            self._switch(cfg, shared, listeners, new_maps)
             old_generation, self.generation = self.generation, self.generation + 1
             ready = self._ready[self.generation] = asyncio.get_running_loop().create_future()
             for index in range(1, cfg.global_.workers + 1):
@@ -315,6 +311,7 @@ class Master:
                 self.generation = old_generation
                 config_, shared_, listeners_, checker_, maps_ = previous
                 self._switch(config_, shared_, listeners_, maps_, checker_)
+                maps.release(new_maps, maps_)
                 systemd.notify("READY=1", "STATUS=reload failed: the new workers did not start")
                 return False, "the new workers did not start"
             for handle in self.workers.values():
@@ -324,6 +321,7 @@ class Master:
             for listener in stale:
                 listener.sock.close()  # old workers closed theirs on soft stop
             previous[1].close()
+            maps.release(previous[4], new_maps)
             self.reloads += 1
             log.info("reload %d done: generation %d serves %s", self.reloads,
                      self.generation, cfg.path)
@@ -334,16 +332,17 @@ class Master:
         cfg: config.Config,
         shared: Shared,
         listeners: list[Listener],
-        maps: dict[str, dict[str, str]],
+        named_maps: maps.Maps,
         checker: Checker | None = None,
     ) -> None:
         """Make `cfg` the configuration that new workers, checks and commands follow."""
         self.checker.stop()
         self.checker = checker or Checker(cfg, shared, self.checker.health())
         self.checker.start()
-        self.config, self.shared, self.listeners, self.maps = cfg, shared, listeners, maps
+        self.config, self.shared, self.listeners = cfg, shared, listeners
+        self.maps = named_maps
         self.keeper.reconfigure(cfg, shared)
-        self.tables.reconfigure(cfg)
+        self.tables.configure(cfg)
 
     async def ask(self, what: str, timeout: float = 2.0, **args: Any) -> list[Any]:
         """Ask every running worker something (`lb.worker.Worker._answer`); the answers
@@ -376,11 +375,6 @@ class Master:
         op = message.get("op")
         if op == "handover":
             self._hand_over(message, fds)  # at once: the connections wait in no queue
-            return
-        if op == "stick":  # at once too: other workers want the entry before they need it
-            update = self.tables.learn(message["be"], message["key"], message["srv"])
-            if update is not None:
-                self.broadcast(update)
             return
         for fd in fds:
             os.close(fd)

@@ -1,10 +1,11 @@
 """Taking over from a running pylb: `pylb -f CFG -sf PID` (or `-st`, or `-x SOCKET`).
 
 The new process asks the old master, over its stats socket, for
-- `_getsocks`: every listening socket (by SCM_RIGHTS), so binds that remain keep their
-  socket and its kernel backlog: no connection waiting there is lost;
-- `_getstate`: the runtime state (servers, frontends, stick tables, variables, maps,
-  health counters), applied by name as an in-place reload does;
+- `_getsocks`: every listening socket, every stick table's and every map's shared memory
+  (by SCM_RIGHTS), so binds that remain keep their socket and its kernel backlog (no
+  connection waiting there is lost), and tables and maps come without a copy;
+- `_getstate`: the runtime state (servers, frontends, variables, map edits, health
+  counters), applied by name as an in-place reload does;
 - `_handover`: a connection kept open both ways. The old master sends on it the idle
   client connections its workers let go once told to stop; and from then on it asks the
   new master for server slots on its workers' behalf (`slot` messages both ways), so a
@@ -21,9 +22,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from lb import config
+from lb import config, tables
+from lb.mapstore import MapIndex
 from lb.shared import Layout
 from lb.sock import Listener
+from lb.sticktable import StickTable
 
 TIMEOUT = 5.0
 
@@ -33,10 +36,19 @@ class Inheritance:
     """What the old process handed over."""
 
     listeners: list[Listener] = field(default_factory=list)
+    tables: dict[str, StickTable] = field(default_factory=dict)  # the same shared memory
+    maps: dict[str, tuple[MapIndex, dict[str, Any]]] = field(default_factory=dict)  # + edits
     state: dict[str, Any] | None = None
     heir: socket.socket | None = None  # where handed-over connections will arrive
     held: dict[str, list[list[Any]]] = field(default_factory=dict)  # old workers' slots
     early: bytes = b""  # handover messages read along with the answer
+
+    def descriptors(self) -> list[int]:
+        """What must stay open through daemonizing (listeners aside): the handover
+        connection, and the tables' and maps' shared memory."""
+        kept = [table.fd for table in self.tables.values()]
+        kept += [index.fd for index, _edits in self.maps.values()]
+        return kept + ([self.heir.fileno()] if self.heir is not None else [])
 
 
 @dataclass
@@ -73,11 +85,18 @@ def inherit(path: str) -> Inheritance:
         for fd in fds:
             socket.close(fd)
         raise ValueError(answer.get("error", data.decode(errors="replace").strip()))
-    for (frontend, address), fd in zip(answer["listeners"], fds, strict=True):
+    listening = len(answer["listeners"])
+    for (frontend, address), fd in zip(answer["listeners"], fds[:listening], strict=True):
         inheritance.listeners.append(Listener(frontend, address, socket.socket(fileno=fd)))
+    names, map_names = answer.get("tables", []), answer.get("maps", [])
+    table_fds = fds[listening : listening + len(names)]
+    inheritance.tables = tables.open_inherited(names, table_fds)
+    indexes = _open_maps(map_names, fds[listening + len(names) :])
     sock, data, _ = _request(path, "_getstate")
     sock.close()
     inheritance.state = json.loads(data)
+    edits = inheritance.state.get("maps", {})
+    inheritance.maps = {name: (index, edits.get(name, {})) for name, index in indexes.items()}
     heir, data, _ = _request(path, "_handover")
     first, _, rest = data.partition(b"\n")
     answer = json.loads(first or b"{}")
@@ -89,6 +108,16 @@ def inherit(path: str) -> Inheritance:
     else:
         heir.close()
     return inheritance
+
+
+def _open_maps(names: list[str], fds: list[int]) -> dict[str, MapIndex]:
+    out: dict[str, MapIndex] = {}
+    for name, fd in zip(names, fds, strict=True):
+        try:
+            out[name] = MapIndex.open(fd)
+        except (ValueError, OSError):
+            socket.close(fd)  # not usable: the map is read from its file instead
+    return out
 
 
 def send_line(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:

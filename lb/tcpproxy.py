@@ -14,6 +14,7 @@ from lb.tunnel import Tunnel
 if TYPE_CHECKING:
     from lb.backend import Server
     from lb.frontend import Frontend
+    from lb.rules import StickCounters
 
 
 class _Held(asyncio.Protocol):
@@ -43,11 +44,13 @@ class TcpSession(asyncio.Protocol):
     __slots__ = (
         "frontend", "transport", "deadline", "server", "retries_left", "task", "done",
         "early", "early_eof", "queue_id", "slot", "begin", "queued", "connect", "connected",
-        "retries", "tunnel",
+        "retries", "tunnel", "tracked", "adopted",
     )
 
-    def __init__(self, frontend: Frontend) -> None:
+    def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
         self.frontend = frontend
+        self.adopted = adopted
+        self.tracked: StickCounters | None = None  # tcp-request connection track-sc
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.deadline = 0.0
         self.server: Server | None = None
@@ -66,7 +69,13 @@ class TcpSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.frontend.admit(self):
+        frontend = self.frontend
+        if frontend.connection_rules is not None:
+            peer = transport.get_extra_info("peername")
+            if not frontend.connected(self, peer[0] if peer else "", self.adopted):
+                self.done = True
+                return  # rejected by tcp-request connection
+        if frontend.admit(self):
             self.admitted()
 
     def admitted(self) -> None:
@@ -84,7 +93,8 @@ class TcpSession(asyncio.Protocol):
         assert backend is not None
         peer = self.transport.get_extra_info("peername")
         client_ip = peer[0] if peer else ""
-        stick_key = client_ip if backend.cfg.stick_on is not None else None  # src only
+        table = backend.stick  # tcp mode sticks on src only
+        stick_key = table.key_of(client_ip) if table is not None and client_ip else None
         server = backend.stuck(stick_key)
         if server is None or server is exclude:
             server = backend.pick(Context(client_ip.encode()), exclude)

@@ -20,18 +20,20 @@ from typing import Any
 import setproctitle
 import uvloop
 
-from lb import config, control
+from lb import config, control, maps
 from lb import log as logsetup
 from lb.backend import Backend
 from lb.frontend import Frontend
 from lb.log import log
+from lb.mapstore import SharedMap
 from lb.queue import Queue
 from lb.serverconn import ConnectionPool
 from lb.shared import GLOBAL_FIELDS, Shared
-from lb.sticktable import Replica
+from lb.sticktable import StickTable
 from lb.timer import clock
 
 EXIT_GRACE = 0.05  # seconds a stopping worker waits for connections already accepted
+_NO_MAP = SharedMap(None)  # configurations name only maps that exist: never used
 
 
 class Worker:
@@ -45,17 +47,25 @@ class Worker:
         self.count: int = hello["workers"]
         self.pool = ConnectionPool()
         self.slot: int = hello["slot"]  # this worker's column in the shared counters
-        # The listening sockets come first, then the shared memory.
+        # The listening sockets come first, then the stick tables, the maps' indexes and
+        # the shared memory.
         self.shared = Shared(fds.pop(), self.config)
+        listening, tables = len(hello["listeners"]), len(hello["tables"])
+        self.tables = {
+            name: StickTable(fd, name, _expire(self.config, name))
+            for name, fd in zip(hello["tables"], fds[listening : listening + tables], strict=True)
+        }
+        # Runtime state the operator sets through the master (rules read it)
+        self.maps = maps.opened(hello["maps"], fds[listening + tables :])
+        self.variables: dict[str, str] = dict(hello.get("vars", {}))
+        del fds[listening:]
         self.backends = {
             name: Backend(cfg, self.shared, self.slot)
             for name, cfg in self.config.backends.items()
         }
         for name, backend in self.backends.items():
-            cfg = backend.cfg
-            if cfg.stick_table is not None and cfg.stick_on is not None:
-                backend.stick = Replica(name, cfg.stick_table, self._send)
-                backend.stick.apply({"set": hello.get("sticks", {}).get(name, [])})
+            if backend.cfg.stick_on is not None:
+                backend.stick = self.tables.get(name)
         self.frontends = {
             name: Frontend(cfg, self.backends, self) for name, cfg in self.config.frontends.items()
         }
@@ -66,9 +76,6 @@ class Worker:
         self._leaving: list[tuple[dict[str, Any], int]] = []  # connections to hand over
         self._exit_check: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[None] | None = None
-        # Runtime state the operator sets through the master (rules read it)
-        self.variables: dict[str, str] = dict(hello.get("vars", {}))
-        self.maps: dict[str, dict[str, str]] = dict(hello.get("maps", {}))
 
     # -- lb.rules.Runtime: what rules may look at ----------------------------------------
 
@@ -80,8 +87,11 @@ class Worker:
     def var(self, name: str) -> str | None:
         return self.variables.get(name)
 
-    def map(self, name: str) -> dict[str, str]:
-        return self.maps.get(name, {})
+    def map(self, name: str) -> SharedMap:
+        return self.maps.get(name, _NO_MAP)
+
+    def table(self, name: str) -> StickTable | None:
+        return self.tables.get(name)
 
     def connections(self) -> int:
         """Connections admitted by pylb as a whole, all frontends."""
@@ -117,10 +127,6 @@ class Worker:
                 os.close(fd)
         if op == "grant":
             self.queue.on_grant(message, self.backends)
-        elif op == "stick":
-            stick = self.backends[message["be"]].stick
-            if stick is not None:
-                stick.apply(message)
         elif op == "reopen-logs":
             for frontend in self.frontends.values():
                 if frontend.request_log is not None:
@@ -155,9 +161,9 @@ class Worker:
             for frontend in self.frontends.values():
                 frontend.check_limits()
             return True
-        if what == "set-map":
-            self.maps[message["name"]] = message["content"]
-            return True
+        if what == "map-edit":
+            shared = self.maps.get(message["name"])
+            return maps.edit(shared, message) if shared is not None else False
         if what == "set-var":
             self.variables[message["name"]] = message["value"]
             return True
@@ -277,9 +283,30 @@ class Worker:
             self._done.set_result(None)
 
 
+def _expire(cfg: config.Config, table: str) -> float | None:
+    """The expiry the configuration gives table `table` (named after its proxy)."""
+    backend = cfg.backends.get(table)
+    if backend is not None and backend.stick_table is not None:
+        return backend.stick_table.expire
+    frontend = cfg.frontends.get(table)
+    settings = frontend.stick_table if frontend is not None else None
+    return settings.expire if settings is not None else None
+
+
+def _standard_streams_open() -> None:
+    """Descriptors 0, 1 and 2 open (on /dev/null if they were not), so that those the
+    master sends cannot land there: a stray print would write into them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     channel = socket.socket(fileno=int(argv[0]))
+    _standard_streams_open()
     # Ctrl-C in a terminal reaches the whole process group: the master decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -765,10 +765,14 @@ def parse_statuses(data: bytes) -> list[int]:
 class HttpConn:
     """A blocking client connection to 127.0.0.1:``port``."""
 
-    def __init__(self, port: int, *, timeout: float = 5.0, rcvbuf: int | None = None) -> None:
+    def __init__(self, port: int, *, timeout: float = 5.0, rcvbuf: int | None = None,
+                 source: str | None = None) -> None:
+        """``source``: the client's address (any of 127.0.0.0/8 works on loopback)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect((HOST, port))
         self.reader = _Reader(lambda: self.sock.recv(262144))

@@ -272,8 +272,15 @@ def test_invalid_utf8(tmp_path: Path) -> None:
          "'10.0.0.1:99999' (expected 1 to 65535)"),
         ("  app:\n", "  app:\n    log: stderr\n",
          "t.cfg:7: backends.app.log: unknown key"),  # a request log is per frontend
-        ("  app:\n", "  app:\n    stick-table: {type: integer}\n",
-         "t.cfg:7: backends.app.stick-table.type: expected ip or string, got 'integer'"),
+        ("  app:\n", "  app:\n    stick-table: {type: integer}\n    stick-on: src\n",
+         "t.cfg:8: backends.app.stick-on: stick-on src needs a stick-table of type ip, ipv6 "
+         "or string (backend 'app' has type integer)"),
+        ("  app:\n", "  app:\n    stick-table: {type: number}\n",
+         "t.cfg:7: backends.app.stick-table.type: expected one of ip, ipv6, integer, string, "
+         "got 'number'"),
+        ("  app:\n", "  app:\n    stick-table: {store: [http_req_rate]}\n",
+         "t.cfg:7: backends.app.stick-table.store: http_req_rate needs a period, like "
+         "http_req_rate(10s)"),
         ("  app:\n", "  app:\n    stick-table:\n      size: 100kb\n",
          "t.cfg:8: backends.app.stick-table.size: expected a count like 1000 or 100k, "
          "got '100kb'"),
@@ -1085,7 +1092,7 @@ def test_a_single_rule_may_be_a_string_and_acl_lines_a_list() -> None:
          "end, sub, reg, len, found, bool, int or ip"),
         ("is_api: path_beg /api", "is_api: hdr(host),lowercase x",
          "t.cfg:6: frontends.web.acl.is_api: unknown converter 'lowercase' (did you mean "
-         "lower?); expected lower, upper or map"),
+         "lower?); expected lower, upper, map, map_str, map_beg, map_dom or map_ip"),
         ("is_api: path_beg /api", "is_api: path -x /a",
          "t.cfg:6: frontends.web.acl.is_api: unknown ACL flag '-x' (write -- before a value "
          "that starts with -)"),
@@ -1093,7 +1100,8 @@ def test_a_single_rule_may_be_a_string_and_acl_lines_a_list() -> None:
          "t.cfg:6: frontends.web.acl.is_api: ACL flag -f is not supported by pylb"),
         ("- deny if maint !is_api", "- block if maint",
          "t.cfg:9: frontends.web.http-request: unknown action 'block'; expected deny, "
-         "redirect, return, set-header, add-header or del-header"),
+         "redirect, return, set-header, add-header, del-header, track-sc0, track-sc1, "
+         "track-sc2 or sc-inc-gpc0"),
         ("- deny if maint !is_api", "- deny when maint",
          "t.cfg:9: frontends.web.http-request: unknown deny option 'when'; expected status, "
          "content-type, default-errorfiles, errorfile, file, string, hdr or deny_status, then "
@@ -1178,7 +1186,8 @@ def test_a_single_rule_may_be_a_string_and_acl_lines_a_list() -> None:
          'value, like "!maint"'),
         ("- deny if maint !is_api", "- deny if maint\n      - 42",
          "t.cfg:10: frontends.web.http-request: unknown action '42'; expected deny, redirect, "
-         "return, set-header, add-header or del-header"),
+         "return, set-header, add-header, del-header, track-sc0, track-sc1, track-sc2 or "
+         "sc-inc-gpc0"),
         ("- deny if maint !is_api", "- {deny: maint}",
          "t.cfg:9: frontends.web.http-request: expected a rule like deny if blocked, "
          "got a mapping"),
@@ -1287,7 +1296,6 @@ backends:
         address: 127.0.0.1:5433
 """
     for key, written in [
-        ("acl", "acl: {local: src 127.0.0.1}"),
         ("http-request", "http-request: [deny]"),
         ("use_backend", "use_backend: [db]"),
         ("monitor-uri", "monitor-uri: /alive"),
@@ -1296,6 +1304,12 @@ backends:
             f"t.cfg:6: frontends.pg.{key}: {key} needs mode http (frontend 'pg' is mode tcp)"
         )
     assert loads(tcp.replace("{key}", "maxconn: 5")).frontends["pg"].acl == ()
+    # ACLs work in tcp mode (for tcp-request connection), with fetches that need no request
+    assert loads(tcp.replace("{key}", "acl: {local: src 127.0.0.1}")).frontends["pg"].acl
+    assert error_of(tcp.replace("{key}", "acl: {api: path_beg /api}")) == (
+        "t.cfg:6: frontends.pg.acl.api: path_beg needs an HTTP request (frontend 'pg' is "
+        "mode tcp)"
+    )
 
 
 def test_use_backend_modes_must_match() -> None:

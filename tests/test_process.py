@@ -222,6 +222,37 @@ def test_daemon_mode_writes_the_pidfile(tmp_path: Path, backends):
     assert not pidfile.exists()
 
 
+def test_daemon_workers_keep_dev_null_on_0_1_2_and_the_log_file_works(tmp_path: Path, backends):
+    """A daemon's workers receive their sockets and shared memory as descriptors: those
+    must not land on 0, 1 or 2 (a stray print would write into them), and the log file
+    opened before daemonizing must not be left writing to a reused descriptor."""
+    echo = backends.echo("daemon")
+    port = free_port()
+    cfg = http_config(port, [echo.address], 2)
+    cfg["global"]["log"] = "pylb.log"
+    (tmp_path / "lb.cfg").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([*PYLB, "-D", "-p", "run.pid", "-f", "lb.cfg"], cwd=tmp_path,
+                          timeout=20, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pidfile = tmp_path / "run.pid"
+    assert wait_until(pidfile.exists, 5)
+    pid = int(pidfile.read_text())
+    try:
+        master = psutil.Process(pid)
+        assert wait_until(lambda: len(master.children()) == 2, 10)
+        assert wait_until(lambda: _answers(port), 10)
+        for process in [master, *master.children()]:
+            for fd in (0, 1, 2):
+                assert os.readlink(f"/proc/{process.pid}/fd/{fd}") == "/dev/null", process
+        assert all(get(port)["server"] == "daemon" for _ in range(10))
+        assert wait_until(lambda: "generation 1 ready" in (tmp_path / "pylb.log").read_text(),
+                          5)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not psutil.pid_exists(pid) or
+                      psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+
+
 def _answers(port: int) -> bool:
     try:
         get(port)

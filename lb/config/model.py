@@ -70,9 +70,12 @@ class Global:
 class Sample:
     """A fetch and its converters, as in ``hdr(host),lower,map(hosts,app)``.
 
-    ``fetch`` is the canonical name (src path url method hdr cook host nbsrv var); ``args``
-    its arguments (a header name in lower case, a cookie name, a backend, ``proc.NAME`` and
-    an optional default); ``converters`` pairs of (lower|upper|map, arguments)."""
+    ``fetch`` is the canonical name (src path url method hdr cook host nbsrv var sc
+    src_table); ``args`` its arguments (a header name in lower case, a cookie name, a
+    backend, ``proc.NAME`` and an optional default; for ``sc``: what to fetch (a stored
+    data name, inc_gpc0, clr_gpc0 or tracked), the counter number and a table name or "";
+    for ``src_table`` the same without the number); ``converters`` pairs of
+    (lower|upper|map, arguments)."""
 
     fetch: str
     args: tuple[str, ...]
@@ -178,7 +181,39 @@ class HeaderRule:
     line: int
 
 
-HttpRequestRule = DenyRule | ReturnRule | RedirectRule | HeaderRule
+@dataclass(frozen=True, slots=True)
+class TrackRule:
+    """``track-sc0|1|2 SAMPLE [table NAME]``: start tracking stick counter ``sc`` with the
+    sample's value as the key, in table ``table`` (None: the frontend's own table)."""
+
+    sc: int
+    sample: Sample
+    table: str | None
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class IncGpc0Rule:
+    """``sc-inc-gpc0(N)``: add one to gpc0 (and gpc0_rate) of tracked counter ``sc``."""
+
+    sc: int
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRule:
+    """``accept`` or ``reject`` of ``tcp-request connection``."""
+
+    action: str
+    cond: Condition | None
+    line: int
+
+
+HttpRequestRule = DenyRule | ReturnRule | RedirectRule | HeaderRule | TrackRule | IncGpc0Rule
+# One ``tcp-request connection`` rule: evaluated once per connection, before any byte is read.
+TcpConnectionRule = ConnectionRule | TrackRule | IncGpc0Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +237,20 @@ class ErrorFile:
 
 
 @dataclass(frozen=True, slots=True)
+class StickTable:
+    """``type`` is "ip", "ipv6", "integer" or "string" (keys of at most ``key_len``
+    bytes); ``size`` is a number of entries; ``expire`` in seconds, None when entries only
+    leave to make room for new ones; ``store``: the data kept per entry, as (name, period
+    in ms, 0 for counters), like ("http_req_rate", 10000)."""
+
+    type: str
+    size: int
+    expire: float | None
+    key_len: int = 32
+    store: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Frontend:
     name: str
     binds: tuple[Address, ...]
@@ -220,6 +269,8 @@ class Frontend:
     monitor_uri: str | None = None
     monitor_fail: Condition | None = None
     errorfiles: tuple[ErrorFile, ...] = ()
+    stick_table: StickTable | None = None  # for track-sc rules
+    tcp_request_connection: tuple[TcpConnectionRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,16 +287,6 @@ class Cookie:
     mode: str
     indirect: bool
     nocache: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StickTable:
-    """``type`` is "ip" or "string"; ``size`` is a number of entries; ``expire`` in
-    seconds, None when entries only leave to make room for new ones."""
-
-    type: str
-    size: int
-    expire: float | None
 
 
 @dataclass(frozen=True, slots=True)

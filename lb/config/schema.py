@@ -20,6 +20,7 @@ from .model import (
     HttpRequestRule,
     StatsSocket,
     StickTable,
+    TcpConnectionRule,
     UseBackend,
 )
 from .values import (
@@ -43,6 +44,7 @@ from .values import (
     socket_path,
     status_range,
     stick_on,
+    store,
     token,
     uri_path,
 )
@@ -112,6 +114,11 @@ def http_request(v: Value) -> tuple[HttpRequestRule, ...]:
     return tuple(_located(item, rules.parse_http_request, what) for item in _lines(v))
 
 
+def tcp_request_connection(v: Value) -> tuple[TcpConnectionRule, ...]:
+    what = "a rule like reject if { sc_conn_cur(0) gt 10 }"
+    return tuple(_located(item, rules.parse_tcp_connection, what) for item in _lines(v))
+
+
 def use_backend(v: Value) -> tuple[UseBackend, ...]:
     what = "a backend and an optional condition, like api if is_api"
     return tuple(_located(item, rules.parse_use_backend, what) for item in _lines(v))
@@ -151,7 +158,7 @@ def maps(v: Value) -> dict[str, str]:
                               line=child.key_line)
         file = path(child)
         try:
-            rules.load_map(file)
+            rules.check_map_file(file)
         except OSError as exc:
             raise child.error(f"cannot read map file {file!r}: {exc.strerror}") from None
         except ValueError as exc:
@@ -222,9 +229,11 @@ COOKIE: Schema = {
 }
 
 STICK_TABLE: Schema = {
-    "type": Field(choice("ip", "string"), "ip"),
+    "type": Field(choice("ip", "ipv6", "integer", "string"), "ip"),
     "size": Field(count, 100 * 1024),
     "expire": Field(duration),  # None: entries never expire, the oldest make room
+    "len": Field(integer(1, 255), 32, attr="key_len"),  # string keys, in bytes
+    "store": Field(store, ()),
 }
 
 FRONTEND: Schema = {
@@ -243,6 +252,9 @@ FRONTEND: Schema = {
     "monitor-uri": Field(monitor_uri),
     "monitor-fail": Field(monitor_fail),
     "errorfile": Field(errorfiles, (), attr="errorfiles"),
+    "stick-table": Field(record(STICK_TABLE, StickTable)),
+    # evaluated once per connection, before anything is read; http and tcp mode
+    "tcp-request connection": Field(tcp_request_connection, (), attr="tcp_request_connection"),
 }
 
 BACKEND: Schema = {

@@ -392,3 +392,45 @@ def _stick_on(x: str | None) -> tuple[str, str | None]:
 
 
 stick_on = scalar(STICK_ON_HINT, _stick_on, text=True)
+
+
+STORE_HINT = ("conn_cur, conn_cnt, conn_rate(PERIOD), http_req_cnt, http_req_rate(PERIOD), "
+              "http_err_cnt, http_err_rate(PERIOD), gpc0 or gpc0_rate(PERIOD)")
+_STORE_COUNTERS = ("conn_cur", "conn_cnt", "http_req_cnt", "http_err_cnt", "gpc0")
+_STORE_RATES = ("conn_rate", "http_req_rate", "http_err_rate", "gpc0_rate")
+_STORE_RE = re.compile(r"([a-z0-9_]+)(?:\((.*)\))?")
+
+
+def parse_store_item(text: str) -> tuple[str, int]:
+    """One ``store`` word of a stick table: (name, period in ms, 0 for counters)."""
+    m = _STORE_RE.fullmatch(text.strip())
+    if m is None or m[1] not in _STORE_COUNTERS + _STORE_RATES:
+        raise ValueError(f"expected {STORE_HINT}, got {show(text)}")
+    if m[1] in _STORE_COUNTERS:
+        if m[2] is not None:
+            raise ValueError(f"{m[1]} takes no period, got {show(text)}")
+        return m[1], 0
+    if not m[2]:
+        raise ValueError(f"{m[1]} needs a period, like {m[1]}(10s)")
+    period = parse_duration(m[2])
+    if not 0.001 <= period <= 86400 * 24:
+        raise ValueError(f"expected a period from 1ms to 24d in {show(text)}")
+    return m[1], int(period * 1000)
+
+
+def store(v: Value) -> tuple[tuple[str, int], ...]:
+    """``store``: a list of data names, or one comma-separated string as in HAProxy."""
+    items = v.elements() if not v.is_scalar else [v]
+    out: dict[str, int] = {}
+    for item in items:
+        if not item.is_scalar or item.is_null:
+            raise item.error(f"expected {STORE_HINT}, got {item.describe()}")
+        for word in (item.text or "").split(","):
+            try:
+                name, period = parse_store_item(word)
+            except ValueError as exc:
+                raise item.error(str(exc)) from None
+            if name in out:
+                raise item.error(f"{name} is stored twice")
+            out[name] = period
+    return tuple(out.items())

@@ -3,7 +3,12 @@
 Everything is compiled once, at configuration time, into closures: patterns parsed,
 regexes compiled, responses rendered when they do not depend on the request. Evaluating a
 request then only fetches samples and compares them. The proxy supplies the request and the
-runtime state (servers up, variables, maps) through two small protocols.
+runtime state (servers up, variables, maps, stick tables) through small protocols.
+
+Stick counters (track-sc) live in a StickCounters per connection that the proxy keeps:
+``connect`` makes it from the tcp-request connection rules, ``evaluate`` adds what the
+request's rules track, and the proxy calls its begin_request / error / end_request / close
+as the request and the connection go, so every counter is counted and released once.
 """
 
 from __future__ import annotations
@@ -18,15 +23,19 @@ from lb.config.model import (
     Acl,
     AclTest,
     Condition,
+    ConnectionRule,
     DenyRule,
     Frontend,
     HeaderRule,
     HttpRequestRule,
+    IncGpc0Rule,
     Payload,
     RedirectRule,
     ReturnRule,
     Sample,
+    TcpConnectionRule,
     Template,
+    TrackRule,
     UseBackend,
 )
 
@@ -49,6 +58,18 @@ class Request(Protocol):
         ...
 
 
+class Map(Protocol):
+    """A map's lookups, by match kind (see lb.mapstore)."""
+
+    def get(self, key: str, default: str | None = None) -> str | None: ...
+
+    def prefixes(self, key: str) -> str | None: ...
+
+    def domain(self, key: str) -> str | None: ...
+
+    def ip(self, key: str) -> str | None: ...
+
+
 class Runtime(Protocol):
     """Runtime state shared by pylb as a whole."""
 
@@ -60,9 +81,133 @@ class Runtime(Protocol):
         """A runtime variable by full name, like "proc.maintenance_mode"."""
         ...
 
-    def map(self, name: str) -> dict[str, str]:
-        """The current content of a named map."""
+    def map(self, name: str) -> Map:
+        """A named map as it is now (lb.mapstore.SharedMap)."""
         ...
+
+    def table(self, name: str) -> Table | None:
+        """A stick table by name (its proxy's); only track-sc and sc_/src_ ask."""
+        ...
+
+
+class Table(Protocol):
+    """A stick table, as lb.sticktable.StickTable offers it (shared by every worker)."""
+
+    type: str
+    stored: tuple[str, ...]  # the data names the table keeps per entry
+
+    def key_of(self, text: str) -> bytes | None:
+        """A sample's text as the table's key; None if it cannot be one."""
+        ...
+
+    def key_text(self, key: bytes) -> str:
+        ...
+
+    def count(self, key: bytes, counts: dict[str, int]) -> None:
+        """Add to the entry's counters (creating the entry); unstored names are ignored."""
+        ...
+
+    def data(self, key: bytes, name: str) -> int | None:
+        """A counter or rate now; None if not stored or there is no entry."""
+        ...
+
+    def set_data(self, key: bytes, server: str | None, sets: dict[str, int]) -> None:
+        """Set counters (creating the entry); ``server`` None keeps the entry's."""
+        ...
+
+
+# -- stick counters (track-sc) --------------------------------------------------------------
+
+SC_COUNT = syntax.SC_COUNT
+_TRACK_CONNECTION = {"conn_cur": 1, "conn_cnt": 1, "conn_rate": 1}
+_TRACK_REQUEST = {**_TRACK_CONNECTION, "http_req_cnt": 1, "http_req_rate": 1}
+_RETRACK = {"conn_cur": 1}  # a connection handed over by an older generation
+_REQUEST = {"http_req_cnt": 1, "http_req_rate": 1}
+_ERROR = {"http_err_cnt": 1, "http_err_rate": 1}
+_RELEASE = {"conn_cur": -1}
+_INC_GPC0 = {"gpc0": 1, "gpc0_rate": 1}
+
+
+def _add(table: Table, key: bytes, counts: dict[str, int]) -> None:
+    """``table.count`` when the table stores any of ``counts`` (no lock otherwise)."""
+    stored = table.stored
+    for name in counts:
+        if name in stored:
+            table.count(key, counts)
+            return
+
+
+class StickCounters:
+    """The stick counters sc0, sc1 and sc2 of one client connection, as HAProxy's: each
+    is a table and a key, tracked for the whole connection (``tcp-request connection
+    track-scN``) or for the current request only (``http-request track-scN``).
+
+    The proxy calls ``begin_request`` when a request starts (its head is read, or it
+    fails before), ``error`` when its answer is a 4xx, ``end_request`` when it is over
+    and ``close`` when the connection is; each is safe to call again."""
+
+    __slots__ = ("tables", "keys", "per_request", "active")
+
+    def __init__(self, active: bool = False) -> None:
+        self.tables: list[Table | None] = [None] * SC_COUNT
+        self.keys: list[bytes] = [b""] * SC_COUNT
+        self.per_request = 0  # bit N: scN was tracked by the current request
+        self.active = active  # a request is under way, and counted
+
+    def tracked(self, sc: int) -> bool:
+        return self.tables[sc] is not None
+
+    def track(self, sc: int, table: Table, key: bytes, counts: dict[str, int],
+              per_request: bool) -> None:
+        """Track ``key`` of ``table`` as scN, counting ``counts`` on its entry now (the
+        entry is created even when the table stores none of them)."""
+        self.tables[sc] = table
+        self.keys[sc] = key
+        if per_request:
+            self.per_request |= 1 << sc
+        table.count(key, counts)
+
+    def begin_request(self) -> None:
+        """A request starts: it counts on the counters the connection tracks."""
+        if self.active:
+            return
+        self.active = True
+        for table, key in zip(self.tables, self.keys, strict=True):
+            if table is not None:
+                _add(table, key, _REQUEST)
+
+    def error(self) -> None:
+        """The request's answer is a 4xx: an HTTP error on every counter it tracks."""
+        for table, key in zip(self.tables, self.keys, strict=True):
+            if table is not None:
+                _add(table, key, _ERROR)
+
+    def end_request(self) -> None:
+        """The request is over: the counters it tracked itself let go of their entries."""
+        self.active = False
+        mask = self.per_request
+        if not mask:
+            return
+        self.per_request = 0
+        for sc in range(SC_COUNT):
+            table = self.tables[sc]
+            if mask & (1 << sc) and table is not None:
+                self.tables[sc] = None
+                _add(table, self.keys[sc], _RELEASE)
+
+    def close(self) -> None:
+        """The connection is over (or goes to another process): let go of everything."""
+        self.end_request()
+        for sc in range(SC_COUNT):
+            table = self.tables[sc]
+            if table is not None:
+                self.tables[sc] = None
+                _add(table, self.keys[sc], _RELEASE)
+
+    def __repr__(self) -> str:
+        tracked = [f"sc{n}={t.key_text(k)}" for n, (t, k) in
+                   enumerate(zip(self.tables, self.keys, strict=True)) if t is not None]
+        return f"StickCounters({', '.join(tracked)})"
 
 
 @dataclass(slots=True)
@@ -73,13 +218,16 @@ class Decision:
     Content-Length and ``Connection: close``); ``b""`` when an empty errorfile says to close
     without answering. Otherwise ``backend`` is the backend use_backend chose (None: the
     default_backend). To edit the request, first remove every header whose lower-case name
-    is in ``del_headers``, then append ``set_headers`` in order.
+    is in ``del_headers``, then append ``set_headers`` in order. ``counters``: the stick
+    counters the connection and this request track (those passed in, or new ones when a
+    track-sc rule started tracking), for the proxy to finish counting.
     """
 
     backend: str | None = None
     response: bytes | None = None
     set_headers: list[tuple[str, str]] = field(default_factory=list)
     del_headers: list[str] = field(default_factory=list)
+    counters: StickCounters | None = None
 
 
 _UNSET = object()
@@ -88,16 +236,23 @@ _UNSET = object()
 class _Eval:
     """One evaluation: the request, the runtime, the decision being built, the path once
     computed and the headers as earlier rules changed them (HAProxy applies header edits
-    at once, so a later rule sees them)."""
+    at once, so a later rule sees them), the stick counters tracked so far, the
+    frontend's own stick table (its name; None without one)."""
 
-    __slots__ = ("request", "runtime", "decision", "_path", "edited")
+    __slots__ = ("request", "runtime", "decision", "_path", "edited", "counters",
+                 "own_table", "adopted")
 
-    def __init__(self, request: Request, runtime: Runtime) -> None:
+    def __init__(self, request: Request, runtime: Runtime,
+                 counters: StickCounters | None = None, own_table: str | None = None,
+                 adopted: bool = False) -> None:
         self.request = request
         self.runtime = runtime
         self.decision = Decision()
         self._path: object = _UNSET
         self.edited: dict[str, str | None] | None = None
+        self.counters = counters
+        self.own_table = own_table
+        self.adopted = adopted  # connection rules for a connection handed over
 
     def path(self) -> str | None:
         path = self._path
@@ -194,6 +349,118 @@ FETCHERS: dict[str, Callable[[tuple[str, ...]], Fn]] = {
     "var": _fetch_var,
 }
 
+
+# -- stick counter fetches: sc_*, scN_*, src_* ----------------------------------------------
+
+# Where an sc_ or src_ fetch looks: (table, key, whether the entry may be created), or None
+# when there is nothing to look at (the counter is not tracked, no such table...).
+Where = Callable[[_Eval], "tuple[Table, bytes, bool] | None"]
+
+
+def _table_operation(operation: str, where: Where) -> Fn:
+    """A data name (the value now, 0 without an entry, not found when the table does not
+    store it), inc_gpc0 (the new gpc0) or clr_gpc0 (the old gpc0, set to 0)."""
+    if operation == "inc_gpc0":
+
+        def inc(ev: _Eval) -> object:
+            found = where(ev)
+            if found is None:
+                return None
+            table, key, create = found
+            stored = table.stored
+            if "gpc0" not in stored and "gpc0_rate" not in stored:
+                return 0
+            if not create and table.data(key, "gpc0" if "gpc0" in stored else "gpc0_rate") is None:
+                return 0  # no entry in that table, and an sc_ fetch creates none
+            table.count(key, _INC_GPC0)
+            value = table.data(key, "gpc0")
+            return value if value is not None else 0
+
+        return inc
+    if operation == "clr_gpc0":
+
+        def clear(ev: _Eval) -> object:
+            found = where(ev)
+            if found is None:
+                return None
+            table, key, create = found
+            if "gpc0" not in table.stored:
+                return 0
+            old = table.data(key, "gpc0")
+            if old is None and not create:
+                return 0
+            table.set_data(key, None, {"gpc0": 0})
+            return old or 0
+
+        return clear
+
+    def get(ev: _Eval) -> object:
+        found = where(ev)
+        if found is None:
+            return None
+        table, key, _create = found
+        if operation not in table.stored:
+            return None
+        value = table.data(key, operation)
+        return 0 if value is None else value
+
+    return get
+
+
+def _fetch_sc(args: tuple[str, ...]) -> Fn:
+    """``sc_<data>(N[,TABLE])``: the entry stick counter N tracks; with TABLE, the same key
+    looked up in TABLE instead (HAProxy's "alternate table"). Not found when not tracked."""
+    operation, sc, other = args[0], int(args[1]), args[2]
+    if operation == "tracked":
+
+        def tracked(ev: _Eval) -> object:
+            counters = ev.counters
+            return int(counters is not None and counters.tables[sc] is not None)
+
+        return tracked
+
+    def where(ev: _Eval) -> tuple[Table, bytes, bool] | None:
+        counters = ev.counters
+        if counters is None:
+            return None
+        table = counters.tables[sc]
+        if table is None:
+            return None
+        key = counters.keys[sc]
+        if not other:
+            return table, key, True
+        alternate = ev.runtime.table(other)
+        if alternate is None:
+            return None
+        if alternate is not table:
+            converted = alternate.key_of(table.key_text(key))
+            if converted is None:
+                return None
+            key = converted
+        return alternate, key, False
+
+    return _table_operation(operation, where)
+
+
+def _fetch_src_table(args: tuple[str, ...]) -> Fn:
+    """``src_<data>([TABLE])``: the client address looked up in TABLE (default: the
+    frontend's own); only src_inc_gpc0 and src_clr_gpc0 create an entry."""
+    operation, name = args
+
+    def where(ev: _Eval) -> tuple[Table, bytes, bool] | None:
+        table_name = name or ev.own_table
+        table = ev.runtime.table(table_name) if table_name else None
+        if table is None:
+            return None
+        key = table.key_of(ev.request.client_ip)
+        return (table, key, True) if key is not None else None
+
+    return _table_operation(operation, where)
+
+
+FETCHERS["sc"] = _fetch_sc
+FETCHERS["src_table"] = _fetch_src_table
+
 Converter = Callable[[_Eval, str], "str | None"]
 
 
@@ -203,10 +470,30 @@ def _map_converter(args: tuple[str, ...]) -> Converter:
     return lambda ev, value: ev.runtime.map(name).get(value, default)
 
 
+def _map_match(lookup: Callable[[Map, str], str | None]) -> Callable[[tuple[str, ...]], Converter]:
+    """map_beg, map_dom, map_ip: the value of the pattern that matches the sample."""
+
+    def build(args: tuple[str, ...]) -> Converter:
+        name = args[0]
+        default = args[1] if len(args) > 1 else None
+
+        def convert(ev: _Eval, value: str) -> str | None:
+            found = lookup(ev.runtime.map(name), value)
+            return default if found is None else found
+
+        return convert
+
+    return build
+
+
 CONVERTERS: dict[str, Callable[[tuple[str, ...]], Converter]] = {
     "lower": lambda args: lambda ev, value: value.lower(),
     "upper": lambda args: lambda ev, value: value.upper(),
     "map": _map_converter,
+    "map_str": _map_converter,
+    "map_beg": _map_match(lambda m, value: m.prefixes(value)),
+    "map_dom": _map_match(lambda m, value: m.domain(value)),
+    "map_ip": _map_match(lambda m, value: m.ip(value)),
 }
 
 
@@ -508,22 +795,95 @@ def _header_action(rule: HeaderRule) -> Callable[[_Eval], None]:
 Action = Callable[[_Eval], "bytes | None"]
 
 
-def _action(rule: HttpRequestRule, errorfiles: Mapping[int, bytes]) -> Action:
+def _action(rule: HttpRequestRule, errorfiles: Mapping[int, bytes],
+            own_table: str | None = None) -> Action:
     """The rule as a function returning a response (terminal rules) or None."""
     if isinstance(rule, DenyRule | ReturnRule):
         return _payload(rule.payload, errorfiles)
     if isinstance(rule, RedirectRule):
         return _redirect(rule)
+    if isinstance(rule, TrackRule | IncGpc0Rule):
+        return _counter_action(rule, own_table, per_request=True)  # type: ignore[return-value]
     return _header_action(rule)
+
+
+def _counter_action(rule: TrackRule | IncGpc0Rule, own_table: str | None,
+                    per_request: bool) -> Callable[[_Eval], None]:
+    """track-scN (http-request: for this request; tcp-request connection: for the
+    connection) and sc-inc-gpc0(N). Tracking a counter already tracked does nothing, as
+    in HAProxy; a sample that cannot be fetched, or cannot be a key of the table, tracks
+    nothing."""
+    sc = rule.sc
+    if isinstance(rule, IncGpc0Rule):
+
+        def inc_gpc0(ev: _Eval) -> None:
+            counters = ev.counters
+            if counters is not None and not ev.adopted:
+                table = counters.tables[sc]
+                if table is not None:
+                    table.count(counters.keys[sc], _INC_GPC0)
+
+        return inc_gpc0
+    name = rule.table or own_table
+    sample = compile_sample(rule.sample)
+    counts = _TRACK_REQUEST if per_request else _TRACK_CONNECTION
+
+    def track(ev: _Eval) -> None:
+        counters = ev.counters
+        if counters is not None and counters.tables[sc] is not None:
+            return
+        table = ev.runtime.table(name) if name else None
+        if table is None:
+            return
+        value = sample(ev)
+        if value is None:
+            return
+        key = table.key_of(_text(value))
+        if key is None:
+            return
+        if counters is None:
+            counters = ev.counters = StickCounters(active=per_request)
+        counters.track(sc, table, key, _RETRACK if ev.adopted else counts, per_request)
+
+    return track
+
+
+class _Client:
+    """A connection as tcp-request connection rules see it: an address, no request."""
+
+    __slots__ = ("client_ip",)
+    method = ""
+    target = ""
+
+    def __init__(self, client_ip: str) -> None:
+        self.client_ip = client_ip
+
+    def header(self, name: str) -> str | None:
+        return None
+
+    def cookie(self, name: str) -> str | None:
+        return None
+
+
+def _connection_action(rule: TcpConnectionRule, own_table: str | None
+                       ) -> Callable[[_Eval], bool | None]:
+    """True: accept, False: reject, None: go on with the next rule."""
+    if isinstance(rule, ConnectionRule):
+        verdict = rule.action == "accept"
+        return lambda ev: verdict
+    return _counter_action(rule, own_table, per_request=False)
 
 
 # -- the frontend ---------------------------------------------------------------------------
 
 
 class FrontendRules:
-    """A frontend's acl, http-request, use_backend, monitor-uri and errorfile, compiled."""
+    """A frontend's acl, tcp-request connection, http-request, use_backend, monitor-uri and
+    errorfile, compiled."""
 
     def __init__(self) -> None:
+        self._own_table: str | None = None  # the frontend's stick table (its name)
+        self._connection: list[tuple[Test | None, Callable[[_Eval], bool | None]]] = []
         self._rules: list[tuple[Test | None, Action]] = []
         self._use_backend: list[tuple[Test | None, Callable[[_Eval], str | None]]] = []
         self._monitor_uri: str | None = None
@@ -554,7 +914,10 @@ class FrontendRules:
         def condition(cond: Condition | None) -> Test | None:
             return None if cond is None else compile_condition(cond, acls)
 
-        self._rules = [(condition(r.cond), _action(r, self._errorfiles))
+        own = self._own_table = cfg.name if cfg.stick_table is not None else None
+        self._connection = [(condition(r.cond), _connection_action(r, own))
+                            for r in cfg.tcp_request_connection]
+        self._rules = [(condition(r.cond), _action(r, self._errorfiles, own))
                        for r in cfg.http_request]
         self._use_backend = [(condition(u.cond), _chooser(u, backends))
                              for u in cfg.use_backend]
@@ -566,28 +929,59 @@ class FrontendRules:
             self._monitor_failed = self._errorfiles.get(503, errors.page(503))
         return self
 
-    def evaluate(self, request: Request, runtime: Runtime) -> Decision:
+    def evaluate(self, request: Request, runtime: Runtime,
+                 counters: StickCounters | None = None) -> Decision:
         """monitor-uri first (before any rule, as in HAProxy), then http-request rules in
-        order until one answers, then the first use_backend that matches."""
-        ev = _Eval(request, runtime)
+        order until one answers, then the first use_backend that matches. ``counters``:
+        the stick counters the connection tracks (its request already begun); the
+        decision's ``counters`` are those plus what this request's rules tracked."""
+        ev = _Eval(request, runtime, counters, self._own_table)
         decision = ev.decision
         if self._monitor_uri is not None:
             probe = ev.path() if self._monitor_by_path else request.target
             if probe == self._monitor_uri:
                 failed = self._monitor_fail is not None and self._monitor_fail(ev)
                 decision.response = self._monitor_failed if failed else self._monitor_ok
+                decision.counters = ev.counters
                 return decision
         for cond, action in self._rules:
             if cond is None or cond(ev):
                 response = action(ev)
                 if response is not None:
                     decision.response = response
+                    decision.counters = ev.counters
                     return decision
         for cond, choose in self._use_backend:
             if cond is None or cond(ev):
                 decision.backend = choose(ev)
                 break
+        decision.counters = ev.counters
         return decision
+
+    @property
+    def has_connection_rules(self) -> bool:
+        return bool(self._connection)
+
+    def connect(self, client_ip: str, runtime: Runtime,
+                adopted: bool = False) -> tuple[bool, StickCounters | None]:
+        """``tcp-request connection`` rules for a new connection, in order until accept or
+        reject: (accepted, the stick counters it tracks). A rejected connection tracks
+        nothing (what its rules tracked is let go at once). ``adopted``: a connection that
+        an older generation accepted and handed over: its counters are tracked again
+        (conn_cur only: it is not a new connection), and it is not rejected."""
+        ev = _Eval(_Client(client_ip), runtime, None, self._own_table, adopted)
+        accepted = True
+        for cond, action in self._connection:
+            if cond is None or cond(ev):
+                verdict = action(ev)
+                if verdict is not None:
+                    accepted = verdict or adopted
+                    break
+        counters = ev.counters
+        if not accepted and counters is not None:
+            counters.close()
+            counters = None
+        return accepted, counters
 
     def error_page(self, status: int) -> bytes | None:
         """The errorfile response for ``status``, if the frontend has one (b"": close
@@ -613,7 +1007,7 @@ def _chooser(rule: UseBackend, backends: Collection[str] | None) -> Callable[[_E
 def _check_maps(cfg: Frontend, maps: Mapping[str, object]) -> None:
     tests: list[AclTest] = [t for acl in cfg.acl for t in acl.tests]
     samples = [t.sample for t in tests]
-    for rule in (*cfg.http_request, *cfg.use_backend):
+    for rule in (*cfg.tcp_request_connection, *cfg.http_request, *cfg.use_backend):
         samples.extend(syntax.rule_samples(rule))
     samples.extend(u.anonymous.sample for u in syntax.condition_uses(cfg.monitor_fail)
                    if u.anonymous is not None)

@@ -11,6 +11,7 @@ This module imports only lb.config.model, because lb.config imports it.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import re
 import socket
@@ -22,14 +23,18 @@ from lb.config.model import (
     AclTest,
     AclUse,
     Condition,
+    ConnectionRule,
     DenyRule,
     HeaderRule,
     HttpRequestRule,
+    IncGpc0Rule,
     Payload,
     RedirectRule,
     ReturnRule,
     Sample,
+    TcpConnectionRule,
     Template,
+    TrackRule,
     UseBackend,
 )
 
@@ -154,13 +159,81 @@ FETCHES: dict[str, FetchSpec] = {
         for match in DERIVED_MATCHES
     },
 }
-CONVERTERS = ("lower", "upper", "map")
+# map(NAME[,DEFAULT]) and its match kinds: exact (map, map_str), prefix, domain, IPv4 network
+MAP_CONVERTERS = ("map", "map_str", "map_beg", "map_dom", "map_ip")
+CONVERTERS = ("lower", "upper", *MAP_CONVERTERS)
 
 MATCHES = ("str", "beg", "end", "sub", "reg", "len", "found", "bool", "int", "ip")
 STRING_MATCHES = ("str", "beg", "end", "sub", "reg")
-DEFAULT_MATCH = {"str": "str", "int": "int", "ip": "ip"}
+DEFAULT_MATCH = {"str": "str", "int": "int", "ip": "ip", "bool": "bool"}
 # Match methods that make no sense for a sample type.
-_INCOMPATIBLE = {"str": ("bool",), "int": ("ip",), "ip": ("int", "bool")}
+_INCOMPATIBLE = {"str": ("bool",), "int": ("ip",), "ip": ("int", "bool"), "bool": ("ip",)}
+
+# -- stick counters: the sc_*, scN_* and src_* fetches ----------------------------------------
+# Not in FETCHES (there are too many names): parse_sample reads them with _table_fetch.
+
+SC_COUNT = 3  # stick counters a connection may track: sc0, sc1 and sc2, as in HAProxy
+TABLE_DATA = ("conn_cur", "conn_cnt", "conn_rate", "http_req_cnt", "http_req_rate",
+              "http_err_cnt", "http_err_rate", "gpc0", "gpc0_rate")
+# What a fetch's name asks for -> the operation (a data name, inc_gpc0, clr_gpc0, tracked)
+_SC_OPERATIONS = {**{data: data for data in TABLE_DATA}, "get_gpc0": "gpc0",
+                  "inc_gpc0": "inc_gpc0", "clr_gpc0": "clr_gpc0", "tracked": "tracked"}
+_SRC_OPERATIONS = {word: op for word, op in _SC_OPERATIONS.items() if op != "tracked"}
+COUNTER_FETCHES = ("sc", "src_table")  # their canonical fetches (Sample.fetch)
+_TABLE_FETCH_RE = re.compile(r"(sc([0-9]*)|src)_([a-z0-9_]+)")
+TABLE_FETCHES = (  # every name, for suggestions
+    *(f"sc_{word}" for word in _SC_OPERATIONS),
+    *(f"sc{n}_{word}" for n in range(SC_COUNT) for word in _SC_OPERATIONS),
+    *(f"src_{word}" for word in _SRC_OPERATIONS),
+)
+# Fetches that read the HTTP request: not usable in tcp-request connection rules.
+HTTP_FETCHES = frozenset(("path", "url", "method", "host", "hdr", "cook"))
+
+
+def sc_number(text: str, what: str) -> int:
+    """A stick counter number, 0 to 2."""
+    if not _INT_RE.fullmatch(text) or int(text) >= SC_COUNT:
+        raise ValueError(f"{what}: no stick counter {text!r}; expected 0, 1 or 2 (pylb has "
+                         "sc0, sc1 and sc2)")
+    return int(text)
+
+
+def _table_fetch(name: str, args: tuple[str, ...] | None) -> tuple[tuple[str, ...], FetchSpec]:
+    """``sc_http_req_rate(0[,TABLE])``, ``sc0_http_req_rate([TABLE])``,
+    ``src_http_req_rate([TABLE])`` and the like: (Sample.args, spec). Raises ValueError
+    for a name that is none of them."""
+    m = _TABLE_FETCH_RE.fullmatch(name)
+    operations = _SRC_OPERATIONS if m is not None and m[1] == "src" else _SC_OPERATIONS
+    if m is None or m[3] not in operations:
+        hint = _suggest(name, TABLE_FETCHES) or _suggest(name, FETCHES)
+        raise ValueError(f"unknown fetch {name!r}{hint}")
+    operation = operations[m[3]]
+    given = [] if args is None or args == ("",) else list(args)
+    table_hint = "an optional table name"
+    if m[1] == "src":
+        number = None
+    elif m[1] == "sc":
+        if not given or not given[0]:
+            raise ValueError(f"{name} needs a stick counter number: {name}(0)")
+        number = sc_number(given.pop(0), name)
+        table_hint = "a stick counter number and " + table_hint
+    else:
+        number = sc_number(m[2], name)
+    if len(given) > 1:
+        raise ValueError(f"{name} takes {table_hint}")
+    table = given[0] if given else ""
+    if table and not NAME_RE.fullmatch(table):
+        raise ValueError(f"expected a table name in {name}(), got {table!r}")
+    kind = "bool" if operation == "tracked" else "int"
+    if number is None:
+        return (operation, table), FetchSpec("src_table", kind, "table")
+    return (operation, str(number), table), FetchSpec("sc", kind, "table")
+
+
+def fetch_text(sample: Sample) -> str:
+    """The fetch of a sample as written, without converters: ``sc0_gpc0(www)``."""
+    m = _CALL_RE.match(sample.text)
+    return m[0] if m is not None else sample.text
 OPERATORS = ("eq", "ne", "lt", "le", "gt", "ge")
 
 
@@ -197,15 +270,15 @@ def _fetch_args(name: str, spec: FetchSpec, args: tuple[str, ...] | None) -> tup
 def _converter(name: str, args: tuple[str, ...] | None) -> tuple[str, tuple[str, ...]]:
     if name not in CONVERTERS:
         raise ValueError(_unknown("converter", name, CONVERTERS))
-    if name != "map":
+    if name not in MAP_CONVERTERS:
         if args is not None:
             raise ValueError(f"converter {name} takes no arguments")
         return name, ()
     if not args or not args[0] or len(args) > 2:
-        raise ValueError("converter map needs a map name and an optional default: "
-                         "map(NAME) or map(NAME,DEFAULT)")
+        raise ValueError(f"converter {name} needs a map name and an optional default: "
+                         f"{name}(NAME) or {name}(NAME,DEFAULT)")
     if not NAME_RE.fullmatch(args[0]):
-        raise ValueError(f"expected a map name in map(), got {args[0]!r}")
+        raise ValueError(f"expected a map name in {name}(), got {args[0]!r}")
     return name, args
 
 
@@ -236,8 +309,13 @@ def parse_sample(text: str, *, in_acl: bool = True) -> tuple[Sample, FetchSpec]:
     name, args = calls[0]
     spec = FETCHES.get(name)
     if spec is None:
-        known = list(FETCHES) if in_acl else list(_BASE_FETCHES)
-        raise ValueError(f"unknown fetch {name!r}{_suggest(name, known)}")
+        if _TABLE_FETCH_RE.fullmatch(name) is None:
+            known = list(FETCHES) if in_acl else list(_BASE_FETCHES)
+            hint = _suggest(name, known) or _suggest(name, TABLE_FETCHES)
+            raise ValueError(f"unknown fetch {name!r}{hint}")
+        table_args, spec = _table_fetch(name, args)
+        converters = tuple(_converter(n, a) for n, a in calls[1:])
+        return Sample(spec.fetch, table_args, converters, text), spec
     if spec.match is not None:
         base = name.rpartition("_")[0]
         first = _CALL_RE.match(text)
@@ -567,6 +645,26 @@ def errorfile_status(text: str) -> int:
     return int(text)
 
 
+def check_map_file(path: str) -> None:
+    """Refuse what load_map refuses, without building the map (a configuration check
+    must stay cheap for a file of a million lines): OSError when the file cannot be read,
+    ValueError when it is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line += chunk.count(b"\n", 0, max(exc.start, 0))
+                raise ValueError(f"map file {path!r} line {line} is not valid UTF-8") from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"map file {path!r} line {line} is not valid UTF-8") from None
+
+
 def load_map(path: str) -> dict[str, str]:
     """A map file as HAProxy reads it: one ``key value`` per line, the key the first word,
     the value the rest of the line (blanks around it dropped); empty lines and lines
@@ -592,7 +690,14 @@ def load_map(path: str) -> dict[str, str]:
 
 # -- http-request rules ---------------------------------------------------------------------
 
-ACTIONS = ("deny", "redirect", "return", "set-header", "add-header", "del-header")
+TRACK_ACTIONS = tuple(f"track-sc{n}" for n in range(SC_COUNT))
+ACTIONS = ("deny", "redirect", "return", "set-header", "add-header", "del-header",
+           *TRACK_ACTIONS, "sc-inc-gpc0")
+CONNECTION_ACTIONS = ("accept", "reject", *TRACK_ACTIONS, "sc-inc-gpc0")
+_TRACK_RE = re.compile(r"track-sc([0-9]+)")
+_INC_GPC0_RE = re.compile(r"sc-inc-gpc0(?:\(([^()]*)\))?")
+_UNSUPPORTED_SC_ACTIONS = re.compile(r"sc-(?:inc-gpc[0-9]*|set-gpt[0-9]*|add-gpc|"
+                                     r"clr-gpc[0-9]*)(?:\(.*\))?")
 _PAYLOAD_OPTIONS = ("status", "content-type", "default-errorfiles", "errorfile", "file",
                     "string", "hdr")
 _UNSUPPORTED_PAYLOAD = ("errorfiles", "lf-file", "lf-string")
@@ -725,8 +830,8 @@ def _redirect(ws: list[str], line: int) -> RedirectRule:
 
 
 def parse_http_request(text: str, line: int) -> HttpRequestRule:
-    """One ``http-request`` rule: deny, redirect, return, set-header, add-header or
-    del-header, then an optional condition."""
+    """One ``http-request`` rule: deny, redirect, return, set-header, add-header,
+    del-header, track-scN or sc-inc-gpc0(N), then an optional condition."""
     ws = words(text)
     if not ws:
         raise ValueError(f"expected an action ({_one_of(ACTIONS)})")
@@ -748,7 +853,61 @@ def parse_http_request(text: str, line: int) -> HttpRequestRule:
         if len(ws) < 2 or ws[1] in CONDITION_WORDS:
             raise ValueError("expected del-header NAME")
         return HeaderRule(action, _header_name(ws[1]), None, _tail(ws, 2, line), line)
+    counter_rule = _counter_rule(ws, line)
+    if counter_rule is not None:
+        return counter_rule
     raise ValueError(_unknown("action", action, ACTIONS))
+
+
+def _counter_rule(ws: list[str], line: int) -> TrackRule | IncGpc0Rule | None:
+    """``track-scN SAMPLE [table NAME]`` or ``sc-inc-gpc0(N)``, then a condition; None
+    for another action."""
+    action = ws[0]
+    m = _TRACK_RE.fullmatch(action)
+    if m is not None:
+        sc = sc_number(m[1], action)
+        if len(ws) < 2 or ws[1] in CONDITION_WORDS:
+            raise ValueError(f"{action} needs a sample to track, like {action} src")
+        sample, _spec = parse_sample(ws[1], in_acl=False)
+        i, table = 2, None
+        if i < len(ws) and ws[i] == "table":
+            table = _argument(ws, i, "a table name")
+            if not NAME_RE.fullmatch(table):
+                raise ValueError(f"expected a table name after table, got {table!r}")
+            i += 2
+        if i < len(ws) and ws[i] not in CONDITION_WORDS:
+            raise ValueError(f"unexpected {ws[i]!r} (expected table NAME, if or unless)")
+        return TrackRule(sc, sample, table, _tail(ws, i, line), line)
+    m = _INC_GPC0_RE.fullmatch(action)
+    if m is not None:
+        if not m[1]:
+            raise ValueError("expected sc-inc-gpc0(N), N the stick counter: 0, 1 or 2")
+        return IncGpc0Rule(sc_number(m[1].strip(), "sc-inc-gpc0"), _tail(ws, 1, line), line)
+    if _UNSUPPORTED_SC_ACTIONS.fullmatch(action):
+        raise ValueError(f"action {action} is not supported by pylb (only sc-inc-gpc0)")
+    return None
+
+
+def parse_tcp_connection(text: str, line: int) -> TcpConnectionRule:
+    """One ``tcp-request connection`` rule: accept, reject, track-scN or sc-inc-gpc0(N),
+    then an optional condition. They run before anything is read: fetches that need the
+    HTTP request are refused."""
+    ws = words(text)
+    if not ws:
+        raise ValueError(f"expected an action ({_one_of(CONNECTION_ACTIONS)})")
+    rule: TcpConnectionRule | None
+    if ws[0] in ("accept", "reject"):
+        rule = ConnectionRule(ws[0], _tail(ws, 1, line), line)
+    else:
+        rule = _counter_rule(ws, line)
+    if rule is None:
+        raise ValueError(_unknown("action", ws[0], CONNECTION_ACTIONS))
+    for sample in rule_samples(rule):
+        if sample.fetch in HTTP_FETCHES:
+            raise ValueError(f"{fetch_text(sample)} needs an HTTP request, and tcp-request "
+                             "connection rules run before anything is read (use src, nbsrv, "
+                             "var or the sc_ and src_ fetches)")
+    return rule
 
 
 def parse_use_backend(text: str, line: int) -> UseBackend:
@@ -786,7 +945,7 @@ def template_samples(template: Template | None) -> Iterator[Sample]:
             yield part
 
 
-def rule_samples(rule: HttpRequestRule | UseBackend) -> Iterator[Sample]:
+def rule_samples(rule: HttpRequestRule | UseBackend | TcpConnectionRule) -> Iterator[Sample]:
     """Samples in a rule's values and in its anonymous ACLs."""
     if isinstance(rule, DenyRule | ReturnRule):
         for _, value in rule.payload.headers:
@@ -795,7 +954,9 @@ def rule_samples(rule: HttpRequestRule | UseBackend) -> Iterator[Sample]:
         yield from template_samples(rule.value)
     elif isinstance(rule, HeaderRule):
         yield from template_samples(rule.value)
-    else:
+    elif isinstance(rule, TrackRule):
+        yield rule.sample
+    elif isinstance(rule, UseBackend):
         yield from template_samples(rule.dynamic)
     for use in condition_uses(rule.cond):
         if use.anonymous is not None:
@@ -803,11 +964,14 @@ def rule_samples(rule: HttpRequestRule | UseBackend) -> Iterator[Sample]:
 
 
 def references(sample: Sample) -> Iterator[tuple[str, str]]:
-    """("backend", NAME) for nbsrv(NAME), ("map", NAME) for each map(NAME) converter."""
+    """("backend", NAME) for nbsrv(NAME), ("map", NAME) for each map(NAME) converter,
+    ("table", NAME) for the sc_ and src_ fetches that name a table."""
     if sample.fetch == "nbsrv":
         yield "backend", sample.args[0]
+    elif sample.fetch in ("sc", "src_table") and sample.args[-1]:
+        yield "table", sample.args[-1]
     for name, args in sample.converters:
-        if name == "map":
+        if name in MAP_CONVERTERS:
             yield "map", args[0]
 
 
@@ -815,6 +979,6 @@ def map_default(template: Template | None) -> str | None:
     """For ``%[...,map(NAME,DEFAULT)]`` alone: DEFAULT, the backend used on a miss."""
     if template is not None and len(template) == 1 and isinstance(template[0], Sample):
         converters = template[0].converters
-        if converters and converters[-1][0] == "map" and len(converters[-1][1]) == 2:
+        if converters and converters[-1][0] in MAP_CONVERTERS and len(converters[-1][1]) == 2:
             return converters[-1][1][1]
     return None

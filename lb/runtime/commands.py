@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lb import counters
-from lb.runtime import stats
+from lb import counters, maps
+from lb.mapstore import SharedMap
+from lb.runtime import stats, tables
 from lb.shared import (
     DRAIN,
     FE_DISABLED,
@@ -153,35 +154,22 @@ async def show_sess(master: Master, args: list[str], session: Session) -> str:
 
 
 async def show_table(master: Master, args: list[str], session: Session) -> str:
-    tables = master.tables
-    names = [args[0]] if args else list(tables.tables)
-    if args and args[0] not in tables.tables:
-        raise CommandError("No such table.")
-    tables.purge()
-    now = time.monotonic()
-    lines = []
-    for name in names:
-        cfg = tables.configs[name]
-        table = tables.tables[name]
-        lines.append(
-            f"# table: {name}, type: {cfg.type}, size:{cfg.size}, used:{len(table)}"
-        )
-        if args:
-            for key, (server, expires) in table.items():
-                exp = "" if expires == float("inf") else f" exp={int((expires - now) * 1000)}"
-                lines.append(f"0x{abs(hash((name, key))):x}: key={key} use=0{exp} "
-                             f"server_key={server}")
-    return "\n".join(lines) + "\n\n"
+    return _on_tables(lambda: tables.show(master.tables, master.config, args))
 
 
 async def clear_table(master: Master, args: list[str], session: Session) -> str:
-    _args(args, 1, "clear table <table> [key <key>]")
-    key = args[2] if len(args) >= 3 and args[1] == "key" else None
-    update = master.tables.clear(args[0], key)
-    if update is None:
-        raise CommandError("No such table.")
-    master.broadcast(update)
-    return "\n"
+    return _on_tables(lambda: tables.clear(master.tables, args))
+
+
+async def set_table(master: Master, args: list[str], session: Session) -> str:
+    return _on_tables(lambda: tables.set_(master.tables, master.config, args))
+
+
+def _on_tables(run: Callable[[], str]) -> str:
+    try:
+        return run()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
 
 
 # -- servers --------------------------------------------------------------------------
@@ -283,15 +271,20 @@ async def set_maxconn(master: Master, args: list[str], session: Session) -> str:
 # -- maps and variables -------------------------------------------------------------------
 
 
-def _map(master: Master, name: str) -> dict[str, str]:
-    maps = master.maps
-    if name not in maps:
+def _map(master: Master, name: str) -> SharedMap:
+    found = master.maps.get(name)
+    if found is None:
         raise CommandError("Unknown map identifier. Please use #<id> or <file>.")
-    return maps[name]
+    return found
 
 
-async def _push_map(master: Master, name: str) -> None:
-    await master.ask("set-map", name=name, content=master.maps[name])
+async def _edit_map(master: Master, name: str, kind: str, key: str = "", value: str = "") -> bool:
+    """Apply an edit in the master, then in every worker, before the answer."""
+    message = {"kind": kind, "key": key, "value": value}
+    done = maps.edit(_map(master, name), message)
+    if done:
+        await master.ask("map-edit", name=name, **message)
+    return done
 
 
 async def show_map(master: Master, args: list[str], session: Session) -> str:
@@ -308,33 +301,26 @@ async def show_map(master: Master, args: list[str], session: Session) -> str:
 
 async def add_map(master: Master, args: list[str], session: Session) -> str:
     _args(args, 3, "add map <map> <key> <value>")
-    _map(master, args[0])[args[1]] = " ".join(args[2:])
-    await _push_map(master, args[0])
+    await _edit_map(master, args[0], "add", args[1], " ".join(args[2:]))
     return "\n"
 
 
 async def set_map(master: Master, args: list[str], session: Session) -> str:
     _args(args, 3, "set map <map> <key> <value>")
-    content = _map(master, args[0])
-    if args[1] not in content:
+    if not await _edit_map(master, args[0], "set", args[1], " ".join(args[2:])):
         raise CommandError("entry not found.")
-    content[args[1]] = " ".join(args[2:])
-    await _push_map(master, args[0])
     return "\n"
 
 
 async def del_map(master: Master, args: list[str], session: Session) -> str:
     _args(args, 2, "del map <map> <key>")
-    content = _map(master, args[0])
-    if content.pop(args[1], None) is None:
+    if not await _edit_map(master, args[0], "del", args[1]):
         raise CommandError("Key not found.")
-    await _push_map(master, args[0])
     return "\n"
 
 
 async def clear_map(master: Master, args: list[str], session: Session) -> str:
-    _map(master, _args(args, 1, "clear map <map>")[0]).clear()
-    await _push_map(master, args[0])
+    await _edit_map(master, _args(args, 1, "clear map <map>")[0], "clear")
     return "\n"
 
 
@@ -430,11 +416,14 @@ COMMANDS = (
             "show servers state [<backend>] : dump the servers' runtime state"),
     Command(("set", "timeout"), USER, set_timeout, "set timeout cli <delay> : idle timeout"),
     Command(("show", "sess"), OPERATOR, show_sess, "show sess : list client connections"),
-    Command(("show", "table"), OPERATOR, show_table, "show table [<table>] : stick tables"),
+    Command(("show", "table"), OPERATOR, show_table,
+            "show table [<table> [data.<type> <op> <v>] | [key <key>]] : stick tables"),
     Command(("show", "map"), OPERATOR, show_map, "show map [<map>] : list maps or entries"),
     Command(("get", "var"), OPERATOR, get_var, "get var <name> : a runtime variable"),
     Command(("clear", "table"), ADMIN, clear_table,
-            "clear table <table> [key <key>] : remove entries"),
+            "clear table <table> [data.<type> <op> <v>] | [key <key>] : remove entries"),
+    Command(("set", "table"), ADMIN, set_table,
+            "set table <table> key <key> [data.<type> <value>]* : set an entry"),
     Command(("set", "server"), ADMIN, set_server,
             "set server <b>/<s> state ready|drain|maint | weight <w> : change a server"),
     Command(("set", "weight"), ADMIN, set_weight, "set weight <b>/<s> <w>[%] : change weight"),

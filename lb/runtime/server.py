@@ -17,7 +17,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING
 
-from lb import config, takeover
+from lb import config, maps, takeover
 from lb.log import log
 from lb.runtime import commands
 
@@ -99,11 +99,16 @@ class StatsSocket:
             return
         master = self.master
         if command == "_getsocks":
-            data = json.dumps(
-                {"listeners": [[lst.frontend, lst.address] for lst in master.listeners]}
-            ).encode() + b"\n"
+            names, tables = master.tables.descriptors()
+            edits, indexes = maps.descriptors(master.maps)
+            data = json.dumps({
+                "listeners": [[lst.frontend, lst.address] for lst in master.listeners],
+                "tables": names,
+                "maps": list(edits),
+            }).encode() + b"\n"
             raw.setblocking(True)
-            socket.send_fds(raw, [data], [lst.sock.fileno() for lst in master.listeners])
+            listening = [lst.sock.fileno() for lst in master.listeners]
+            socket.send_fds(raw, [data], listening + tables + indexes)
             raw.close()
             log.info("listening sockets handed to a new process")
         elif command == "_getstate":
