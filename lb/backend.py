@@ -11,7 +11,6 @@ from lb.counters import Counters
 from lb.shared import (
     BE_VERSION,
     MAINT,
-    MAX_SLOTS,
     READY,
     SRV_ADMIN,
     SRV_FIELDS,
@@ -29,7 +28,7 @@ class Server:
 
     __slots__ = (
         "name", "cfg", "backend", "host", "port", "cookie", "counters", "_words",
-        "_base", "_mine", "_first",
+        "_base", "_mine", "_first", "_slots",
     )
 
     def __init__(self, cfg: config.Server, backend: Backend, shared: Shared, slot: int) -> None:
@@ -44,6 +43,7 @@ class Server:
         self._base = shared.layout.servers[(backend.name, cfg.name)]
         self._first = self._base + SRV_FIELDS
         self._mine = self._first + slot
+        self._slots = shared.layout.slots
 
     @property
     def up(self) -> bool:
@@ -83,7 +83,7 @@ class Server:
     def conns(self) -> int:
         """Connections open to it from all of pylb."""
         first = self._first
-        return sum(self._words[first : first + MAX_SLOTS])
+        return sum(self._words[first : first + self._slots])
 
     def opened(self) -> None:
         self._words[self._mine] += 1

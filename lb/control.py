@@ -13,13 +13,18 @@ import asyncio
 import json
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from lb.log import log
+
 MAX_PACKET = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD
 INLINE_MAX = 64 * 1024  # larger messages travel in a memfd
+OUTBOX_MAX = 100_000  # messages waiting for a peer that does not read
+STALL_TIMEOUT = 30.0  # seconds a peer may take nothing while messages wait for it
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -59,13 +64,20 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         for fd in fds:
             socket.close(fd)
         return None, []
-    message = json.loads(data)
-    if message.get("op") == "bulk" and fds:
-        bulk = fds.pop(0)
-        try:
-            message = json.loads(_read_all(bulk, message["size"]))
-        finally:
-            os.close(bulk)
+    try:
+        message = json.loads(data)
+        if isinstance(message, dict) and message.get("op") == "bulk" and fds:
+            bulk = fds.pop(0)
+            try:
+                message = json.loads(_read_all(bulk, message["size"]))
+            finally:
+                os.close(bulk)
+        if not isinstance(message, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, KeyError, TypeError) as err:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"malformed message: {err}") from None
     return message, fds
 
 
@@ -95,6 +107,7 @@ class Channel:
         self._on_message = on_message
         self._on_close = on_close
         self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        self._progress = 0.0  # when the peer last took a message we had queued
         self.closed = False
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
@@ -109,8 +122,19 @@ class Channel:
         try:
             if not self._outbox and self._try_send(data, all_fds):
                 return
+            if self.closed:
+                return
             if not self._outbox:
+                self._progress = time.monotonic()
                 self._loop.add_writer(self.sock, self._writable)
+            elif len(self._outbox) >= OUTBOX_MAX or (
+                time.monotonic() - self._progress > STALL_TIMEOUT
+            ):
+                log.warning("control channel: the other end reads nothing (%d messages "
+                            "waiting): closing it", len(self._outbox))
+                self.close()
+                self._on_close()
+                return
             self._outbox.append((data, [os.dup(fd) for fd in all_fds]))
         finally:
             if bulk is not None:
@@ -135,6 +159,7 @@ class Channel:
                 return
             for fd in fds:
                 os.close(fd)
+            self._progress = time.monotonic()
             if self._outbox:
                 self._outbox.popleft()
         if not self.closed:
@@ -147,6 +172,9 @@ class Channel:
             return
         except OSError:
             message, fds = None, []
+        except ValueError as err:  # not JSON, a short bulk message: that one is dropped
+            log.warning("control channel: a malformed message was dropped (%s)", err)
+            return
         if message is None:
             self.close()
             self._on_close()

@@ -28,7 +28,6 @@ from lb.shared import (
     FE_MAXCONN,
     GLOBAL_FIELDS,
     GLOBAL_MAXCONN,
-    MAX_SLOTS,
 )
 from lb.tcpproxy import TcpSession
 
@@ -91,6 +90,7 @@ class Frontend:
         self._first = base + FE_FIELDS
         self._mine = self._first + worker.slot
         self._global_mine = GLOBAL_FIELDS + worker.slot
+        self._slots = worker.shared.layout.slots
 
     # -- accepting ------------------------------------------------------------------
 
@@ -119,6 +119,17 @@ class Frontend:
         for server in self._servers:
             server.close()
         self._servers.clear()
+
+    def close_listeners(self) -> None:
+        """Stop accepting and close our descriptors of the listening sockets (the
+        master's are gone): the port is free once every worker has done so."""
+        self.stop_accepting()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.sockets.clear()
 
     def soft_stop(self) -> None:
         self.stopping = True
@@ -149,14 +160,14 @@ class Frontend:
 
     def current(self) -> int:
         """Connections admitted by pylb as a whole on this frontend."""
-        return sum(self._words[self._first : self._first + MAX_SLOTS])
+        return sum(self._words[self._first : self._first + self._slots])
 
     def _has_room(self) -> bool:
         words = self._words
         if words[self._disabled]:
             return False
         return self.current() < words[self._maxconn] and (
-            sum(words[GLOBAL_FIELDS : GLOBAL_FIELDS + MAX_SLOTS]) < words[GLOBAL_MAXCONN]
+            sum(words[GLOBAL_FIELDS : GLOBAL_FIELDS + self._slots]) < words[GLOBAL_MAXCONN]
         )
 
     def admit(self, session: Any) -> bool:

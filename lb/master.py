@@ -1,47 +1,42 @@
-"""The master: owns the listening sockets, starts and watches the workers.
+"""The master: owns the listening sockets and the shared state, and runs one loop.
 
 Like gunicorn's arbiter, signal handlers only enqueue; one loop (`_main`) takes events
-off the queue and acts. A worker's exit is seen through its pidfd (uvloop keeps SIGCHLD
-for itself). Workers are separate programs (`python -m lb.worker`), each with
-a control channel to the master over which it receives the configuration and, with
-SCM_RIGHTS, every listening socket.
+off the queue and acts, and an error while acting on one event is logged, never fatal.
+A worker's exit is seen through its pidfd (uvloop keeps SIGCHLD for itself). Starting,
+replacing and retiring workers, reloads included, is lb/generation.py; this module
+dispatches what workers, signals, the stats socket and a takeover peer send.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
-import lb
-from lb import config, control, maps, reload, systemd, takeover
+from lb import config, maps, reload, systemd, takeover
 from lb.check import Checker
+from lb.generation import Generations, Resources, WorkerHandle
 from lb.log import log
 from lb.queue import Keeper
 from lb.runtime.server import StatsSocket
-from lb.shared import MAX_SLOTS, Shared
+from lb.shared import Shared
 from lb.sock import Listener
 from lb.tables import Tables
 from lb.takeover import Inheritance
 
-RESPAWN_BACKOFF_MAX = 30.0
-QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
-STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
 TICK = 0.1  # period of the master's housekeeping
-RELOAD_TIMEOUT = 30.0  # how long a new generation gets to accept
 
 _SIGNAL_NAMES = {s.value: s.name for s in signal.Signals}
+# What the pylb we took over from may ask our slot keeper on its workers' behalf.
+_SLOT_OPS = {"acquire": Keeper.acquire, "release": Keeper.release, "cancel": Keeper.cancel}
 
 
 @dataclass(eq=False)
@@ -50,38 +45,16 @@ class Elder:
     back over the handover connection."""
 
     pid: int
-    sock: socket.socket
+    master: Master
 
     @property
     def channel(self) -> Elder:
         return self
 
     def send(self, message: dict[str, Any]) -> None:
-        try:
-            takeover.send_line(self.sock, {"slot": message, "pid": self.pid})
-        except OSError:
-            pass  # the old process is gone: nothing waits for this answer
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    index: int
-    generation: int
-    workers: int
-    proc: subprocess.Popen[bytes]
-    channel: control.Channel
-    pidfd: int
-    slot: int
-    started: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    stopping: bool = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def __str__(self) -> str:
-        return f"worker {self.index}/{self.workers} gen {self.generation}"
+        writer = self.master.to_elder
+        if writer is not None:  # else the old process is gone: nobody waits for this
+            writer.send({"slot": message, "pid": self.pid})
 
 
 class Master:
@@ -97,12 +70,9 @@ class Master:
         self.listeners = listeners
         self.log_level = log_level
         self.old_pids = old_pids  # (-sf/-st pids, signal), told to stop once we are ready
-        self.generation = 1
-        self.workers: dict[int, WorkerHandle] = {}  # by pid
-        self.crashes: dict[int, int] = {}  # worker index -> quick deaths in a row
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.stopping = False
-        self.announced: set[int] = set()  # generations announced ready
+        self.generations = Generations(self)
         self.shared = Shared.create(cfg)
         self.tables = Tables(cfg, inheritance.tables if inheritance is not None else None)
         self.started = time.time()
@@ -111,13 +81,11 @@ class Master:
         self.maps = maps.load(cfg, inheritance.maps if inheritance is not None else {})
         self.stats_socket: StatsSocket | None = None
         self._asks: dict[int, dict[WorkerHandle, asyncio.Future[Any]]] = {}
-        self._ready: dict[int, asyncio.Future[None]] = {}  # generations a reload waits for
-        self._reload_lock = asyncio.Lock()
         self._heir = 0  # round-robin position for handed-over connections
-        self.reloads = 0
         self._ask_ids = itertools.count(1)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
-        self.heirs: list[socket.socket] = []  # a newer pylb taking over: where connections go
+        self.heirs: list[takeover.LineWriter] = []  # a newer pylb taking over us
+        self.to_elder: takeover.LineWriter | None = None  # the pylb we took over from
         self.elders: dict[int, Elder] = {}  # the workers of the pylb we took over from
         self.inheritance = inheritance
         self.health: dict[str, int] | None = None
@@ -162,12 +130,12 @@ class Master:
         ):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
         for index in range(1, self.config.global_.workers + 1):
-            self._spawn(index)
+            self.generations.spawn(index)
         self.checker = Checker(self.config, self.shared, self.health)
         self.checker.start()
         if self.inheritance is not None and self.inheritance.heir is not None:
             heir = takeover.LineReader(self.inheritance.heir, self.inheritance.early)
-            heir.sock.setblocking(False)
+            self.to_elder = takeover.LineWriter(heir.sock, lambda writer: None)
             loop.add_reader(heir.sock, self._from_elder, heir)
             loop.call_soon(self._from_elder, heir)  # what came with the answer
         ticker = loop.create_task(self._tick())
@@ -176,17 +144,10 @@ class Master:
             await self.stats_socket.start()
         while True:
             kind, value = await self.events.get()
-            if kind == "signal":
-                self._on_signal(value)
-            elif kind == "message":
-                self._on_message(*value)
-            elif kind == "exited":
-                self._reap(value)
-            elif kind == "respawn":
-                if not self.stopping:
-                    self._spawn(value)
-            elif kind == "tick":
-                self._housekeeping()
+            try:
+                self._act(kind, value)
+            except Exception:  # one bad event must not end the loop that serves the rest
+                log.exception("error while handling %s %.200r", kind, value)
             if self.stopping and not self.workers:
                 break
         ticker.cancel()
@@ -194,6 +155,77 @@ class Master:
             self.stats_socket.close()
         log.info("exiting")
         return 0
+
+    def _act(self, kind: str, value: Any) -> None:
+        if kind == "signal":
+            self._on_signal(value)
+        elif kind == "message":
+            self._on_message(*value)
+        elif kind == "exited":
+            self.generations.reap(value)
+        elif kind == "respawn":
+            self.generations.respawn(*value)
+        elif kind == "tick":
+            self._housekeeping()
+
+    # -- what the rest of pylb asks of the master ------------------------------------
+
+    @property
+    def workers(self) -> dict[int, WorkerHandle]:
+        return self.generations.workers
+
+    @property
+    def generation(self) -> int:
+        return self.generations.number
+
+    @property
+    def reloads(self) -> int:
+        return self.generations.reloads
+
+    async def reload(self) -> tuple[bool, str]:
+        return await self.generations.reload()
+
+    def resources(self) -> Resources:
+        """What the current generation runs on."""
+        return Resources(self.config, self.shared, self.listeners, self.maps,
+                         self.tables.tables)
+
+    def switch(self, resources: Resources) -> None:
+        """Make `resources` the ones that new workers, checks and commands follow."""
+        cfg = resources.config
+        self.checker.stop()
+        self.checker = Checker(cfg, resources.shared, self.checker.health())
+        self.checker.start()
+        self.config, self.shared, self.listeners = cfg, resources.shared, resources.listeners
+        self.maps = resources.maps
+        self.tables.use(resources.tables)
+        self.tables.set_expiry(cfg)
+        self.keeper.reconfigure(cfg, resources.shared)
+
+    def generation_ready(self) -> None:
+        """A generation accepts: once, the processes we replace (-sf/-st) are told."""
+        if not self.old_pids:
+            return
+        pids, sig = self.old_pids
+        self.old_pids = None
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                log.info("sent %s to old process %d", _SIGNAL_NAMES[sig], pid)
+            except ProcessLookupError:
+                log.warning("old process %d is already gone", pid)
+
+    def worker_gone(self, handle: WorkerHandle) -> None:
+        """What a worker held goes: its slots, its counters, the answers awaited."""
+        self.keeper.worker_gone(handle)
+        if handle.generation == self.generation:  # older ones counted in their own memory
+            self.shared.clear_slot(handle.slot)  # what it counted is no longer open
+        if self.heirs:
+            self.heirs[0].send({"gone": handle.pid})
+        for waiting in self._asks.values():  # it will not answer: nobody waits for it
+            future = waiting.pop(handle, None)
+            if future is not None and not future.done():
+                future.cancel()
 
     async def _tick(self) -> None:
         while True:
@@ -203,8 +235,8 @@ class Master:
     def _housekeeping(self) -> None:
         """Periodic chores: queued requests may fit now that a server came back up or a
         limit was raised; expired stick-table entries go."""
-        for backend, queue in self.keeper.queues.items():
-            if queue or any(s.queue for s in self.keeper.by_backend[backend]):
+        for backend, queue in list(self.keeper.queues.items()):
+            if queue or any(s.queue for s in self.keeper.group(backend)):
                 self.keeper.dispatch(backend)
         self.tables.housekeeping()
 
@@ -220,129 +252,7 @@ class Master:
             self.broadcast({"op": "reopen-logs"})
         else:  # SIGUSR2, SIGHUP
             log.info("%s: reloading", _SIGNAL_NAMES[sig])
-            asyncio.get_running_loop().create_task(self.reload())
-
-    # -- workers --------------------------------------------------------------------
-
-    def _free_slot(self) -> int:
-        used = {h.slot for h in self.workers.values()}
-        return next(s for s in range(MAX_SLOTS) if s not in used)
-
-    def _spawn(self, index: int) -> None:
-        slot = self._free_slot()
-        ours, theirs = control.pair()
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(lb.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lb.worker", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-        )
-        theirs.close()
-        pidfd = os.pidfd_open(proc.pid)
-        names, tables = self.tables.descriptors()
-        edits, indexes = maps.descriptors(self.maps)
-        fds = [lst.sock.fileno() for lst in self.listeners] + tables + indexes
-        control.send(ours, self._hello(index, slot, names, edits), fds + [self.shared.fd])
-        channel = control.Channel(ours, lambda message, fds: None, lambda: None)
-        handle = WorkerHandle(
-            index, self.generation, self.config.global_.workers, proc, channel, pidfd, slot
-        )
-        channel._on_message = functools.partial(self._received, handle)
-        self.workers[proc.pid] = handle
-        asyncio.get_running_loop().add_reader(pidfd, self._exited, handle)
-        log.info("%s started (pid %d)", handle, handle.pid)
-
-    def _hello(
-        self, index: int, slot: int, tables: list[str], edits: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The first message to a new worker: who it is and what it serves."""
-        return {
-            "op": "hello",
-            "generation": self.generation,
-            "index": index,
-            "slot": slot,
-            "workers": self.config.global_.workers,
-            "config_path": self.config.path,
-            "config_text": self.config.text,
-            "listeners": [[lst.frontend, lst.address] for lst in self.listeners],
-            "log": self.config.global_.log,
-            "log_level": self.log_level,
-            "tables": tables,
-            "maps": edits,
-            "vars": {name: value for name, (_kind, value) in self.variables.items()},
-        }
-
-    async def reload(self) -> tuple[bool, str]:
-        """Re-read the configuration and replace the workers by a new generation on the
-        same listening sockets, carrying runtime state; the old generation hands over its
-        idle connections and finishes the rest. (True, "") or (False, why): an invalid
-        configuration changes nothing."""
-        async with self._reload_lock:
-            if self.stopping:
-                return False, "stopping"
-            systemd.notify("RELOADING=1", systemd.monotonic_usec(),
-                           f"STATUS=reloading {self.config.path}")
-            try:
-                cfg = config.load(self.config.path)
-                new_maps = await maps.reload(cfg, self.maps)
-                listeners, stale = reload.listeners_for(cfg, self.listeners)
-            except (config.ConfigError, OSError, ValueError) as err:
-                log.error("reload failed, the running configuration stays: %s", err)
-                systemd.notify("READY=1", f"STATUS=reload failed: {err}")
-                return False, str(err)
-            previous = (self.config, self.shared, self.listeners, self.checker, self.maps)
-            shared = Shared.create(cfg)
-            reload.carry_state(self.shared, self.config, shared, cfg)
-            self._switch(cfg, shared, listeners, new_maps)
-            old_generation, self.generation = self.generation, self.generation + 1
-            ready = self._ready[self.generation] = asyncio.get_running_loop().create_future()
-            for index in range(1, cfg.global_.workers + 1):
-                self._spawn(index)
-            try:
-                await asyncio.wait_for(ready, RELOAD_TIMEOUT)
-            except TimeoutError:
-                log.error("reload failed: generation %d did not start", self.generation)
-                for handle in self.workers.values():
-                    if handle.generation == self.generation:
-                        handle.stopping = True
-                        _kill(handle.pid, signal.SIGKILL)
-                self.generation = old_generation
-                config_, shared_, listeners_, checker_, maps_ = previous
-                self._switch(config_, shared_, listeners_, maps_, checker_)
-                maps.release(new_maps, maps_)
-                systemd.notify("READY=1", "STATUS=reload failed: the new workers did not start")
-                return False, "the new workers did not start"
-            for handle in self.workers.values():
-                if handle.generation < self.generation and not handle.stopping:
-                    handle.stopping = True
-                    handle.channel.send({"op": "soft-stop", "handover": True})
-            for listener in stale:
-                listener.sock.close()  # old workers closed theirs on soft stop
-            previous[1].close()
-            maps.release(previous[4], new_maps)
-            self.reloads += 1
-            log.info("reload %d done: generation %d serves %s", self.reloads,
-                     self.generation, cfg.path)
-            return True, ""
-
-    def _switch(
-        self,
-        cfg: config.Config,
-        shared: Shared,
-        listeners: list[Listener],
-        named_maps: maps.Maps,
-        checker: Checker | None = None,
-    ) -> None:
-        """Make `cfg` the configuration that new workers, checks and commands follow."""
-        self.checker.stop()
-        self.checker = checker or Checker(cfg, shared, self.checker.health())
-        self.checker.start()
-        self.config, self.shared, self.listeners = cfg, shared, listeners
-        self.maps = named_maps
-        self.keeper.reconfigure(cfg, shared)
-        self.tables.configure(cfg)
+            asyncio.get_running_loop().create_task(self.generations.reload())
 
     async def ask(self, what: str, timeout: float = 2.0, **args: Any) -> list[Any]:
         """Ask every running worker something (`lb.worker.Worker._answer`); the answers
@@ -370,6 +280,13 @@ class Master:
         """Send a message to every worker, of every generation."""
         for handle in self.workers.values():
             handle.channel.send(message)
+
+    def received(self, handle: WorkerHandle, message: dict[str, Any], fds: list[int]) -> None:
+        """A message from a worker (its channel's callback)."""
+        try:
+            self._received(handle, message, fds)
+        except Exception:  # nothing a worker sends may stop the master
+            log.exception("error on a message from %s: %.200r", handle, message)
 
     def _received(self, handle: WorkerHandle, message: dict[str, Any], fds: list[int]) -> None:
         op = message.get("op")
@@ -403,22 +320,28 @@ class Master:
                 os.close(fd)
 
     def _pass_on(self, message: dict[str, Any], fds: list[int]) -> None:
-        for heir in list(self.heirs):
-            try:
-                takeover.send_line(heir, {"conns": message["conns"]}, fds)
+        for heir in self.heirs:
+            heir.send({"conns": message["conns"]}, fds)
+            if not heir.closed:
                 return
-            except OSError:
-                self.heirs.remove(heir)
         log.warning("the pylb taking over is gone: closing %d connections", len(fds))
 
-    def add_heir(self, sock: socket.socket) -> None:
-        """A newer pylb takes over: from now on it keeps the server slots, ours included
-        (what waits in our queues moves there), and takes our idle connections."""
-        sock.setblocking(False)
-        self.heirs.append(sock)
+    def add_heir(self, sock: socket.socket, answer: dict[str, Any]) -> None:
+        """A newer pylb takes over (`_handover`, answered with `answer`): from now on it
+        keeps the server slots, ours included (what waits in our queues moves there), and
+        takes our idle connections. Nothing sent to it ever blocks our loop."""
+        heir = takeover.LineWriter(sock, self._heir_gone)
+        self.heirs.append(heir)
+        heir.send(answer)
         for owner, message in self.keeper.waiting_of():
-            takeover.send_line(sock, {"slot": message, "pid": owner.pid})
+            heir.send({"slot": message, "pid": owner.pid})
         asyncio.get_running_loop().add_reader(sock, self._from_heir, takeover.LineReader(sock))
+
+    def _heir_gone(self, heir: takeover.LineWriter) -> None:
+        if heir in self.heirs:
+            self.heirs.remove(heir)
+        asyncio.get_running_loop().remove_reader(heir.sock)
+        heir.sock.close()
 
     def _from_heir(self, reader: takeover.LineReader) -> None:
         """Grants from the pylb taking over, for our workers."""
@@ -431,13 +354,14 @@ class Master:
                 handle.channel.send(message["slot"])
         if ended:
             asyncio.get_running_loop().remove_reader(reader.sock)
-            if reader.sock in self.heirs:
-                self.heirs.remove(reader.sock)
+            for heir in [h for h in self.heirs if h.sock is reader.sock]:
+                heir.close()
+                self.heirs.remove(heir)
 
     def _elder(self, pid: int) -> Elder:
         elder = self.elders.get(pid)
         if elder is None:
-            elder = self.elders[pid] = Elder(pid, self.inheritance.heir)  # type: ignore[union-attr]
+            elder = self.elders[pid] = Elder(pid, self)
         return elder
 
     def _from_elder(self, reader: takeover.LineReader) -> None:
@@ -449,7 +373,9 @@ class Master:
                 self._hand_over(message, fds)
             elif "slot" in message:
                 elder, slot = self._elder(message["pid"]), message["slot"]
-                getattr(self.keeper, slot["op"])(elder, slot)
+                handler = _SLOT_OPS.get(slot.get("op"))
+                if handler is not None:
+                    handler(self.keeper, elder, slot)
             elif "gone" in message:
                 self.keeper.worker_gone(self._elder(message["gone"]))
         if ended:  # it exited: whatever its workers held is free
@@ -463,7 +389,7 @@ class Master:
         op = message.get("op")
         if op in ("acquire", "release", "cancel") and self.heirs:
             # A newer pylb keeps the slots now: ask it on this worker's behalf.
-            takeover.send_line(self.heirs[0], {"slot": message, "pid": handle.pid})
+            self.heirs[0].send({"slot": message, "pid": handle.pid})
         elif op == "acquire":
             self.keeper.acquire(handle, message)
         elif op == "release":
@@ -475,70 +401,7 @@ class Master:
             if future is not None and not future.done():
                 future.set_result(message["data"])
         elif op == "ready":
-            handle.ready = True
-            self._announce_if_ready(handle.generation)
-
-    def _announce_if_ready(self, generation: int) -> None:
-        members = [h for h in self.workers.values() if h.generation == generation]
-        if generation in self.announced or not all(h.ready for h in members):
-            return
-        self.announced.add(generation)
-        log.info("generation %d ready: %d workers accepting", generation, len(members))
-        waiter = self._ready.pop(generation, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        systemd.notify("READY=1", f"STATUS=generation {generation}: {len(members)} workers",
-                       f"MAINPID={os.getpid()}")
-        if self.old_pids:
-            pids, sig = self.old_pids
-            self.old_pids = None
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                    log.info("sent %s to old process %d", _SIGNAL_NAMES[sig], pid)
-                except ProcessLookupError:
-                    log.warning("old process %d is already gone", pid)
-
-    def _exited(self, handle: WorkerHandle) -> None:
-        asyncio.get_running_loop().remove_reader(handle.pidfd)
-        self.events.put_nowait(("exited", handle))
-
-    def _reap(self, handle: WorkerHandle) -> None:
-        status = handle.proc.wait()
-        del self.workers[handle.pid]
-        handle.channel.close()
-        os.close(handle.pidfd)
-        self.keeper.worker_gone(handle)
-        self.shared.clear_slot(handle.slot)  # what it counted is no longer open
-        if self.heirs:
-            try:
-                takeover.send_line(self.heirs[0], {"gone": handle.pid})
-            except OSError:
-                pass
-        for waiting in self._asks.values():  # it will not answer: nobody waits for it
-            future = waiting.pop(handle, None)
-            if future is not None and not future.done():
-                future.cancel()
-        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-        if handle.stopping or self.stopping:
-            log.info("%s (pid %d) exited: %s", handle, handle.pid, how)
-            return
-        log.warning("%s (pid %d) exited: %s", handle, handle.pid, how)
-        self._schedule_respawn(handle)
-
-    def _schedule_respawn(self, handle: WorkerHandle) -> None:
-        if time.monotonic() - handle.started < QUICK_DEATH:
-            crashes = self.crashes.get(handle.index, 0) + 1
-        else:
-            crashes = 0
-        self.crashes[handle.index] = crashes
-        # First replacement at once; a worker that keeps dying waits longer each time.
-        delay = 0.0 if crashes <= 1 else min(0.25 * 2 ** (crashes - 1), RESPAWN_BACKOFF_MAX)
-        if delay:
-            log.warning("%s keeps dying: next start in %.1fs", handle, delay)
-        asyncio.get_running_loop().call_later(
-            delay, self.events.put_nowait, ("respawn", handle.index)
-        )
+            self.generations.ready(handle)
 
     # -- stopping -------------------------------------------------------------------
 
@@ -546,26 +409,4 @@ class Master:
         self.stopping = True
         systemd.notify("STOPPING=1")
         self.checker.stop()
-        for handle in self.workers.values():
-            handle.stopping = True
-            if hard:
-                _kill(handle.pid, signal.SIGTERM)
-            else:  # with a newer pylb up, idle connections go to it
-                handle.channel.send({"op": "soft-stop", "handover": bool(self.heirs)})
-        loop = asyncio.get_running_loop()
-        if hard:
-            loop.call_later(STOP_GRACE, self._kill_remaining)
-        elif self.config.global_.hard_stop_after:
-            loop.call_later(self.config.global_.hard_stop_after + STOP_GRACE, self._kill_remaining)
-
-    def _kill_remaining(self) -> None:
-        for handle in self.workers.values():
-            log.warning("%s (pid %d) did not stop: killing it", handle, handle.pid)
-            _kill(handle.pid, signal.SIGKILL)
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        self.generations.stop(hard, handover=bool(self.heirs))  # idle connections: to it

@@ -47,6 +47,9 @@ class _ServerSlots:
     maxqueue: int
     used: int = 0
     queue: deque[_Waiting] = field(default_factory=deque)
+    # A server a reload removed: an older generation may still send it requests (it is
+    # still there on the network). Its limit is the last one it had; 0: none.
+    retired_limit: int | None = None
 
 
 class Keeper:
@@ -60,16 +63,18 @@ class Keeper:
         self.queues: dict[str, deque[_Waiting]] = {}
         self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
         self.turns: dict[tuple[Any, int], tuple[int, float]] = {}  # places of moved requests
+        self.retired: dict[str, list[_ServerSlots]] = {}  # per backend, removed servers
+        self._words: Any = None
         self.reconfigure(cfg, shared)
 
     def reconfigure(self, cfg: config.Config, shared: Shared) -> None:
         """Follow a (re)loaded configuration. Servers and backends that remain keep their
         busy slots and waiting requests: the limits count every generation together."""
-        old_servers, old_queues = self.servers, self.queues
+        old_servers, old_queues, old_words = self.servers, self.queues, self._words
         self._words = shared.words
         self.servers, self.by_backend, self.queues = {}, {}, {}
         for name, backend in cfg.backends.items():
-            self.queues[name] = old_queues.get(name, deque())
+            self.queues[name] = old_queues.pop(name, deque())
             self.by_backend[name] = []
             for server in backend.servers:
                 key = (name, server.name)
@@ -79,45 +84,72 @@ class Keeper:
                     slots.used, slots.queue = previous.used, previous.queue
                 self.servers[key] = slots
                 self.by_backend[name].append(slots)
+        for name, group in list(self.retired.items()):  # back in the configuration
+            group[:] = [r for r in group if (r.backend, r.name) not in self.servers]
+            if not group:
+                del self.retired[name]
+        # Servers and backends the new configuration lacks stay known, retired, while an
+        # older generation may still use them: its requests finish where they were meant.
         for key, previous in old_servers.items():
             if key in self.servers:
                 continue
-            for waiting in previous.queue:  # their server is gone: any other will do
-                queue = self.queues.get(waiting.backend)
-                if queue is not None:
-                    queue.append(waiting)
-                else:
-                    self._send(waiting.owner, {"op": "grant", "id": waiting.id,
-                                               "be": waiting.backend, "srv": None})
+            if previous.retired_limit is None:
+                previous.retired_limit = old_words[previous.base + SRV_MAXCONN]
+                self.retired.setdefault(previous.backend, []).append(previous)
+            self.servers[key] = previous
+        self.queues.update(old_queues)  # of retired backends
         for name in self.queues:
             self.dispatch(name)
+
+    def forget_retired(self) -> None:
+        """No older generation is left: retired servers and backends go."""
+        for slots in [s for group in self.retired.values() for s in group]:
+            del self.servers[(slots.backend, slots.name)]
+        for name in [b for b in self.retired if b not in self.by_backend]:
+            self.queues.pop(name, None)
+        self.retired.clear()
 
     # -- state of a server --------------------------------------------------------------
 
     def _room(self, slots: _ServerSlots) -> bool:
-        limit = self._words[slots.base + SRV_MAXCONN]
+        limit = slots.retired_limit
+        if limit is None:
+            limit = self._words[slots.base + SRV_MAXCONN]
         return limit <= 0 or slots.used < limit
 
     def _selectable(self, slots: _ServerSlots) -> bool:
+        if slots.retired_limit is not None:
+            return True  # no state is kept for it any more: the old generation trusts it
         words, base = self._words, slots.base
         return words[base + SRV_OP] == UP and words[base + SRV_ADMIN] == READY and (
             words[base + SRV_WEIGHT] > 0
         )
 
     def _persistable(self, slots: _ServerSlots) -> bool:
+        if slots.retired_limit is not None:
+            return True
         words, base = self._words, slots.base
         return words[base + SRV_OP] == UP and words[base + SRV_ADMIN] != MAINT
+
+    def group(self, backend: str) -> list[_ServerSlots]:
+        """A backend's servers, current and retired."""
+        return self.by_backend.get(backend, []) + self.retired.get(backend, [])
 
     def queued(self, backend: str, server: str | None = None) -> int:
         """Requests waiting: in a server's queue, or in the backend's own."""
         if server is None:
-            return len(self.queues[backend])
-        return len(self.servers[(backend, server)].queue)
+            return len(self.queues.get(backend, ()))
+        slots = self.servers.get((backend, server))
+        return len(slots.queue) if slots is not None else 0
 
     # -- messages -----------------------------------------------------------------------
 
     def acquire(self, owner: Any, message: dict[str, Any]) -> None:
-        backend, wanted = message["be"], self.servers[(message["be"], message["srv"])]
+        backend = message["be"]
+        wanted = self.servers.get((backend, message["srv"]))
+        if wanted is None:  # a server this pylb has never known: nothing to wait for
+            self._send(owner, {"op": "grant", "id": message["id"], "be": backend, "srv": None})
+            return
         seq = self._resume(message["resume"]) if message.get("resume") else None
         waiting = _Waiting(owner, message["id"], next(self._seq) if seq is None else seq, backend)
         if message.get("persist"):
@@ -131,11 +163,12 @@ class Keeper:
         if self._room(wanted) and self._selectable(wanted):
             self._grant(waiting, wanted)
             return
-        for other in self.by_backend[backend]:
-            if other is not wanted and self._room(other) and self._selectable(other):
+        for other in self.group(backend):
+            if (other is not wanted and self._room(other) and self._selectable(other)
+                    and _knows(owner, other)):
                 self._grant(waiting, other)
                 return
-        _enqueue(self.queues[backend], waiting)
+        _enqueue(self.queues.setdefault(backend, deque()), waiting)
 
     def _resume(self, ticket: list[int]) -> int | None:
         """A request moved to a new generation takes back its place in the queue: the
@@ -192,7 +225,10 @@ class Keeper:
                 found.append((w.seq, w.owner, {"op": "acquire", "id": w.id, "be": w.backend,
                                                "srv": slots.name, "persist": True}))
         for backend, queue in self.queues.items():
-            first = self.by_backend[backend][0].name
+            group = self.group(backend)
+            if not group:
+                continue
+            first = group[0].name
             for w in queue:
                 found.append((w.seq, w.owner, {"op": "acquire", "id": w.id, "be": backend,
                                                "srv": first, "persist": False}))
@@ -214,28 +250,36 @@ class Keeper:
                 self.turns[(getattr(owner, "pid", None), waiting.id)] = (waiting.seq, now)
         for key in [k for k, (_, when) in self.turns.items() if now - when > TURN_KEPT]:
             del self.turns[key]
-        for backend in self.by_backend:
+        for backend in list(self.queues):
             self.dispatch(backend)
 
     def dispatch(self, backend: str) -> None:
         """Give free slots to waiting requests, oldest first; call after any change
         (a slot released, a limit raised, a server back up)."""
-        shared_queue = self.queues[backend]
+        shared_queue = self.queues.get(backend)
+        if shared_queue is None:
+            return
         progress = True
         while progress:
             progress = False
-            for slots in self.by_backend[backend]:
+            for slots in self.group(backend):
                 if not self._room(slots):
                     continue
                 candidates = []
                 if slots.queue and self._persistable(slots):
-                    candidates.append(slots.queue)
+                    candidates.append((slots.queue[0], slots.queue))
                 if shared_queue and self._selectable(slots):
-                    candidates.append(shared_queue)
+                    # the oldest request whose worker knows this server (a server a
+                    # reload added is unknown to the older generation, a retired one to
+                    # the newer)
+                    first = next((w for w in shared_queue if _knows(w.owner, slots)), None)
+                    if first is not None:
+                        candidates.append((first, shared_queue))
                 if not candidates:
                     continue
-                queue = min(candidates, key=lambda q: q[0].seq)
-                self._grant(queue.popleft(), slots)
+                waiting, queue = min(candidates, key=lambda c: c[0].seq)
+                queue.remove(waiting)
+                self._grant(waiting, slots)
                 progress = True
         self._requeue_stranded(backend)
 
@@ -243,7 +287,7 @@ class Keeper:
         """Requests waiting for a server that is no longer usable join the backend's queue
         (HAProxy's redispatch of queued requests)."""
         moved = False
-        for slots in self.by_backend[backend]:
+        for slots in self.by_backend.get(backend, []):
             if slots.queue and not self._persistable(slots):
                 self.queues[backend].extend(slots.queue)
                 slots.queue.clear()
@@ -267,6 +311,13 @@ class Keeper:
 
     def _all_queues(self) -> list[deque[_Waiting]]:
         return [*self.queues.values(), *(s.queue for s in self.servers.values())]
+
+
+def _knows(owner: Any, slots: _ServerSlots) -> bool:
+    """Whether the worker `owner` has this server in its configuration (workers of
+    another process taking over are trusted to)."""
+    knows = getattr(owner, "knows", None)
+    return knows is None or knows(slots.backend, slots.name)
 
 
 def _enqueue(queue: deque[_Waiting], waiting: _Waiting) -> None:

@@ -23,13 +23,11 @@ from collections.abc import Iterator
 
 from lb import config
 
-MAX_SLOTS = 64  # worker processes alive at once, all generations together
-
 # Server states
 DOWN, UP = 0, 1
 READY, DRAIN, MAINT = 0, 1, 2
 
-# Field offsets inside each kind of entry; each entry ends with MAX_SLOTS counters.
+# Field offsets inside each kind of entry; each entry ends with one counter per worker slot.
 GLOBAL_MAXCONN = 0
 GLOBAL_FIELDS = 1
 
@@ -50,15 +48,18 @@ CHECK_STATUSES = ("", "INI", "L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP"
 
 
 class Layout:
-    """Where each entry lives, in 64-bit words."""
+    """Where each entry lives, in 64-bit words. Each generation of workers has its own
+    segment, so a worker slot (a counter column) is needed per configured worker: a
+    replacement takes the slot of the worker it replaces."""
 
     def __init__(self, cfg: config.Config) -> None:
-        size = GLOBAL_FIELDS + MAX_SLOTS
+        self.slots = slots = cfg.global_.workers
+        size = GLOBAL_FIELDS + slots
         self.global_ = 0
         self.frontends: dict[str, int] = {}
         for name in cfg.frontends:
             self.frontends[name] = size
-            size += FE_FIELDS + MAX_SLOTS
+            size += FE_FIELDS + slots
         self.backends: dict[str, int] = {}
         self.servers: dict[tuple[str, str], int] = {}
         for name, backend in cfg.backends.items():
@@ -66,7 +67,7 @@ class Layout:
             size += BE_FIELDS
             for server in backend.servers:
                 self.servers[(name, server.name)] = size
-                size += SRV_FIELDS + MAX_SLOTS
+                size += SRV_FIELDS + slots
         self.words = size
 
 
@@ -126,12 +127,14 @@ class Shared:
 
     def total(self, first_counter: int) -> int:
         """The sum of an entry's per-slot counters: its value for pylb as a whole."""
-        return sum(self.words[first_counter : first_counter + MAX_SLOTS])
+        return sum(self.words[first_counter : first_counter + self.layout.slots])
 
     def clear_slot(self, slot: int) -> None:
         """Forget a departed worker's counters (master only)."""
         words = self.words
         layout = self.layout
+        if not 0 <= slot < layout.slots:
+            return
         words[GLOBAL_FIELDS + slot] = 0
         for base in layout.frontends.values():
             words[base + FE_FIELDS + slot] = 0

@@ -23,9 +23,8 @@ def declared(cfg: config.Config) -> dict[str, tuple[config.StickTable, list[str]
     """Every table the configuration declares: its settings and its servers' names."""
     out: dict[str, tuple[config.StickTable, list[str]]] = {}
     for name, frontend in cfg.frontends.items():
-        table = getattr(frontend, "stick_table", None)
-        if table is not None:
-            out[name] = (table, [])
+        if frontend.stick_table is not None:
+            out[name] = (frontend.stick_table, [])
     for name, backend in cfg.backends.items():
         if backend.stick_table is not None:
             out[name] = (backend.stick_table, [s.name for s in backend.servers])
@@ -38,26 +37,46 @@ class Tables:
     def __init__(self, cfg: config.Config, inherited: dict[str, StickTable] | None = None):
         self.tables: dict[str, StickTable] = dict(inherited or {})
         self._ticks = 0
-        self.configure(cfg)
+        planned = self.plan(cfg)
+        self.release(self.tables, planned)  # inherited tables this configuration lacks
+        self.use(planned)
+        self.set_expiry(cfg)
 
-    def configure(self, cfg: config.Config) -> None:
-        """Make the tables match `cfg` (at start, at a reload, after a takeover): a table
-        whose shape is unchanged is kept as it is; one whose shape changed is replaced
-        by a new table holding its entries; one no longer declared is let go (workers
-        still using it keep their own mapping)."""
-        old = self.tables
-        self.tables = {}
+    def plan(self, cfg: config.Config) -> dict[str, StickTable]:
+        """The tables `cfg` needs, changing nothing in use: a table whose shape is
+        unchanged is the very same; one whose shape changed is a new table holding its
+        entries (the old one stays until `release`); one new in `cfg` is created."""
+        planned: dict[str, StickTable] = {}
         for name, (settings, servers) in declared(cfg).items():
-            table = old.pop(name, None)
+            table = self.tables.get(name)
             if table is not None and table.shape != Shape.of(settings):
                 table = self._migrate(name, table, settings, servers)
             elif table is None:
                 table = StickTable.create(name, settings)
-            table.expire_ms = int(settings.expire * 1000) if settings.expire else 0
             table.register(servers)
-            self.tables[name] = table
+            planned[name] = table
+        return planned
+
+    def use(self, planned: dict[str, StickTable]) -> None:
+        """Make `planned` (from `plan`) the tables in force, closing nothing: a reload
+        that fails goes back to the previous ones."""
+        self.tables = planned
+
+    @staticmethod
+    def release(old: dict[str, StickTable], kept: dict[str, StickTable]) -> None:
+        """Close the tables of `old` that `kept` does not have (workers keep their own
+        mapping): the previous ones after a reload, the planned ones after a failed one."""
+        in_use = {id(t) for t in kept.values()}
         for table in old.values():
-            table.close()
+            if id(table) not in in_use:
+                table.close()
+
+    def set_expiry(self, cfg: config.Config) -> None:
+        """Expiry is not part of a table's shape: each process follows its configuration."""
+        for name, (settings, _servers) in declared(cfg).items():
+            table = self.tables.get(name)
+            if table is not None:
+                table.expire_ms = int(settings.expire * 1000) if settings.expire else 0
 
     @staticmethod
     def _migrate(
@@ -68,7 +87,6 @@ class Tables:
         moved = table.migrate_from(old)
         log.info("stick table %s changed shape (%s -> %s): %d entries moved", name,
                  _describe(old.shape), _describe(table.shape), moved)
-        old.close()
         return table
 
     def get(self, name: str) -> StickTable | None:

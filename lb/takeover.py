@@ -16,13 +16,18 @@ The old side of these commands is in lb.runtime.server.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import select
+import os
 import socket
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lb import config, tables
+from lb.log import log
 from lb.mapstore import MapIndex
 from lb.shared import Layout
 from lb.sock import Listener
@@ -120,16 +125,87 @@ def _open_maps(names: list[str], fds: list[int]) -> dict[str, MapIndex]:
     return out
 
 
-def send_line(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    """One JSON line (and descriptors) on a handover connection, waiting if it is full."""
-    data = json.dumps(message).encode() + b"\n"
-    while data:
-        try:
-            sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
-        except BlockingIOError:
-            select.select([], [sock], [], 1.0)
-            continue
-        data, fds = data[sent:], None  # descriptors go with the first byte
+class LineWriter:
+    """JSON lines (and descriptors) to the other pylb without ever blocking our loop:
+    what the socket cannot take now waits, in order, and goes when it can. A peer that
+    lets more than MAX_PENDING bytes pile up, or takes nothing for STALL_TIMEOUT, is
+    dropped (and logged): a stalled peer must not hold up the master."""
+
+    MAX_PENDING = 16 << 20
+    STALL_TIMEOUT = 10.0
+
+    def __init__(self, sock: socket.socket, on_drop: Callable[[LineWriter], None]) -> None:
+        self.sock = sock
+        self._on_drop = on_drop
+        self._pending: deque[tuple[bytes, list[int]]] = deque()  # fds: our duplicates
+        self._size = 0
+        self._stalled_since = 0.0
+        self.closed = False
+        sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send or queue; the caller keeps (and may close) its `fds`."""
+        if self.closed:
+            return
+        data = json.dumps(message).encode() + b"\n"
+        if not self._pending:
+            try:
+                sent = socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                self.drop(f"cannot write to it ({err.strerror})")
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = data[sent:], None  # descriptors went with the first byte
+            self._stalled_since = time.monotonic()
+            self._loop.add_writer(self.sock, self._writable)
+        self._pending.append((data, [os.dup(fd) for fd in fds or ()]))
+        self._size += len(data)
+        if self._size > self.MAX_PENDING or (
+            time.monotonic() - self._stalled_since > self.STALL_TIMEOUT
+        ):
+            self.drop("it does not read what we send")
+
+    def _writable(self) -> None:
+        while self._pending:
+            data, fds = self._pending[0]
+            try:
+                sent = socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                self.drop(f"cannot write to it ({err.strerror})")
+                return
+            self._stalled_since = time.monotonic()
+            for fd in fds:
+                os.close(fd)
+            self._size -= sent
+            if sent < len(data):
+                self._pending[0] = (data[sent:], [])
+                return
+            self._pending.popleft()
+        self._loop.remove_writer(self.sock)
+
+    def drop(self, why: str) -> None:
+        if self.closed:
+            return
+        log.warning("dropping the connection to the other pylb: %s", why)
+        self.close()
+        self._on_drop(self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_writer(self.sock)
+        for _data, fds in self._pending:
+            for fd in fds:
+                os.close(fd)
+        self._pending.clear()
 
 
 def old_memory(state: dict[str, Any]) -> tuple[OldMemory, config.Config]:

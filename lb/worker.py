@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import gc
 import logging
 import os
@@ -33,6 +34,8 @@ from lb.sticktable import StickTable
 from lb.timer import clock
 
 EXIT_GRACE = 0.05  # seconds a stopping worker waits for connections already accepted
+ORPHAN_GRACE = 30.0  # how long a worker whose master died finishes what is in flight
+PR_SET_PDEATHSIG = 1
 _NO_MAP = SharedMap(None)  # configurations name only maps that exist: never used
 
 
@@ -43,6 +46,8 @@ class Worker:
         self.queue = Queue(self._send)
         self.config = config.loads(hello["config_text"], hello["config_path"])
         self.generation: int = hello["generation"]
+        self.master_pid: int = hello.get("master", os.getppid())
+        self.master_gone = False
         self.index: int = hello["index"]
         self.count: int = hello["workers"]
         self.pool = ConnectionPool()
@@ -109,7 +114,8 @@ class Worker:
             await frontend.start()
             clock.on_tick.append(frontend.check_limits)  # places freed by other workers
         self.channel = control.Channel(self._sock, self._on_control, self._master_gone)
-        loop.add_signal_handler(signal.SIGUSR1, self.soft_stop)
+        # SIGUSR1: a soft stop, or, as the parent-death signal, the master is gone
+        loop.add_signal_handler(signal.SIGUSR1, self._on_sigusr1)
         loop.add_signal_handler(signal.SIGTERM, self._finish)
         self.channel.send({"op": "ready", "pid": os.getpid()})
         await self._done
@@ -187,8 +193,24 @@ class Worker:
             return len(victims)
         return None
 
+    def _on_sigusr1(self) -> None:
+        if os.getppid() != self.master_pid:
+            self._master_gone()
+        else:
+            self.soft_stop()
+
     def _master_gone(self) -> None:
-        log.warning("master is gone: soft-stopping")
+        """Nobody holds the listening sockets for us any more: close ours at once, so
+        that a new pylb can bind the port, finish what is in flight, and exit (after
+        `hard-stop-after` at the latest, or ORPHAN_GRACE without one)."""
+        if self.master_gone:
+            return
+        self.master_gone = True
+        log.warning("master is gone: closing the listeners, finishing what is in flight")
+        for frontend in self.frontends.values():
+            frontend.close_listeners()
+        grace = self.config.global_.hard_stop_after or ORPHAN_GRACE
+        asyncio.get_running_loop().call_later(grace, self._hard_stop)
         self.soft_stop()
 
     # -- handing connections over to the next generation ---------------------------------
@@ -293,6 +315,15 @@ def _expire(cfg: config.Config, table: str) -> float | None:
     return settings.expire if settings is not None else None
 
 
+def _die_with_master(master: int) -> None:
+    """Have the kernel send SIGUSR1 when the master dies, whatever kills it; if it died
+    before this, exit now: its sockets are nobody's to serve."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
+    if os.getppid() != master:
+        sys.exit(1)
+
+
 def _standard_streams_open() -> None:
     """Descriptors 0, 1 and 2 open (on /dev/null if they were not), so that those the
     master sends cannot land there: a stray print would write into them."""
@@ -315,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     hello, fds = control.receive(channel)
     if hello is None:
         return 1
+    _die_with_master(hello.get("master", os.getppid()))
     logsetup.setup(hello.get("log", "stderr"), hello.get("log_level", logging.INFO))
     worker = Worker(channel, hello, fds)
     # What exists now (code, configuration) lives as long as the worker: keep it out of

@@ -23,7 +23,8 @@ SAMPLE = 150
 
 def write_config(workdir: Path, port: int, servers: list[str]) -> None:
     (workdir / "lb.cfg").write_text(yaml.safe_dump({
-        "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin"},
+        "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin",
+                                             "expose-fd": "listeners"},
                    "log": "pylb.log"},
         "maps": {"big": "big.map"},
         "frontends": {"www": {

@@ -91,7 +91,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
         user=None,
         group=None,
         level="admin",
-        expose_fd=False,
+        expose_fd=True,
         timeout=10.0,
     )
 
@@ -106,7 +106,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
     assert www.timeouts == DEFAULT_TIMEOUTS
     assert www.forwardfor is True
     assert www.log is None
-    assert www.line == 28
+    assert www.line == 29
 
     assert list(cfg.backends) == ["app"]
     app = cfg.backends["app"]
@@ -119,7 +119,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
     assert app.http_check == HttpCheck(method="GET", path="/", expect=(200, 200), host=None)
     assert app.cookie == Cookie(name="SERVERID", mode="insert", indirect=True, nocache=True)
     assert (app.stick_table, app.stick_on) == (None, None)
-    assert app.line == 34
+    assert app.line == 35
     assert [s.name for s in app.servers] == ["s1", "s2"]
     s1, s2 = app.servers
     assert s1.address == Address("127.0.0.1", 9001)
@@ -135,22 +135,22 @@ def test_example_misspelled_bind_is_reported_on_its_line() -> None:
     with pytest.raises(ConfigError) as info:
         loads(text, "conf/lb.cfg")
     err = info.value
-    assert str(err) == "conf/lb.cfg:29: frontends.www.bnd: unknown key (did you mean bind?)"
-    assert (err.path, err.line, err.key) == ("conf/lb.cfg", 29, "frontends.www.bnd")
+    assert str(err) == "conf/lb.cfg:30: frontends.www.bnd: unknown key (did you mean bind?)"
+    assert (err.path, err.line, err.key) == ("conf/lb.cfg", 30, "frontends.www.bnd")
     assert err.message == "unknown key (did you mean bind?)"
 
 
 def test_example_errors_on_other_lines() -> None:
     text = example_text()
     assert error_of(text.replace("connect: 5s", "connect: fast"), "conf/lb.cfg") == (
-        "conf/lb.cfg:18: defaults.timeout.connect: "
+        "conf/lb.cfg:19: defaults.timeout.connect: "
         "expected a duration like 5s or 250ms, got 'fast'"
     )
     assert error_of(text.replace("cookie: s2", "cookei: s2")) == (
-        "t.cfg:52: backends.app.servers.s2.cookei: unknown key (did you mean cookie?)"
+        "t.cfg:53: backends.app.servers.s2.cookei: unknown key (did you mean cookie?)"
     )
     assert error_of(text.replace("workers: 2", "workers: 0")) == (
-        "t.cfg:8: global.workers: expected an integer >= 1, got 0"
+        "t.cfg:8: global.workers: expected an integer from 1 to 64, got 0"
     )
 
 
@@ -500,7 +500,7 @@ def test_null_means_none_for_optional_keys() -> None:
     assert cfg.frontends["web"].maxconn == 4096
     # where none is not a legal value, null is a wrong type
     assert error_of("global: {workers: ~}\n" + MINIMAL) == (
-        "t.cfg:1: global.workers: expected an integer >= 1, got null"
+        "t.cfg:1: global.workers: expected an integer from 1 to 64, got null"
     )
 
 

@@ -22,7 +22,8 @@ PYLB = [sys.executable, str(REPO / "bin" / "pylb")]
 
 def write_config(path: Path, port: int, servers: list[str]) -> None:
     path.write_text(yaml.safe_dump({
-        "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin"}},
+        "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin",
+                                             "expose-fd": "listeners"}},
         "frontends": {"www": {"bind": f"127.0.0.1:{port}", "default_backend": "app"}},
         "backends": {"app": {
             "cookie": {"name": "SRV", "mode": "insert"},
@@ -127,7 +128,8 @@ def test_server_maxconn_holds_across_old_and_new_process(tmp_path: Path):
     try:
         port = free_port()
         (tmp_path / "lb.cfg").write_text(yaml.safe_dump({
-            "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin"}},
+            "global": {"workers": 2, "stats": {"socket": "lb.sock", "level": "admin",
+                                             "expose-fd": "listeners"}},
             "defaults": {"timeout": {"queue": "20s"}},
             "frontends": {"www": {"bind": f"127.0.0.1:{port}", "default_backend": "app"}},
             "backends": {"app": {"servers": {"s1": {"address": server.address,

@@ -50,6 +50,8 @@ from .values import (
 )
 from .yamltree import Value
 
+MAX_WORKERS = 64  # `global.workers` at most (documented in docs/configuration.md)
+
 
 def binds(v: Value) -> tuple[tuple[Address, int], ...]:
     """``bind``: one address or a non-empty list; each kept with its line."""
@@ -189,7 +191,8 @@ STATS: Schema = {
 }
 
 GLOBAL: Schema = {
-    "workers": Field(integer(1), factory=lambda: os.cpu_count() or 1),
+    "workers": Field(integer(1, MAX_WORKERS),
+                     factory=lambda: min(os.cpu_count() or 1, MAX_WORKERS)),
     "maxconn": Field(integer(1), 4096),
     "pidfile": Field(path),
     "daemon": Field(boolean, False),

@@ -17,7 +17,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING
 
-from lb import config, maps, takeover
+from lb import config, maps
 from lb.log import log
 from lb.runtime import commands
 
@@ -91,9 +91,12 @@ class StatsSocket:
     ) -> None:
         # The transport's socket object cannot carry descriptors: use a real one.
         raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
-        if not (self.cfg.expose_fd or session.level == commands.ADMIN):
-            writer.write(b'{"error": "Permission denied: needs expose-fd listeners or level '
-                         b'admin"}\n')
+        # As in HAProxy, handing out descriptors needs `expose-fd listeners`; the state
+        # and the handover (connections, slots) need level admin too.
+        if not self.cfg.expose_fd or (command != "_getsocks" and session.level != commands.ADMIN):
+            needs = "expose-fd listeners" + (" and level admin" if command != "_getsocks" else "")
+            writer.write(json.dumps({"error": f"Permission denied: {command} needs {needs}"})
+                         .encode() + b"\n")
             await writer.drain()
             raw.close()
             return
@@ -117,10 +120,8 @@ class StatsSocket:
         elif command == "_handover":
             # From here on the new process keeps the slot counts: tell it ours and hand
             # over in one go (no await in between, so no slot changes hands unseen).
-            raw.setblocking(True)
-            takeover.send_line(raw, {"ok": True, "held": master.keeper.held_by_pid()})
-            master.add_heir(raw)  # kept: slots and idle connections go there
-            return
+            master.add_heir(raw, {"ok": True, "held": master.keeper.held_by_pid()})
+            return  # kept: slots and idle connections go there
         else:
             writer.write(b'{"error": "unknown"}\n')
             await writer.drain()

@@ -1,0 +1,387 @@
+"""Generations of workers: how pylb starts them, replaces them and retires them.
+
+A *generation* is the set of workers started with one configuration and what is made from
+it: shared memory, listening sockets, maps and stick tables (`Resources`). Every step of
+its life is here:
+
+- **spawn**: a worker is a new `python -m lb.worker` process; its first control message
+  carries the configuration and, by SCM_RIGHTS, every descriptor it needs;
+- **ready**: a generation is ready when every one of its workers accepts;
+- **reload**: the next generation's resources are prepared off to the side (an `Attempt`:
+  configuration and map files read off the loop, new binds bound, new shared memory with
+  the runtime state carried over, stick tables planned), then the master switches to them,
+  spawns the workers and waits until they all accept;
+- **retire**: the older generations are told to soft-stop, handing their idle connections
+  and queued requests over to the new one;
+- **rollback**: if anything fails (configuration, a bind, a worker that dies or does not
+  start in time), the attempt's workers are killed and everything opened for it is
+  closed: the running generation serves on as if nothing happened;
+- **respawn** of a worker that died, and **stop** of them all.
+
+lb/master.py keeps the loop, the signals and the dispatch of messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lb
+from lb import config, control, maps, reload, systemd
+from lb.log import log
+from lb.shared import Shared
+from lb.sock import Listener
+from lb.sticktable import StickTable
+
+if TYPE_CHECKING:
+    from lb.master import Master
+
+RESPAWN_BACKOFF_MAX = 30.0
+QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
+STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
+RELOAD_TIMEOUT = 30.0  # how long a new generation gets to accept
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    index: int
+    generation: int
+    workers: int
+    proc: subprocess.Popen[bytes]
+    channel: control.Channel
+    pidfd: int
+    slot: int
+    servers: frozenset[tuple[str, str]]  # (backend, server) of its configuration
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def knows(self, backend: str, server: str) -> bool:
+        return (backend, server) in self.servers
+
+    def __str__(self) -> str:
+        return f"worker {self.index}/{self.workers} gen {self.generation}"
+
+
+@dataclass
+class Resources:
+    """What a generation runs on."""
+
+    config: config.Config
+    shared: Shared
+    listeners: list[Listener]
+    maps: maps.Maps
+    tables: dict[str, StickTable]
+
+
+@dataclass
+class Attempt:
+    """The next generation's resources while it starts: kept if it comes up, closed if
+    not. `fresh` are the binds bound for it, `stale` the current ones it no longer has."""
+
+    resources: Resources
+    fresh: list[Listener]
+    stale: list[Listener]
+
+    @classmethod
+    async def prepare(cls, master: Master) -> Attempt:
+        """Read and check the configuration and the map files (off the loop's thread),
+        bind new addresses, make the shared memory with the runtime state carried over,
+        and plan the stick tables. Raises config.ConfigError, OSError or ValueError, with
+        everything opened on the way closed again."""
+        cfg = await asyncio.to_thread(config.load, master.config.path)
+        new_maps = await maps.reload(cfg, master.maps)
+        try:
+            listeners, stale = reload.listeners_for(cfg, master.listeners)
+        except OSError:
+            maps.release(new_maps, master.maps)
+            raise
+        current = {id(lst.sock) for lst in master.listeners}
+        fresh = [lst for lst in listeners if id(lst.sock) not in current]
+        try:
+            shared = Shared.create(cfg)
+            reload.carry_state(master.shared, master.config, shared, cfg)
+            tables = master.tables.plan(cfg)
+        except (OSError, ValueError):
+            for listener in fresh:
+                listener.sock.close()
+            maps.release(new_maps, master.maps)
+            raise
+        return cls(Resources(cfg, shared, listeners, new_maps, tables), fresh, stale)
+
+    def rollback(self, current: Resources, master: Master) -> None:
+        """Close what was opened for this attempt and is not in use by `current`."""
+        for listener in self.fresh:
+            listener.sock.close()
+        self.resources.shared.close()
+        maps.release(self.resources.maps, current.maps)
+        master.tables.release(self.resources.tables, current.tables)
+
+
+class Generations:
+    """Every worker of every generation, as the master watches them."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.number = 1  # the current generation
+        self.workers: dict[int, WorkerHandle] = {}  # by pid
+        self.crashes: dict[int, int] = {}  # worker index -> quick deaths in a row
+        self.announced: set[int] = set()  # generations announced ready
+        self.reloads = 0
+        self._ready: dict[int, asyncio.Future[None]] = {}  # generations a reload waits for
+        self._lock = asyncio.Lock()
+
+    def of(self, number: int) -> list[WorkerHandle]:
+        return [h for h in self.workers.values() if h.generation == number]
+
+    def older(self) -> list[WorkerHandle]:
+        return [h for h in self.workers.values() if h.generation < self.number]
+
+    # -- spawn and ready --------------------------------------------------------------
+
+    def spawn(self, index: int) -> WorkerHandle | None:
+        """Start worker `index` of the current generation; None if it could not be."""
+        master = self.master
+        used = {h.slot for h in self.of(self.number)}
+        slot = next(s for s in range(master.shared.layout.slots) if s not in used)
+        ours, theirs = control.pair()
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(lb.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lb.worker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=env,
+            )
+        except OSError as err:
+            log.error("cannot start worker %d: %s", index, err)
+            ours.close()
+            theirs.close()
+            return None
+        theirs.close()
+        pidfd = os.pidfd_open(proc.pid)
+        names, tables = master.tables.descriptors()
+        edits, indexes = maps.descriptors(master.maps)
+        fds = [lst.sock.fileno() for lst in master.listeners] + tables + indexes
+        try:
+            control.send(ours, self._hello(index, slot, names, edits), fds + [master.shared.fd])
+        except OSError as err:  # it died at once: its exit is seen through the pidfd
+            log.error("cannot send worker %d its configuration: %s", index, err)
+        # A worker whose channel closes while it lives (it stopped reading it) cannot be
+        # told anything any more: it goes, and is replaced.
+        channel = control.Channel(ours, lambda message, fds: None,
+                                  functools.partial(_kill, proc.pid, signal.SIGKILL))
+        cfg = master.config
+        servers = frozenset(
+            (name, server.name) for name, backend in cfg.backends.items()
+            for server in backend.servers
+        )
+        handle = WorkerHandle(
+            index, self.number, cfg.global_.workers, proc, channel, pidfd, slot, servers
+        )
+        channel._on_message = functools.partial(master.received, handle)
+        self.workers[proc.pid] = handle
+        asyncio.get_running_loop().add_reader(pidfd, self._exited, handle)
+        log.info("%s started (pid %d)", handle, handle.pid)
+        return handle
+
+    def _hello(
+        self, index: int, slot: int, tables: list[str], edits: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The first message to a new worker: who it is and what it serves."""
+        master = self.master
+        cfg = master.config
+        return {
+            "op": "hello",
+            "generation": self.number,
+            "index": index,
+            "slot": slot,
+            "workers": cfg.global_.workers,
+            "master": os.getpid(),
+            "config_path": cfg.path,
+            "config_text": cfg.text,
+            "listeners": [[lst.frontend, lst.address] for lst in master.listeners],
+            "log": cfg.global_.log,
+            "log_level": master.log_level,
+            "tables": tables,
+            "maps": edits,
+            "vars": {name: value for name, (_kind, value) in master.variables.items()},
+        }
+
+    def ready(self, handle: WorkerHandle) -> None:
+        """A worker accepts; its generation is ready when all of them do."""
+        handle.ready = True
+        number = handle.generation
+        members = self.of(number)
+        if number in self.announced or not all(h.ready for h in members):
+            return
+        self.announced.add(number)
+        log.info("generation %d ready: %d workers accepting", number, len(members))
+        waiter = self._ready.pop(number, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        systemd.notify("READY=1", f"STATUS=generation {number}: {len(members)} workers",
+                       f"MAINPID={os.getpid()}")
+        self.master.generation_ready()
+
+    # -- reload: prepare, switch, spawn, wait, retire or roll back ----------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        """Replace the workers by a new generation on the same listening sockets, runtime
+        state carried over; the older generations hand over and finish. (True, "") or
+        (False, why): a failed reload changes nothing."""
+        async with self._lock:
+            master = self.master
+            if master.stopping:
+                return False, "stopping"
+            systemd.notify("RELOADING=1", systemd.monotonic_usec(),
+                           f"STATUS=reloading {master.config.path}")
+            try:
+                attempt = await Attempt.prepare(master)
+            except (config.ConfigError, OSError, ValueError) as err:
+                log.error("reload failed, the running configuration stays: %s", err)
+                systemd.notify("READY=1", f"STATUS=reload failed: {err}")
+                return False, str(err)
+            current = master.resources()
+            master.switch(attempt.resources)
+            self.number += 1
+            why = await self._start_generation(master.config.global_.workers)
+            if why:
+                log.error("reload failed: %s; generation %d serves on", why, self.number - 1)
+                self._abandon(self.number)
+                self.number -= 1
+                master.switch(current)
+                attempt.rollback(current, master)
+                systemd.notify("READY=1", f"STATUS=reload failed: {why}")
+                return False, why
+            self._retire_older()
+            for listener in attempt.stale:
+                listener.sock.close()  # the older workers closed theirs on soft stop
+            current.shared.close()
+            maps.release(current.maps, master.maps)
+            master.tables.release(current.tables, master.tables.tables)
+            self.reloads += 1
+            log.info("reload %d done: generation %d serves %s", self.reloads, self.number,
+                     master.config.path)
+            return True, ""
+
+    async def _start_generation(self, count: int) -> str:
+        """Spawn the current generation's workers and wait until all accept; "" when
+        they do, else why not (a worker died, or the time ran out)."""
+        number = self.number
+        ready = self._ready[number] = asyncio.get_running_loop().create_future()
+        for index in range(1, count + 1):
+            if self.spawn(index) is None:
+                ready.set_result(None)
+                return "a worker could not be started"
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), RELOAD_TIMEOUT)
+        except TimeoutError:
+            return f"generation {number} did not start within {RELOAD_TIMEOUT:.0f}s"
+        finally:
+            self._ready.pop(number, None)
+        if number not in self.announced:  # woken by a death, not by readiness
+            return f"a worker of generation {number} exited before accepting"
+        return ""
+
+    def _abandon(self, number: int) -> None:
+        for handle in self.of(number):
+            handle.stopping = True
+            _kill(handle.pid, signal.SIGKILL)
+
+    def _retire_older(self) -> None:
+        for handle in self.older():
+            if not handle.stopping:
+                handle.stopping = True
+                handle.channel.send({"op": "soft-stop", "handover": True})
+
+    # -- exits ------------------------------------------------------------------------
+
+    def _exited(self, handle: WorkerHandle) -> None:
+        asyncio.get_running_loop().remove_reader(handle.pidfd)
+        self.master.events.put_nowait(("exited", handle))
+
+    def reap(self, handle: WorkerHandle) -> None:
+        status = handle.proc.wait()
+        del self.workers[handle.pid]
+        handle.channel.close()
+        os.close(handle.pidfd)
+        master = self.master
+        master.worker_gone(handle)
+        if not self.older():
+            master.keeper.forget_retired()  # no older generation left to use them
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        waiter = self._ready.get(handle.generation)
+        if waiter is not None and not waiter.done() and not handle.ready:
+            # a worker of a generation being started died before accepting: the reload
+            # fails now rather than at its timeout
+            log.warning("%s (pid %d) exited before accepting: %s", handle, handle.pid, how)
+            waiter.set_result(None)
+            return
+        if handle.stopping or master.stopping:
+            log.info("%s (pid %d) exited: %s", handle, handle.pid, how)
+            return
+        log.warning("%s (pid %d) exited: %s", handle, handle.pid, how)
+        self._schedule_respawn(handle)
+
+    def _schedule_respawn(self, handle: WorkerHandle) -> None:
+        if time.monotonic() - handle.started < QUICK_DEATH:
+            crashes = self.crashes.get(handle.index, 0) + 1
+        else:
+            crashes = 0
+        self.crashes[handle.index] = crashes
+        # First replacement at once; a worker that keeps dying waits longer each time.
+        delay = 0.0 if crashes <= 1 else min(0.25 * 2 ** (crashes - 1), RESPAWN_BACKOFF_MAX)
+        if delay:
+            log.warning("%s keeps dying: next start in %.1fs", handle, delay)
+        asyncio.get_running_loop().call_later(
+            delay, self.master.events.put_nowait, ("respawn", (handle.generation, handle.index))
+        )
+
+    def respawn(self, generation: int, index: int) -> None:
+        """Replace a worker that died, if its generation is still the current one (an
+        older generation is on its way out: it is not replaced)."""
+        if not self.master.stopping and generation == self.number:
+            self.spawn(index)
+
+    # -- stopping -------------------------------------------------------------------
+
+    def stop(self, hard: bool, handover: bool) -> None:
+        """Stop every worker: at once (`hard`), or after what is in flight (`handover`:
+        idle connections go to a newer pylb)."""
+        for handle in self.workers.values():
+            handle.stopping = True
+            if hard:
+                _kill(handle.pid, signal.SIGTERM)
+            else:
+                handle.channel.send({"op": "soft-stop", "handover": handover})
+        loop = asyncio.get_running_loop()
+        hard_stop_after = self.master.config.global_.hard_stop_after
+        if hard:
+            loop.call_later(STOP_GRACE, self._kill_remaining)
+        elif hard_stop_after:
+            loop.call_later(hard_stop_after + STOP_GRACE, self._kill_remaining)
+
+    def _kill_remaining(self) -> None:
+        for handle in self.workers.values():
+            log.warning("%s (pid %d) did not stop: killing it", handle, handle.pid)
+            _kill(handle.pid, signal.SIGKILL)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
