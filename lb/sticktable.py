@@ -113,6 +113,8 @@ class StickTable:
          self.limit, _used, mask, *periods, self._secret) = _HEADER.unpack_from(self._mm, 0)
         if magic != MAGIC or version != VERSION:
             raise ValueError(f"stick table {name!r}: not a pylb table (version {version})")
+        self._hasher = hashlib.blake2b(digest_size=8, key=self._secret)
+        self._last: tuple[bytes, tuple[int, int, tuple[int, ...] | None] | None] = (b"", None)
         self.type = KEY_TYPES[kind]
         self.stored = tuple(n for i, n in enumerate(STORABLE) if mask & (1 << i))
         self.periods = dict(zip(RATES, periods, strict=True))
@@ -225,8 +227,9 @@ class StickTable:
 
     def _hash(self, key: bytes) -> tuple[int, int]:
         """(stripe, tag): the stripe from the low bits, the tag (and home) from the high."""
-        h = int.from_bytes(hashlib.blake2b(key, digest_size=8, key=self._secret).digest(),
-                           "little")
+        hasher = self._hasher.copy()
+        hasher.update(key)
+        h = int.from_bytes(hasher.digest(), "little")
         return h & self._mask, h >> 32
 
     # -- reading (no lock) ------------------------------------------------------------
@@ -287,6 +290,7 @@ class StickTable:
     def lookup(self, key: bytes) -> str | None:
         """The server `key` sticks to, if any."""
         found = self._read(key)
+        self._last = (key, found)  # what `learn` for the same request starts from
         return self.server_name(found[0]) if found is not None else None
 
     def data(self, key: bytes, name: str) -> int | None:
@@ -523,7 +527,10 @@ class StickTable:
         server_id = self._ids.get(server)
         if server_id is None:
             return
-        found = self._read(key)
+        last_key, found = self._last
+        self._last = (b"", None)  # good for one learn only
+        if last_key != key:  # the request's own lookup, moments ago, is good enough
+            found = self._read(key)
         if found is not None and found[0] == server_id:
             fresh_for = self.expire_ms // 2 if self.expire_ms else 1000
             if now_ms() - found[1] < fresh_for:
