@@ -264,6 +264,7 @@ class Generations:
                 self.number -= 1
                 master.switch(current)
                 attempt.rollback(current, master)
+                self._fill()  # a worker that died meanwhile was not replaced: now it is
                 systemd.notify("READY=1", f"STATUS=reload failed: {why}")
                 return False, why
             self._retire_older()
@@ -295,6 +296,13 @@ class Generations:
         if number not in self.announced:  # woken by a death, not by readiness
             return f"a worker of generation {number} exited before accepting"
         return ""
+
+    def _fill(self) -> None:
+        """Start the current generation's missing workers."""
+        present = {h.index for h in self.of(self.number) if not h.stopping}
+        for index in range(1, self.master.config.global_.workers + 1):
+            if index not in present:
+                self.spawn(index)
 
     def _abandon(self, number: int) -> None:
         for handle in self.of(number):
