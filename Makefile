@@ -8,7 +8,7 @@ DEBIAN_TOOLS := curl wrk socat haproxy nginx-light hatop prometheus-haproxy-expo
 # Command names that tell whether each of those is already there.
 TOOL_COMMANDS := curl wrk socat haproxy nginx hatop prometheus-haproxy-exporter
 
-.PHONY: run test venv debian-tools lint bench clean
+.PHONY: run test venv debian-tools lint bench bench-state clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ test: venv debian-tools lint
 
 bench: venv debian-tools
 	PATH="$$PATH:/usr/sbin" $(PY) bench/bench.py
+
+# Start, reload, respawn and takeover times with a growing stick table and map (several minutes).
+bench-state: venv debian-tools
+	PATH="$$PATH:/usr/sbin" $(PY) bench/state.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache run/*.pid run/*.sock
