@@ -328,7 +328,7 @@ class Generations:
         os.close(handle.pidfd)
         master = self.master
         master.worker_gone(handle)
-        if not self.older():
+        if not self.older() and not master.elders:
             master.keeper.forget_retired()  # no older generation left to use them
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         waiter = self._ready.get(handle.generation)

@@ -51,6 +51,10 @@ class Elder:
     def channel(self) -> Elder:
         return self
 
+    def knows(self, backend: str, server: str) -> bool:
+        servers = self.master.elder_servers
+        return servers is None or (backend, server) in servers
+
     def send(self, message: dict[str, Any]) -> None:
         writer = self.master.to_elder
         if writer is not None:  # else the old process is gone: nobody waits for this
@@ -85,20 +89,32 @@ class Master:
         self._ask_ids = itertools.count(1)
         self.keeper = Keeper(cfg, self.shared, lambda handle, message: handle.channel.send(message))
         self.heirs: list[takeover.LineWriter] = []  # a newer pylb taking over us
+        # ... before it said it is ready: our keeper keeps the slots until then
+        self.pending_heirs: list[takeover.LineWriter] = []
+        # acquires asked of the heir and not answered yet: ours again if it goes
+        self._forwarded: dict[tuple[int, int], tuple[WorkerHandle, dict[str, Any]]] = {}
         self.to_elder: takeover.LineWriter | None = None  # the pylb we took over from
         self.elders: dict[int, Elder] = {}  # the workers of the pylb we took over from
+        self.elder_servers: frozenset[tuple[str, str]] | None = None  # in its configuration
         self.inheritance = inheritance
         self.health: dict[str, int] | None = None
         if inheritance is not None and inheritance.state is not None:
             self._inherit(inheritance.state)
         if inheritance is not None and inheritance.heir is not None:
-            for pid, held in inheritance.held.items():
-                self.keeper.adopt_slots(self._elder(int(pid)), held)
+            self._adopt_held(inheritance.held)  # an older pylb sends them with its answer
 
     def _inherit(self, state: dict[str, Any]) -> None:
         """Start from the state of the pylb we take over from, as a reload would."""
         old, old_cfg = takeover.old_memory(state)
         reload.carry_state(old, old_cfg, self.shared, self.config)  # type: ignore[arg-type]
+        # Its workers may ask for servers our configuration renamed or removed: the keeper
+        # knows them, retired, as a reload leaves them for an older generation.
+        self.keeper = Keeper(old_cfg, old, self.keeper.send)  # type: ignore[arg-type]
+        self.elder_servers = frozenset(
+            (name, server.name) for name, backend in old_cfg.backends.items()
+            for server in backend.servers
+        )
+        self.keeper.reconfigure(self.config, self.shared)
         self.variables = {name: (kind, value) for name, (kind, value) in state["vars"].items()}
         self.health = state["health"]
 
@@ -138,6 +154,7 @@ class Master:
             self.to_elder = takeover.LineWriter(heir.sock, lambda writer: None)
             loop.add_reader(heir.sock, self._from_elder, heir)
             loop.call_soon(self._from_elder, heir)  # what came with the answer
+            self.to_elder.send({"ready": True})  # it may hand us its slots now
         ticker = loop.create_task(self._tick())
         if self.config.global_.stats is not None:
             self.stats_socket = StatsSocket(self.config.global_.stats, self)
@@ -331,32 +348,61 @@ class Master:
         keeps the server slots, ours included (what waits in our queues moves there), and
         takes our idle connections. Nothing sent to it ever blocks our loop."""
         heir = takeover.LineWriter(sock, self._heir_gone)
-        self.heirs.append(heir)
+        self.pending_heirs.append(heir)
         heir.send(answer)
+        asyncio.get_running_loop().add_reader(
+            sock, self._from_heir, heir, takeover.LineReader(sock))
+
+    def _heir_ready(self, heir: takeover.LineWriter) -> None:
+        """The pylb taking over reads us and has started: from now on it keeps the slots,
+        so it gets what ours hold and what waits in our queues. (A `_handover` client
+        that never says so, stalled or not a pylb, never gets the slots.)"""
+        if heir not in self.pending_heirs:
+            return
+        self.pending_heirs.remove(heir)
+        self.heirs.append(heir)
+        heir.send({"held": self.keeper.held_by_pid()})
         for owner, message in self.keeper.waiting_of():
-            heir.send({"slot": message, "pid": owner.pid})
-        asyncio.get_running_loop().add_reader(sock, self._from_heir, takeover.LineReader(sock))
+            self._forward(heir, owner, message)
+
+    def _forward(self, heir: takeover.LineWriter, handle: Any, message: dict[str, Any]) -> None:
+        if message.get("op") == "acquire":
+            self._forwarded[(handle.pid, message.get("id", 0))] = (handle, message)
+        elif message.get("op") == "cancel":
+            self._forwarded.pop((handle.pid, message.get("id", 0)), None)
+        heir.send({"slot": message, "pid": handle.pid})
 
     def _heir_gone(self, heir: takeover.LineWriter) -> None:
-        if heir in self.heirs:
-            self.heirs.remove(heir)
+        """The pylb taking over is gone (or dropped): the slots are ours again, and the
+        requests that waited for its answer wait in our queues."""
+        for group in (self.heirs, self.pending_heirs):
+            if heir in group:
+                group.remove(heir)
         asyncio.get_running_loop().remove_reader(heir.sock)
+        heir.close()
         heir.sock.close()
+        if not self.heirs:
+            forwarded, self._forwarded = self._forwarded, {}
+            for handle, message in forwarded.values():
+                if handle.pid in self.workers:
+                    self.keeper.acquire(handle, message)
 
-    def _from_heir(self, reader: takeover.LineReader) -> None:
-        """Grants from the pylb taking over, for our workers."""
+    def _from_heir(self, heir: takeover.LineWriter, reader: takeover.LineReader) -> None:
+        """From the pylb taking over: that it is ready, then grants for our workers."""
         messages, ended = reader.read()
         for message, fds in messages:
             for fd in fds:
                 os.close(fd)
+            if message.get("ready"):
+                self._heir_ready(heir)
+                continue
+            slot = message.get("slot")
             handle = self.workers.get(message.get("pid", 0))
-            if handle is not None:
-                handle.channel.send(message["slot"])
+            if handle is not None and isinstance(slot, dict):
+                self._forwarded.pop((handle.pid, slot.get("id", 0)), None)
+                handle.channel.send(slot)
         if ended:
-            asyncio.get_running_loop().remove_reader(reader.sock)
-            for heir in [h for h in self.heirs if h.sock is reader.sock]:
-                heir.close()
-                self.heirs.remove(heir)
+            self._heir_gone(heir)
 
     def _elder(self, pid: int) -> Elder:
         elder = self.elders.get(pid)
@@ -378,18 +424,27 @@ class Master:
                     handler(self.keeper, elder, slot)
             elif "gone" in message:
                 self.keeper.worker_gone(self._elder(message["gone"]))
+            elif "held" in message:
+                self._adopt_held(message["held"])
         if ended:  # it exited: whatever its workers held is free
             asyncio.get_running_loop().remove_reader(reader.sock)
             reader.sock.close()
             for elder in self.elders.values():
                 self.keeper.worker_gone(elder)
             self.elders.clear()
+            if not self.generations.older():
+                self.keeper.forget_retired()
+
+    def _adopt_held(self, held: dict[str, list[list[Any]]]) -> None:
+        """Slots the workers of the pylb we took over from hold: counted here."""
+        for pid, slots in held.items():
+            self.keeper.adopt_slots(self._elder(int(pid)), slots)
 
     def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op in ("acquire", "release", "cancel") and self.heirs:
             # A newer pylb keeps the slots now: ask it on this worker's behalf.
-            self.heirs[0].send({"slot": message, "pid": handle.pid})
+            self._forward(self.heirs[0], handle, message)
         elif op == "acquire":
             self.keeper.acquire(handle, message)
         elif op == "release":

@@ -14,6 +14,7 @@ Messages (worker -> master): acquire {id, be, srv, persist}, cancel {id}, releas
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import deque
@@ -56,7 +57,7 @@ class Keeper:
     """The master's side: slots in use and the queues, per server and per backend."""
 
     def __init__(self, cfg: config.Config, shared: Shared, send: Send) -> None:
-        self._send = send
+        self.send = self._send = send
         self._seq = itertools.count()
         self.servers: dict[tuple[str, str], _ServerSlots] = {}
         self.by_backend: dict[str, list[_ServerSlots]] = {}
@@ -335,7 +336,8 @@ class Queue:
     def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
         self._send = send
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[Backend, Callable[[Server | None], None]]] = {}
+        self._waiting: dict[int, tuple[Server, Callable[[Server | None], None]]] = {}
+        self.alone = False  # the master is gone: nobody keeps the slots any more
 
     @property
     def waiting(self) -> int:
@@ -353,12 +355,23 @@ class Queue:
         `granted` is called with the server given, or None if it cannot even be queued.
         `resume`: the ticket of this request's place in an older generation's queue."""
         ident = next(self._ids)
-        self._waiting[ident] = (backend, granted)
+        if self.alone:  # what is left is finished as it comes: no count to keep
+            asyncio.get_running_loop().call_soon(granted, server)
+            return ident
+        self._waiting[ident] = (server, granted)
         self._send(
             {"op": "acquire", "id": ident, "be": backend.name, "srv": server.name,
              "persist": persist, "resume": resume}
         )
         return ident
+
+    def master_gone(self) -> None:
+        """The master died: nobody will answer. The requests waiting are in flight, and
+        in flight is what this worker finishes: each goes to the server it asked for."""
+        self.alone = True
+        waiting, self._waiting = self._waiting, {}
+        for server, granted in waiting.values():
+            granted(server)
 
     def forget(self, ident: int) -> None:
         """Stop waiting for `ident` here, leaving its place for its next owner to resume."""
@@ -374,8 +387,9 @@ class Queue:
     def on_grant(self, message: dict[str, Any], backends: dict[str, Backend]) -> None:
         entry = self._waiting.pop(message["id"], None)
         name = message["srv"]
-        backend = backends[message["be"]]
-        server = next((s for s in backend.servers if s.name == name), None)
+        backend = backends.get(message["be"])
+        servers = backend.servers if backend is not None else ()
+        server = next((s for s in servers if s.name == name), None)
         if entry is None:
             if server is not None:  # granted after we gave up: hand the slot straight back
                 self.release(server)

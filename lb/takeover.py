@@ -9,8 +9,10 @@ The new process asks the old master, over its stats socket, for
 - `_handover`: a connection kept open both ways. The old master sends on it the idle
   client connections its workers let go once told to stop; and from then on it asks the
   new master for server slots on its workers' behalf (`slot` messages both ways), so a
-  server's `maxconn` counts both processes together. The answer to `_handover` carries
-  the slots the old workers hold at that moment.
+  server's `maxconn` counts both processes together. The new process says `ready` once
+  it reads the connection; only then does the old one send the slots its workers hold and
+  forward their requests (a `_handover` client that stalls never gets the slots), and if
+  the new process goes away the old one takes its slots back.
 The old side of these commands is in lb.runtime.server.
 """
 

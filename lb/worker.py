@@ -209,6 +209,7 @@ class Worker:
         log.warning("master is gone: closing the listeners, finishing what is in flight")
         for frontend in self.frontends.values():
             frontend.close_listeners()
+        self.queue.master_gone()  # requests waiting for a slot go on without one
         grace = self.config.global_.hard_stop_after or ORPHAN_GRACE
         asyncio.get_running_loop().call_later(grace, self._hard_stop)
         self.soft_stop()

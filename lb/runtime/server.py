@@ -120,7 +120,7 @@ class StatsSocket:
         elif command == "_handover":
             # From here on the new process keeps the slot counts: tell it ours and hand
             # over in one go (no await in between, so no slot changes hands unseen).
-            master.add_heir(raw, {"ok": True, "held": master.keeper.held_by_pid()})
+            master.add_heir(raw, {"ok": True})
             return  # kept: slots and idle connections go there
         else:
             writer.write(b'{"error": "unknown"}\n')
