@@ -342,10 +342,13 @@ class Generations:
             log.info("%s (pid %d) exited: %s", handle, handle.pid, how)
             return
         log.warning("%s (pid %d) exited: %s", handle, handle.pid, how)
-        self._schedule_respawn(handle)
+        self._schedule_respawn(handle, status)
 
-    def _schedule_respawn(self, handle: WorkerHandle) -> None:
-        if time.monotonic() - handle.started < QUICK_DEATH:
+    def _schedule_respawn(self, handle: WorkerHandle, status: int) -> None:
+        # A worker that dies soon after its start is crashing, unless it was killed from
+        # outside (kill -9 or -TERM by an operator, the OOM killer): that is not a loop.
+        killed = status in (-signal.SIGKILL, -signal.SIGTERM)
+        if time.monotonic() - handle.started < QUICK_DEATH and not killed:
             crashes = self.crashes.get(handle.index, 0) + 1
         else:
             crashes = 0

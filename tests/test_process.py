@@ -102,13 +102,22 @@ def test_killed_worker_is_replaced_within_a_second(pylb, backends):
 
 
 def test_a_worker_that_keeps_dying_is_restarted_with_backoff(pylb, backends):
+    """A crash (here a segfault) soon after start, again and again, is a crash loop; a kill
+    from outside (kill -9, the OOM killer) is not, and is replaced at once every time."""
     echo = backends.echo()
     lb = pylb(http_config(free_port(), [echo.address], workers=1))
     mark = len(lb.lines)
-    for _ in range(3):
+    for _ in range(3):  # killed from outside: no backoff
         workers = lb.workers()
         assert len(workers) == 1
         workers[0].kill()
+        before = {w.pid for w in workers}
+        assert wait_until(lambda b=before: {w.pid for w in lb.workers()} - b != set(), 5)
+    assert not any("keeps dying" in line for line in lb.lines[mark:])
+    for _ in range(3):
+        workers = lb.workers()
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGSEGV)
         before = {w.pid for w in workers}
         assert wait_until(lambda b=before: {w.pid for w in lb.workers()} - b != set(), 5)
     lb.wait_log(r"keeps dying: next start in \d+\.\ds", 5, start=mark)
