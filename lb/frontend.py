@@ -122,9 +122,20 @@ class Frontend:
 
     def close_listeners(self) -> None:
         """Stop accepting and close our descriptors of the listening sockets (the
-        master's are gone): the port is free once every worker has done so."""
+        master's are gone): the port is free once every worker has done so. What waits
+        in the accept queue is taken first."""
         self.stop_accepting()
+        loop = asyncio.get_running_loop()
         for sock in self.sockets:
+            # Clients already in the kernel's accept queue sent their request to pylb: they
+            # are served, not reset with the socket.
+            sock.setblocking(False)  # as it is for uvloop already (the same open file)
+            for _ in range(self.cfg.backlog):
+                try:
+                    conn, _addr = sock.accept()
+                except OSError:  # nothing left waiting (EAGAIN), or any other reason
+                    break
+                loop.create_task(self.adopt(conn, b""))
             try:
                 sock.close()
             except OSError:

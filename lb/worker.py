@@ -206,6 +206,7 @@ class Worker:
         if self.master_gone:
             return
         self.master_gone = True
+        self.handing_over = False  # nobody to hand connections to: finish them here
         log.warning("master is gone: closing the listeners, finishing what is in flight")
         for frontend in self.frontends.values():
             frontend.close_listeners()
@@ -238,19 +239,16 @@ class Worker:
         leaving, self._leaving = self._leaving, []
         for start in range(0, len(leaving), control.MAX_FDS - 1):
             batch = leaving[start : start + control.MAX_FDS - 1]
-            self._send_with_fds(
-                {"op": "handover", "conns": [conn for conn, _ in batch]},
-                [fd for _, fd in batch],
-            )
-        self.maybe_exit()
-
-    def _send_with_fds(self, message: dict[str, Any], fds: list[int]) -> None:
-        try:
-            if self.channel is not None:
-                self.channel.send(message, fds)
-        finally:
+            conns, fds = [conn for conn, _ in batch], [fd for _, fd in batch]
+            channel = self.channel
+            if channel is not None and not channel.closed:
+                channel.send({"op": "handover", "conns": conns}, fds)
+            if channel is None or channel.closed:  # no master to pass them on: ours again
+                self._adopt(conns, fds)
+                continue
             for fd in fds:
-                os.close(fd)  # in flight now (or lost with the master): not ours
+                os.close(fd)  # in flight now: not ours
+        self.maybe_exit()
 
     def _adopt(self, conns: list[dict[str, Any]], fds: list[int]) -> None:
         """Connections an older generation handed over: served here from now on."""
