@@ -47,6 +47,7 @@ RESPAWN_BACKOFF_MAX = 30.0
 QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as crashing
 STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
 RELOAD_TIMEOUT = 30.0  # how long a new generation gets to accept
+UNREACHABLE_CHECK = 0.5  # after its channel ends, a worker still alive this long is killed
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class WorkerHandle:
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     stopping: bool = False
+    unreachable: bool = False  # its channel ended while it lived: killed by the master
 
     @property
     def pid(self) -> int:
@@ -179,10 +181,7 @@ class Generations:
             control.send(ours, self._hello(index, slot, names, edits), fds + [master.shared.fd])
         except OSError as err:  # it died at once: its exit is seen through the pidfd
             log.error("cannot send worker %d its configuration: %s", index, err)
-        # A worker whose channel closes while it lives (it stopped reading it) cannot be
-        # told anything any more: it goes, and is replaced.
-        channel = control.Channel(ours, lambda message, fds: None,
-                                  functools.partial(_kill, proc.pid, signal.SIGKILL))
+        channel = control.Channel(ours, lambda message, fds: None, lambda: None)
         cfg = master.config
         servers = frozenset(
             (name, server.name) for name, backend in cfg.backends.items()
@@ -192,6 +191,7 @@ class Generations:
             index, self.number, cfg.global_.workers, proc, channel, pidfd, slot, servers
         )
         channel._on_message = functools.partial(master.received, handle)
+        channel._on_close = functools.partial(self._unreachable, handle)
         self.workers[proc.pid] = handle
         asyncio.get_running_loop().add_reader(pidfd, self._exited, handle)
         log.info("%s started (pid %d)", handle, handle.pid)
@@ -219,6 +219,26 @@ class Generations:
             "maps": edits,
             "vars": {name: value for name, (_kind, value) in master.variables.items()},
         }
+
+    def _unreachable(self, handle: WorkerHandle) -> None:
+        """A worker whose channel ended while it lives (it stopped reading it, or broke
+        it) cannot be told anything any more: it goes, and is replaced."""
+        # A process that dies closes its channel a moment before it is a zombie: look
+        # again a little later, and only a worker still alive then is unreachable.
+        asyncio.get_running_loop().call_later(UNREACHABLE_CHECK, self._kill_unreachable, handle)
+
+    def _kill_unreachable(self, handle: WorkerHandle) -> None:
+        if handle.proc.returncode is not None or handle.pid not in self.workers:
+            return  # it died, and is reaped or being reaped
+        try:  # exited but not reaped yet? (WNOWAIT leaves it for the reaper)
+            if os.waitid(os.P_PID, handle.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return
+        except ChildProcessError:
+            return
+        handle.unreachable = True
+        log.warning("%s (pid %d) no longer reads its control channel: killing it",
+                    handle, handle.pid)
+        _kill(handle.pid, signal.SIGKILL)
 
     def ready(self, handle: WorkerHandle) -> None:
         """A worker accepts; its generation is ready when all of them do."""
@@ -347,7 +367,7 @@ class Generations:
     def _schedule_respawn(self, handle: WorkerHandle, status: int) -> None:
         # A worker that dies soon after its start is crashing, unless it was killed from
         # outside (kill -9 or -TERM by an operator, the OOM killer): that is not a loop.
-        killed = status in (-signal.SIGKILL, -signal.SIGTERM)
+        killed = status in (-signal.SIGKILL, -signal.SIGTERM) and not handle.unreachable
         if time.monotonic() - handle.started < QUICK_DEATH and not killed:
             crashes = self.crashes.get(handle.index, 0) + 1
         else:

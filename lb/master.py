@@ -78,11 +78,11 @@ class Master:
         self.stopping = False
         self.generations = Generations(self)
         self.shared = Shared.create(cfg)
-        self.tables = Tables(cfg, inheritance.tables if inheritance is not None else None)
+        self.tables = Tables(cfg, inheritance.tables() if inheritance is not None else None)
         self.started = time.time()
         self.variables: dict[str, tuple[str, str]] = {}  # runtime variables: (type, value)
         # named maps: indexes in shared memory, changed at run time by edits on top
-        self.maps = maps.load(cfg, inheritance.maps if inheritance is not None else {})
+        self.maps = maps.load(cfg, inheritance.maps() if inheritance is not None else {})
         self.stats_socket: StatsSocket | None = None
         self._asks: dict[int, dict[WorkerHandle, asyncio.Future[Any]]] = {}
         self._heir = 0  # round-robin position for handed-over connections

@@ -43,8 +43,12 @@ class Inheritance:
     """What the old process handed over."""
 
     listeners: list[Listener] = field(default_factory=list)
-    tables: dict[str, StickTable] = field(default_factory=dict)  # the same shared memory
-    maps: dict[str, tuple[MapIndex, dict[str, Any]]] = field(default_factory=dict)  # + edits
+    # The tables' and maps' shared memory, as descriptors: opened (mapped) only by the
+    # master, after daemonizing. An mmap keeps a duplicate descriptor of its own, which
+    # daemonizing would close under it, and its later close would hit a reused number.
+    table_fds: dict[str, int] = field(default_factory=dict)
+    map_fds: dict[str, int] = field(default_factory=dict)
+    map_edits: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: dict[str, Any] | None = None
     heir: socket.socket | None = None  # where handed-over connections will arrive
     held: dict[str, list[list[Any]]] = field(default_factory=dict)  # old workers' slots
@@ -53,9 +57,22 @@ class Inheritance:
     def descriptors(self) -> list[int]:
         """What must stay open through daemonizing (listeners aside): the handover
         connection, and the tables' and maps' shared memory."""
-        kept = [table.fd for table in self.tables.values()]
-        kept += [index.fd for index, _edits in self.maps.values()]
+        kept = [*self.table_fds.values(), *self.map_fds.values()]
         return kept + ([self.heir.fileno()] if self.heir is not None else [])
+
+    def tables(self) -> dict[str, StickTable]:
+        """The stick tables handed over, mapped now (master only)."""
+        return tables.open_inherited(list(self.table_fds), list(self.table_fds.values()))
+
+    def maps(self) -> dict[str, tuple[MapIndex, dict[str, Any]]]:
+        """The maps' indexes handed over, mapped now, with their run-time edits."""
+        out: dict[str, tuple[MapIndex, dict[str, Any]]] = {}
+        for name, fd in self.map_fds.items():
+            try:
+                out[name] = (MapIndex.open(fd), self.map_edits.get(name, {}))
+            except (ValueError, OSError):
+                os.close(fd)  # not usable: the map is read from its file instead
+        return out
 
 
 @dataclass
@@ -96,14 +113,12 @@ def inherit(path: str) -> Inheritance:
     for (frontend, address), fd in zip(answer["listeners"], fds[:listening], strict=True):
         inheritance.listeners.append(Listener(frontend, address, socket.socket(fileno=fd)))
     names, map_names = answer.get("tables", []), answer.get("maps", [])
-    table_fds = fds[listening : listening + len(names)]
-    inheritance.tables = tables.open_inherited(names, table_fds)
-    indexes = _open_maps(map_names, fds[listening + len(names) :])
+    inheritance.table_fds = dict(zip(names, fds[listening : listening + len(names)], strict=True))
+    inheritance.map_fds = dict(zip(map_names, fds[listening + len(names) :], strict=False))
     sock, data, _ = _request(path, "_getstate")
     sock.close()
     inheritance.state = json.loads(data)
-    edits = inheritance.state.get("maps", {})
-    inheritance.maps = {name: (index, edits.get(name, {})) for name, index in indexes.items()}
+    inheritance.map_edits = inheritance.state.get("maps", {})
     heir, data, _ = _request(path, "_handover")
     first, _, rest = data.partition(b"\n")
     answer = json.loads(first or b"{}")
@@ -115,16 +130,6 @@ def inherit(path: str) -> Inheritance:
     else:
         heir.close()
     return inheritance
-
-
-def _open_maps(names: list[str], fds: list[int]) -> dict[str, MapIndex]:
-    out: dict[str, MapIndex] = {}
-    for name, fd in zip(names, fds, strict=True):
-        try:
-            out[name] = MapIndex.open(fd)
-        except (ValueError, OSError):
-            socket.close(fd)  # not usable: the map is read from its file instead
-    return out
 
 
 class LineWriter:

@@ -657,11 +657,12 @@ class World:
                 sock.close()
             self.stalled.clear()
             problems += self._violations(self.ledger.classify())
-            master = self.master
-            if master is not None and master.alive():
+            live = [m for m in self.masters if m.alive()]  # a takeover's too, if it hung
+            for master in live:
                 os.kill(master.pid, signal.SIGTERM)
-                if not wait_until(lambda: not master.alive(), 15):
-                    problems.append(f"the master {master.pid} did not exit on SIGTERM")
+            if not wait_until(lambda: not any(m.alive() for m in live), 15):
+                problems.append("masters that did not exit on SIGTERM: "
+                                f"{[m.pid for m in live if m.alive()]}")
             if not wait_until(lambda: not self.processes(), 15, 0.05):
                 problems.append("pylb processes left after the stop: " + ", ".join(
                     f"{p.pid} {' '.join(p.cmdline())}" for p in self.processes()))
@@ -769,9 +770,18 @@ class World:
         return problems
 
     def problem(self, message: str) -> None:
+        master = self.master
+        if master is not None and "is gone" not in message and not master.alive():
+            status = master.popen.returncode if master.popen is not None else "?"
+            message += f" [the master {master.pid} is gone: exit status {status}]"
         self.stats.violations.append(message)
         if self.strict:
-            raise AssertionError(message + "\n" + self.history() + "\n" + self.tail())
+            report = message + "\n" + self.history() + "\n" + self.tail()
+            # Hypothesis runs a failing example again to report it, and a failure that
+            # depends on timing may show differently then (FlakyFailure): the first one
+            # is written out here, in full, for pytest's captured output.
+            print(f"chaos world {self.workdir}: {report}", file=sys.stderr, flush=True)
+            raise AssertionError(report)
 
     def history(self) -> str:
         t0 = self.ledger.t0
@@ -783,7 +793,9 @@ class World:
         if self.master is None or self.closed:
             return
         if not self.master.alive():
-            self.problem(f"the master {self.master.pid} is gone")
+            popen = self.master.popen
+            how = f" (exit status {popen.returncode})" if popen is not None else ""
+            self.problem(f"the master {self.master.pid} is gone{how}")
             self._recover()
             return
         try:
@@ -1055,6 +1067,8 @@ class World:
                              START_TIMEOUT, mark)
         if sent is None:
             self._finish(step)
+            with contextlib.suppress(OSError, ValueError):  # stopped with the rest
+                self.masters.append(MasterRef(int(self.pidfile.read_text())))
             self.problem(f"takeover ({detail}): the new pylb never said it was ready")
             return
         self.master = MasterRef(int(sent.group(1)))

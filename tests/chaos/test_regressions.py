@@ -239,3 +239,24 @@ def test_a_worker_respawned_after_a_takeover_and_reloads_starts(tmp_path: Path) 
         world.check()
     finally:
         world.close()
+
+
+def test_a_takeover_that_drops_a_map_starts(tmp_path: Path) -> None:
+    """Found by the short run with PYLB_CHAOS_SEED=20261125 (step 21 `takeover (map rule
+    off)`) and 20261116 (`takeover (stick table off)`), reduced to: a map in use, then
+    `pylb -D -sf OLD` with a configuration without it. The new process never becomes
+    ready: each of its workers is "killed by signal 9" some 150 ms after its start and
+    replaced at once, over and over (a tight loop since ed9c87c: the master's own SIGKILL
+    counts as a kill from outside), the old process serves on and is never told to stop,
+    and the new one stays until killed. The same with a stick table whose shape changes
+    (size 1k -> 2k) or that goes. Fails without load too, and every time; a reload with
+    the same change works. Probably the same stale descriptor as the next test: the
+    inherited memfd the new configuration does not use."""
+    world = World(tmp_path / "world", seed=0)
+    try:
+        world.start(load=False)
+        world.step_reload("SIGHUP", "map", 0)  # map rule on
+        world.step_takeover("map", 0)  # map rule off: "the new pylb never said it was ready"
+        world.check()
+    finally:
+        world.close()
