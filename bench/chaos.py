@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     factory = machine_factory(base, args.seed, stats=stats, strict=False, max_takeovers=3,
                               max_master_kills=2, deadline=started + args.duration)
     try:
-        run_state_machine_as_test(factory, settings=chaos_settings(1_000_000, args.steps))
+        run_state_machine_as_test(factory, settings=chaos_settings(1_000_000, args.steps,
+                                                                   quiet=True))
     except RunOver:
         pass
     except Exception as exc:

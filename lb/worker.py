@@ -35,6 +35,7 @@ from lb.timer import clock
 
 EXIT_GRACE = 0.05  # seconds a stopping worker waits for connections already accepted
 ORPHAN_GRACE = 30.0  # how long a worker whose master died finishes what is in flight
+ORPHAN_ACCEPT = 0.2  # ... and how long it still accepts clients that connected meanwhile
 PR_SET_PDEATHSIG = 1
 _NO_MAP = SharedMap(None)  # configurations name only maps that exist: never used
 
@@ -200,19 +201,25 @@ class Worker:
             self.soft_stop()
 
     def _master_gone(self) -> None:
-        """Nobody holds the listening sockets for us any more: close ours at once, so
-        that a new pylb can bind the port, finish what is in flight, and exit (after
-        `hard-stop-after` at the latest, or ORPHAN_GRACE without one)."""
+        """Nobody holds the listening sockets for us any more. Clients that connected
+        just before the master died are still arriving: accept them for ORPHAN_ACCEPT,
+        then close our listening sockets so that a new pylb can bind the port, finish
+        what is in flight, and exit (after `hard-stop-after` at the latest, or
+        ORPHAN_GRACE without one)."""
         if self.master_gone:
             return
         self.master_gone = True
         self.handing_over = False  # nobody to hand connections to: finish them here
         log.warning("master is gone: closing the listeners, finishing what is in flight")
+        self.queue.master_gone()  # requests waiting for a slot go on without one
+        loop = asyncio.get_running_loop()
+        grace = self.config.global_.hard_stop_after or ORPHAN_GRACE
+        loop.call_later(grace, self._hard_stop)
+        loop.call_later(ORPHAN_ACCEPT, self._orphan_close)
+
+    def _orphan_close(self) -> None:
         for frontend in self.frontends.values():
             frontend.close_listeners()
-        self.queue.master_gone()  # requests waiting for a slot go on without one
-        grace = self.config.global_.hard_stop_after or ORPHAN_GRACE
-        asyncio.get_running_loop().call_later(grace, self._hard_stop)
         self.soft_stop()
 
     # -- handing connections over to the next generation ---------------------------------

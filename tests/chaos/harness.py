@@ -331,7 +331,7 @@ class Ledger:
                                  default=-1)
             waited = "timed out" in failure.reason or "status 5" in failure.reason
             failure.step = failure.begun if waited else failure.failed
-            for step in steps:
+            for step in reversed(steps):  # the latest step's window says why first
                 for allow in step.allow:
                     if failure.allowed is None and allow.covers(failure):
                         failure.allowed = allow.label

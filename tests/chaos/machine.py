@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -126,13 +126,15 @@ def machine_factory(base_dir: Path, seed: int, *, stats: Stats | None = None,
     return machine  # type: ignore[return-value]
 
 
-def chaos_settings(examples: int, steps: int) -> settings:
+def chaos_settings(examples: int, steps: int, *, quiet: bool = False) -> settings:
     """Real processes: no deadline, no shrinking (a replay takes the steps from the
-    report), no example database; the seed alone decides the steps."""
+    report), no example database; the seed alone decides the steps. `quiet`: Hypothesis
+    prints nothing (the bench, whose run ends with an exception)."""
     return settings(max_examples=examples, stateful_step_count=steps, deadline=None,
                     database=None, phases=(Phase.explicit, Phase.generate),
                     suppress_health_check=list(HealthCheck), print_blob=False,
-                    report_multiple_bugs=False)
+                    report_multiple_bugs=False,
+                    verbosity=Verbosity.quiet if quiet else Verbosity.normal)
 
 
 class PlanWorld:

@@ -1,8 +1,8 @@
 """Failing sequences the chaos run found, replayed step by step (no Hypothesis).
 
 Each test says which run found it (the short run of test_chaos.py, or `bench/chaos.py
---seed S`), then replays the smallest sequence that shows the bug, with fixed inputs. The
-first five were fixed by 554f5d6 and 3679664 and stay as regression tests.
+--seed S`), then replays the smallest sequence that shows the bug, with fixed inputs. All
+were fixed (554f5d6, 3679664, effc7e9) and stay as regression tests.
 """
 
 from __future__ import annotations
