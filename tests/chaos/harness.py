@@ -258,6 +258,9 @@ class Step:
     allow: list[Allow] = field(default_factory=list)
 
 
+HANDOVER_WINDOW = 3.0  # seconds an older generation may still be handing over
+
+
 @dataclass
 class Allow:
     """Failures that may happen: those from `begin` to `end` of requests begun from
@@ -267,9 +270,11 @@ class Allow:
     end: float
     label: str
     begun_after: float = float("-inf")
+    reason: str = ""  # only failures whose reason says this
 
     def covers(self, failure: Failure) -> bool:
-        return self.begin <= failure.end <= self.end and failure.start >= self.begun_after
+        return (self.begin <= failure.end <= self.end and failure.start >= self.begun_after
+                and self.reason in failure.reason)
 
 
 @dataclass
@@ -1016,6 +1021,13 @@ class World:
         self.lim_allowance = LIM_MAXCONN
         killed = time.monotonic()
         os.kill(old.pid, signal.SIGKILL)
+        # pylb's one known loss: an idle keep-alive connection that an older generation
+        # was handing to the master for the new one, in the instant the master dies (the
+        # descriptor is in flight in the master's socket and closes with it)
+        if any(s.kind.startswith(("reload", "takeover")) and s.start > killed - HANDOVER_WINDOW
+               for s in self.ledger.steps):
+            step.allow.append(Allow(killed, killed + 0.1, "in-handover",
+                                    reason="end of stream"))
         freed = wait_until(lambda: all(port_free(p) for p in ports), PORT_FREE_WITHIN, 0.005)
         took = time.monotonic() - killed
         mark = self.log.mark()
