@@ -4,11 +4,11 @@ and what a reload keeps (an unchanged file with its edits) or reads again (a cha
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
 from backends import HttpConn, free_port
+from test_faults import cli
 
 
 def map_config(port: int, server: str, tmp: Path) -> dict[str, Any]:
@@ -28,17 +28,6 @@ def map_config(port: int, server: str, tmp: Path) -> dict[str, Any]:
         }},
         "backends": {"app": {"servers": {"s1": {"address": server}}}},
     }
-
-
-def cli(tmp: Path, line: str) -> str:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(tmp / "lb.sock"))
-        sock.sendall(line.encode() + b"\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data.decode()
 
 
 def mapped(port: int, path: str, host: str = "x") -> dict[str, str]:

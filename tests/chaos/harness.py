@@ -38,14 +38,21 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
-from backends import WS_GREETING, EchoBackend, HttpConn, IncompleteResponse, free_port
+from backends import (
+    WS_GREETING,
+    EchoBackend,
+    HttpConn,
+    IncompleteResponse,
+    free_port,
+    wait_until,
+)
 from test_limits import CountingServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -493,15 +500,6 @@ def port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(interval)
-    return True
 
 
 class StatsAnswer(Exception):
