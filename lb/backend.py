@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from lb import balance, config
 from lb.counters import Counters
+from lb.retry import RetryPolicy
 from lb.shared import (
+    BE_HOLD,
     BE_VERSION,
     MAINT,
     READY,
@@ -98,7 +100,7 @@ class Server:
 class Backend:
     __slots__ = (
         "name", "cfg", "servers", "timeouts", "by_cookie", "by_name", "_shared", "_base",
-        "_version", "balancer", "stick", "counters",
+        "_version", "balancer", "stick", "counters", "retry",
     )
 
     def __init__(self, cfg: config.Backend, shared: Shared, slot: int) -> None:
@@ -112,6 +114,7 @@ class Backend:
         self.by_name = {s.name: s for s in self.servers}
         self.stick: StickTable | None = None  # the worker attaches the stick-on table
         self.counters = Counters()
+        self.retry = RetryPolicy(cfg)
         self._version = -1
         self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
 
@@ -126,6 +129,11 @@ class Backend:
         if version != self._version:
             self._version = version
             self.balancer.rebuild()
+
+    @property
+    def holds(self) -> bool:
+        """hold-when-down: do requests wait for a server while none is usable?"""
+        return self._shared.words[self._base + BE_HOLD] != 0
 
     def conns(self) -> int:
         """Connections open to its servers from all of pylb."""

@@ -11,19 +11,27 @@ server is UP from `rise` upwards and DOWN at 0. A failure takes one step down (a
 to 0 once below `rise`), a success one step up (and jumps to the top once at `rise`).
 Servers start UP with the counter at `rise`, so a server that fails its very first check
 is marked DOWN at once, as in HAProxy; after that it takes `fall` failures in a row.
+
+The interval follows the counter as in HAProxy: `inter` at the top, `downinter` at 0 (DOWN),
+`fastinter` in between (rising or falling); each unset one is `inter`. While a backend with
+hold-when-down has no usable server, its DOWN servers are checked at `fastinter`: requests
+are waiting for the first one to come back. `spread-checks` adds random jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lb import config
 from lb.log import log
 from lb.shared import (
+    BE_HOLD,
     CHECK_STATUSES,
     DOWN,
     READY,
@@ -84,12 +92,17 @@ class ServerCheck:
     """One server's checks and health counter."""
 
     def __init__(
-        self, backend: config.Backend, server: config.Server, shared: Shared
+        self, backend: config.Backend, server: config.Server, shared: Shared,
+        spread: int = 0, on_change: Callable[[ServerCheck], None] | None = None,
     ) -> None:
         self.backend = backend
         self.server = server
         self.shared = shared
+        self.spread = spread / 100  # spread-checks, as a fraction of the interval
+        self.on_change = on_change  # told after the server went UP or DOWN
+        self.wake = asyncio.Event()  # set: reconsider the interval now (see wake_down)
         self.base = shared.layout.servers[(backend.name, server.name)]
+        self.hold_flag = shared.layout.backends[backend.name] + BE_HOLD
         self.siblings = [
             (s, shared.layout.servers[(backend.name, s.name)]) for s in backend.servers
         ]
@@ -110,10 +123,9 @@ class ServerCheck:
         self.kind = "backup server" if server.backup else "server"
 
     async def run(self, first_delay: float) -> None:
-        """Check every `inter` seconds on a fixed schedule (a slow check delays the next
-        one, never doubles it), surviving whatever a check raises."""
+        """Check on a fixed schedule (a slow check delays the next one, never doubles
+        it), surviving whatever a check raises."""
         loop = asyncio.get_running_loop()
-        inter = self.server.inter
         await asyncio.sleep(first_delay)
         due = loop.time()
         while True:
@@ -123,11 +135,35 @@ class ServerCheck:
                 raise
             except Exception:
                 log.exception("health check of %s %s crashed", self.kind, self.name)
-            due += inter
+            interval = self.interval()
+            due += interval
             now = loop.time()
             if due < now:  # missed turns are skipped, not made up
-                due += (now - due) // inter * inter + inter
-            await asyncio.sleep(due - now)
+                due += (now - due) // interval * interval + interval
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), due - now)
+                due = loop.time()  # woken: the interval changed, check now
+            except TimeoutError:
+                pass
+
+    def interval(self) -> float:
+        """Seconds to the next check, by the health counter (HAProxy's inter, fastinter,
+        downinter), with spread-checks' jitter."""
+        server = self.server
+        if self.health >= server.rise + server.fall - 1:
+            interval = server.inter
+        elif self.health == 0 and not self._awaited():
+            interval = server.downinter or server.inter
+        else:
+            interval = server.fastinter or server.inter
+        if self.spread:
+            interval *= 1 + random.uniform(-self.spread, self.spread)
+        return max(interval, 0.001)
+
+    def _awaited(self) -> bool:
+        """Are requests held for this backend, none of whose servers is usable?"""
+        return self.shared.words[self.hold_flag] != 0 and self._usable() == (0, 0)
 
     async def probe(self) -> Result:
         """One check, bounded by `timeout check`."""
@@ -201,6 +237,8 @@ class ServerCheck:
         if state == DOWN:
             words[self.base + SRV_CHKDOWN] += 1
         self.shared.changed(self.base)
+        if self.on_change is not None:
+            self.on_change(self)
         active, backup = self._usable()
         if state == UP:
             log.info(
@@ -247,12 +285,16 @@ class Checker:
     """All the health checks of pylb, run by the master."""
 
     def __init__(
-        self, cfg: config.Config, shared: Shared, health: dict[str, int] | None = None
+        self, cfg: config.Config, shared: Shared, health: dict[str, int] | None = None,
+        on_up: Callable[[str], None] | None = None,
     ) -> None:
         """`health`: the counters of the generation before a reload, by server
-        ("backend/server"), so that a server carries on where it was (no re-rise)."""
+        ("backend/server"), so that a server carries on where it was (no re-rise).
+        `on_up`: called with a backend's name when one of its servers comes UP."""
+        self.on_up = on_up
+        spread = cfg.global_.spread_checks
         self.checks = [
-            ServerCheck(backend, server, shared)
+            ServerCheck(backend, server, shared, spread, self._changed)
             for backend in cfg.backends.values()
             for server in backend.servers
             if server.check
@@ -271,6 +313,21 @@ class Checker:
         for position, check in enumerate(self.checks):
             delay = check.server.inter * position / count
             self.tasks.append(asyncio.get_running_loop().create_task(check.run(delay)))
+
+    def _changed(self, check: ServerCheck) -> None:
+        backend = check.backend.name
+        if check.shared.words[check.base + SRV_OP] == UP:
+            if self.on_up is not None:
+                self.on_up(backend)  # requests waiting for it go now
+            return
+        self.wake_down(backend)
+
+    def wake_down(self, backend: str) -> None:
+        """The backend may have lost its last usable server: its DOWN servers reconsider
+        their interval now (held requests want them checked at fastinter)."""
+        for check in self.checks:
+            if check.backend.name == backend and check.health == 0:
+                check.wake.set()
 
     def health(self) -> dict[str, int]:
         return {check.name: check.health for check in self.checks}

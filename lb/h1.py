@@ -408,9 +408,12 @@ class ResponseReader(_Reader):
 
 # -- writing heads -------------------------------------------------------------------
 
-def request_head_bytes(head: RequestHead, forwarded_for: bytes | None = None) -> bytes:
+def request_head_bytes(
+    head: RequestHead, forwarded_for: bytes | None = None, close: bool = False
+) -> bytes:
     """The head pylb sends to a server: HTTP/1.1, hop-by-hop headers replaced, and the
-    client's address appended to X-Forwarded-For when `forwarded_for` is given."""
+    client's address appended to X-Forwarded-For when `forwarded_for` is given;
+    `Connection: close` when `close` (httpclose, http-server-close)."""
     if head.method in RTSP_ONLY_METHODS:
         line = b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())
     else:
@@ -431,6 +434,8 @@ def request_head_bytes(head: RequestHead, forwarded_for: bytes | None = None) ->
         block += b"Content-Length: %d\r\n" % head.length
     if head.upgrade:
         block += b"Connection: upgrade\r\n"
+    elif close:
+        block += b"Connection: close\r\n"
     return line + block + b"\r\n"
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lb import h1, httplog, persist
 from lb.balance import Context
 from lb.errors import PAGES
+from lb.retry import CONN_FAILURE, EMPTY_RESPONSE, JUNK_RESPONSE, RESPONSE_TIMEOUT
 from lb.serverconn import ServerConnection
 from lb.timer import clock
 from lb.tunnel import Tunnel
@@ -27,9 +28,9 @@ if TYPE_CHECKING:
     from lb.frontend import Frontend
     from lb.rules import StickCounters
 
-# Session phases
-IDLE, QUEUED, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(6)
-_PHASES = ("idle", "queued", "connecting", "exchange", "tunnel", "closed")
+# Session phases. TURNAROUND: waiting to retry a server that refused a connection.
+IDLE, QUEUED, TURNAROUND, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(7)
+_PHASES = ("idle", "queued", "turnaround", "connecting", "exchange", "tunnel", "closed")
 
 # A pseudo-event after lb.h1's: the client half-closed, after the events before it.
 CLIENT_EOF = 100
@@ -38,8 +39,6 @@ CLIENT_EOF = 100
 PIPELINE, SERVER_FULL, BUFFER_FULL = 1, 2, 4
 
 MAX_BUFFERED_BODY = 256 * 1024  # request body held while the server connection opens
-
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
 
 
 class BadResponse(Exception):
@@ -67,6 +66,11 @@ class HttpSession(asyncio.Protocol):
         "head_bytes",
         "body_buffer",
         "buffered",
+        "kept",
+        "kept_size",
+        "l7_retry",
+        "server_close",
+        "touched",
         "req_done",
         "resp_started",
         "resp_done",
@@ -118,8 +122,15 @@ class HttpSession(asyncio.Protocol):
         self.connect_task: asyncio.Task[None] | None = None
         self.retries_left = 0
         self.head_bytes = b""
-        self.body_buffer: list[bytes] = []
+        self.body_buffer: list[bytes] = []  # body not yet sent to the server
         self.buffered = 0
+        # Body sent to the server and kept for a replay (see lb.retry); None once it outgrew
+        # the backend's retry-buffer: the request can no longer be sent again.
+        self.kept: list[bytes] | None = []
+        self.kept_size = 0
+        self.l7_retry = True  # False: http-request disable-l7-retry
+        self.server_close = False  # httpclose / http-server-close: no keep-alive to the server
+        self.touched = False  # an interim answer (100 Continue) reached the client
         self.req_done = False
         self.resp_started = False
         self.resp_done = False
@@ -202,6 +213,8 @@ class HttpSession(asyncio.Protocol):
             self._close()  # an unfinished head is abandoned, not answered
         elif not self.req_done:
             self._abort("CR")  # the client gave up mid-request
+        elif self.phase < EXCHANGE and self.backend.cfg.abortonclose:  # type: ignore[union-attr]
+            self._abort("CQ" if self.phase == QUEUED else "CC")  # it left while waiting
         else:
             self.close_after = True  # answer what was asked, then close
 
@@ -247,10 +260,18 @@ class HttpSession(asyncio.Protocol):
                 self._reply(408, "cR")
         elif phase == QUEUED:
             self._reply(503, "sQ")  # timeout queue
+        elif phase == TURNAROUND:
+            server = self.server
+            assert server is not None
+            if (server.persistable if server is self.sticky else server.selectable):
+                self._use(server)
+            else:  # marked down meanwhile: another server, or the hold
+                self._dispatch(server)
         elif phase == CONNECTING:
             self._connect_failed()
         elif not self.resp_started and self.req_done:
-            self._reply(504, "sH")
+            if not self._retry(RESPONSE_TIMEOUT):
+                self._reply(504, "sH")
         else:
             self._abort("cD" if self.resp_started else "cR")  # a side stalled mid-message
 
@@ -305,6 +326,7 @@ class HttpSession(asyncio.Protocol):
                 _RuleView(self.client_ip, head), frontend.worker, tracked
             )
             self.tracked = decision.counters
+            self.l7_retry = not decision.disable_l7_retry
             if decision.response is not None:
                 self._answer(decision.response)
                 return
@@ -318,6 +340,12 @@ class HttpSession(asyncio.Protocol):
         self.backend = backend
         self.retries_left = backend.cfg.retries
         cfg = backend.cfg
+        fe_cfg = frontend.cfg
+        if cfg.httpclose or fe_cfg.httpclose:
+            self.close_after = True
+            self.server_close = True
+        elif cfg.http_server_close or fe_cfg.http_server_close:
+            self.server_close = True
         if backend.stick is not None:  # before the cookie edits below change the head
             text = persist.stick_key(head, self.client_ip, cfg.stick_on)  # type: ignore[arg-type]
             self.stick_key = backend.stick.key_of(text) if text is not None else None
@@ -331,7 +359,7 @@ class HttpSession(asyncio.Protocol):
         if self.sticky is None and self.stick_key is not None:
             self.sticky = backend.stuck(self.stick_key)
         self.head_bytes = h1.request_head_bytes(
-            head, self.client_ip if frontend.cfg.forwardfor else None
+            head, self.client_ip if fe_cfg.forwardfor else None, self.server_close
         )
         self._dispatch(None)
 
@@ -344,6 +372,7 @@ class HttpSession(asyncio.Protocol):
     def _send_body(self, data: bytes) -> None:
         if self.phase == EXCHANGE:
             self.conn.transport.write(data)  # type: ignore[union-attr]
+            self._keep([data])
             server = self.server
             server.counters.bin += len(data)  # type: ignore[union-attr]
             server.backend.counters.bin += len(data)  # type: ignore[union-attr]
@@ -380,11 +409,16 @@ class HttpSession(asyncio.Protocol):
         else:
             context = Context(self.client_ip, None, self.head)
             server = backend.pick(context, exclude)  # type: ignore[union-attr]
-        if server is None:
-            self._reply(503, "SC")  # no server is usable
-            return
+            if server is None and exclude is not None and exclude.selectable:
+                server = exclude  # a redispatch with nowhere else to go
         if self.queue_id or self.slot is not None:
             self._release_slot()
+        if server is None:
+            if backend.holds and not self.frontend.worker.queue.alone:  # type: ignore[union-attr]
+                self._hold()
+            else:
+                self._reply(503, "SC")  # no server is usable
+            return
         if server.maxconn > 0:  # a limited server: the master hands out its slots
             if self.times is not None:
                 self.times.queued = time.monotonic()
@@ -396,6 +430,18 @@ class HttpSession(asyncio.Protocol):
             self.resume = None
             return
         self._use(server)
+
+    def _hold(self) -> None:
+        """hold-when-down: no server is usable, so wait in the backend's queue (kept by the
+        master, lb.queue) until one is, or `timeout queue`."""
+        if self.times is not None and self.times.queued < 0:
+            self.times.queued = time.monotonic()
+        self.phase = QUEUED
+        self.deadline = clock.now + self.backend.timeouts.queue  # type: ignore[union-attr]
+        self.queue_id = self.frontend.worker.queue.acquire(
+            self.backend, None, False, self._granted, self.resume  # type: ignore[arg-type]
+        )
+        self.resume = None
 
     def _granted(self, server: Server | None) -> None:
         self.queue_id = 0
@@ -451,8 +497,7 @@ class HttpSession(asyncio.Protocol):
             worker.pool.give(conn)  # type: ignore[arg-type]
 
     def _connect_failed(self) -> None:
-        """A connect failed or timed out: retry the same server, and on the last retry
-        move to another one if the backend says `redispatch`."""
+        """A connect failed or timed out: retry (lb.retry), or give up with a 503."""
         task = self.connect_task
         if task is not None:
             self.connect_task = None
@@ -460,18 +505,75 @@ class HttpSession(asyncio.Protocol):
         server = self.server
         server.counters.econ += 1  # type: ignore[union-attr]
         self.backend.counters.econ += 1  # type: ignore[union-attr]
-        if self.retries_left <= 0:
+        if not self._retry(CONN_FAILURE):
             self._reply(503, "SC")
-            return
+
+    def _retry(self, kind: str | int) -> bool:
+        """Send the request again after a failure of `kind` (a retry-on word or a status),
+        if the backend's retry-on covers it, retries are left, and the request can still be
+        replayed: every byte sent is kept and no byte of answer reached the client. True
+        when a retry is underway."""
+        backend = self.backend
+        policy = backend.retry  # type: ignore[union-attr]
+        if self.retries_left <= 0 or kind not in policy.on or self.resp_started or self.touched:
+            return False
+        if kind != CONN_FAILURE and not (
+            self.l7_retry and self.kept is not None
+            and policy.replays(self.head.method, self.req_done)  # type: ignore[union-attr]
+        ):
+            return False
+        server = self.server
+        assert server is not None
         self.retries_left -= 1
         if self.times is not None:
             self.times.retries += 1
-        server.counters.wretr += 1  # type: ignore[union-attr]
-        if self.retries_left == 0 and self.backend.cfg.redispatch:  # type: ignore[union-attr]
-            server.counters.wredis += 1  # type: ignore[union-attr]
-            self._dispatch(self.server)
+        server.counters.wretr += 1
+        backend.counters.wretr += 1  # type: ignore[union-attr]
+        self._rewind()
+        usable = server.persistable if server is self.sticky else server.selectable
+        if policy.moves(self.retries_left) or not usable:
+            server.counters.wredis += 1
+            backend.counters.wredis += 1  # type: ignore[union-attr]
+            self._dispatch(server)
+        elif kind == CONN_FAILURE and policy.turnaround > 0:
+            # Not at once: a server that refuses may be restarting, or about to be marked
+            # down by its health checks.
+            self.phase = TURNAROUND
+            self.deadline = clock.now + policy.turnaround
         else:
-            self._use(self.server)  # type: ignore[arg-type]
+            self._use(server)
+        return True
+
+    def _rewind(self) -> None:
+        """Back to before the request was sent: the server connection goes, and the body
+        sent on it is to be sent again."""
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.session = None
+            self.server.closed()  # type: ignore[union-attr]
+            conn.transport.close()
+        self.server_paused = False
+        self._unpause(SERVER_FULL)
+        kept = self.kept
+        if kept:
+            self.body_buffer[:0] = kept
+            self.buffered += self.kept_size
+        self.kept = []
+        self.kept_size = 0
+
+    def _keep(self, sent: list[bytes]) -> None:
+        """Keep body bytes sent to the server for a replay, while the backend's
+        retry-buffer holds them."""
+        kept = self.kept
+        if kept is None:
+            return
+        size = self.kept_size + sum(map(len, sent))
+        if size > self.backend.retry.buffer:  # type: ignore[union-attr]
+            self.kept = None
+            return
+        kept += sent
+        self.kept_size = size
 
     def _attach(self, conn: ServerConnection) -> None:
         self.conn = conn
@@ -486,6 +588,7 @@ class HttpSession(asyncio.Protocol):
             counters.req_tot += 1
         if self.body_buffer:
             data = b"".join([self.head_bytes, *self.body_buffer])
+            self._keep(self.body_buffer)
             self.body_buffer = []
             self.buffered = 0
             self._unpause(BUFFER_FULL)
@@ -539,6 +642,9 @@ class HttpSession(asyncio.Protocol):
             if kind == h1.DATA:
                 out.append(h1.chunk(value) if self.resp_framing == h1.CHUNKED else value)  # type: ignore[arg-type]
             elif kind == h1.HEAD:
+                status = value.status  # type: ignore[attr-defined]
+                if status in self.backend.retry.statuses and self._retry(status):  # type: ignore[union-attr]
+                    return  # this answer is dropped with its connection
                 try:
                     out.append(self._response_head(value))  # type: ignore[arg-type]
                 except BadResponse:
@@ -588,6 +694,7 @@ class HttpSession(asyncio.Protocol):
                 raise BadResponse("101 to a request that asked for no upgrade")
             # Interim answers (100 Continue, 101 before the tunnel) have no end of their own.
             self.interim = True
+            self.touched = True
             if client_version == "1.1":
                 return h1.response_head_bytes(head, h1.NO_BODY, True, "1.1")
             return b""  # HTTP/1.0 clients get no interim answers
@@ -635,6 +742,8 @@ class HttpSession(asyncio.Protocol):
     def _response_error(self) -> None:
         self.server.counters.eresp += 1  # type: ignore[union-attr]
         self.backend.counters.eresp += 1  # type: ignore[union-attr]
+        if self._retry(JUNK_RESPONSE):
+            return
         if self.resp_started:
             self._abort("SD")
         else:
@@ -653,23 +762,17 @@ class HttpSession(asyncio.Protocol):
             else:
                 self._abort("SD")
             return
-        head = self.head
         if (
-            not conn.received
-            and head.framing == h1.NO_BODY  # type: ignore[union-attr]
-            and head.method in IDEMPOTENT  # type: ignore[union-attr]
-            and (conn.reused or self.retries_left > 0)
+            conn.reused and not conn.received and self.kept is not None and not self.touched
+            and self.backend.retry.replays(self.head.method, self.req_done)  # type: ignore[union-attr]
         ):
-            # Closed before answering a request that is safe to send again (often a pooled
-            # connection the server had just timed out): send it on a fresh connection.
-            if not conn.reused:
-                self.retries_left -= 1
-            self.conn = None
-            conn.session = None
-            self.server.closed()  # type: ignore[union-attr]
+            # A pooled connection the server closed as the request went out (it had just
+            # timed it out): not a failure of the server, so no retry is counted.
+            self._rewind()
             self._use(self.server)  # type: ignore[arg-type]
             return
-        self._reply(502, "SH")
+        if not self._retry(JUNK_RESPONSE if conn.received else EMPTY_RESPONSE):
+            self._reply(502, "SH")
 
     # -- ending ---------------------------------------------------------------------
 
@@ -678,7 +781,7 @@ class HttpSession(asyncio.Protocol):
             self.tracked.end_request()
         if self.times is not None:
             self._log(self.times.status, "--")
-        self._drop_server(reusable=self.server_keep_alive)
+        self._drop_server(reusable=self.server_keep_alive and not self.server_close)
         self._reset_exchange()
         if self.close_after:
             self._close()

@@ -147,7 +147,8 @@ class Master:
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
         for index in range(1, self.config.global_.workers + 1):
             self.generations.spawn(index)
-        self.checker = Checker(self.config, self.shared, self.health)
+        self.checker = Checker(self.config, self.shared, self.health,
+                               lambda backend: self.keeper.dispatch(backend))
         self.checker.start()
         if self.inheritance is not None and self.inheritance.heir is not None:
             heir = takeover.LineReader(self.inheritance.heir, self.inheritance.early)
@@ -211,7 +212,8 @@ class Master:
         """Make `resources` the ones that new workers, checks and commands follow."""
         cfg = resources.config
         self.checker.stop()
-        self.checker = Checker(cfg, resources.shared, self.checker.health())
+        self.checker = Checker(cfg, resources.shared, self.checker.health(),
+                               lambda backend: self.keeper.dispatch(backend))
         self.checker.start()
         self.config, self.shared, self.listeners = cfg, resources.shared, resources.listeners
         self.maps = resources.maps

@@ -8,6 +8,10 @@ A request that persistence sends to a given server waits in that server's queue;
 waits in its backend's queue, for whichever server frees a slot first. Queues are served
 in arrival order (the oldest of the server's and the backend's queue first).
 
+A backend with `hold-when-down` also keeps here the requests that found no usable server
+(an acquire with srv null): they wait in the backend's queue, in arrival order, and are
+granted a server (counted like a slot) as soon as one is usable again.
+
 Messages (worker -> master): acquire {id, be, srv, persist}, cancel {id}, release {be, srv};
 (master -> worker): grant {id, srv} where srv is null when the request cannot be queued.
 """
@@ -23,7 +27,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lb import config
-from lb.shared import MAINT, READY, SRV_ADMIN, SRV_MAXCONN, SRV_OP, SRV_WEIGHT, UP, Shared
+from lb.shared import (
+    BE_HOLD,
+    MAINT,
+    READY,
+    SRV_ADMIN,
+    SRV_MAXCONN,
+    SRV_OP,
+    SRV_WEIGHT,
+    UP,
+    Shared,
+)
 
 if TYPE_CHECKING:
     from lb.backend import Backend, Server
@@ -38,6 +52,7 @@ class _Waiting:
     id: int
     seq: int
     backend: str
+    hold: bool = False  # found no usable server: waits for any (hold-when-down)
 
 
 @dataclass(eq=False)
@@ -46,6 +61,7 @@ class _ServerSlots:
     name: str
     base: int
     maxqueue: int
+    backup: bool = False
     used: int = 0
     queue: deque[_Waiting] = field(default_factory=deque)
     # A server a reload removed: an older generation may still send it requests (it is
@@ -65,6 +81,8 @@ class Keeper:
         self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
         self.turns: dict[tuple[Any, int], tuple[int, float]] = {}  # places of moved requests
         self.retired: dict[str, list[_ServerSlots]] = {}  # per backend, removed servers
+        self.maxqueue: dict[str, int] = {}  # per backend, for its own queue (0: no limit)
+        self.hold_base: dict[str, int] = {}  # per backend, where its hold-when-down flag is
         self._words: Any = None
         self.reconfigure(cfg, shared)
 
@@ -74,12 +92,15 @@ class Keeper:
         old_servers, old_queues, old_words = self.servers, self.queues, self._words
         self._words = shared.words
         self.servers, self.by_backend, self.queues = {}, {}, {}
+        self.maxqueue = {name: backend.maxqueue for name, backend in cfg.backends.items()}
+        self.hold_base = {name: shared.layout.backends[name] + BE_HOLD for name in cfg.backends}
         for name, backend in cfg.backends.items():
             self.queues[name] = old_queues.pop(name, deque())
             self.by_backend[name] = []
             for server in backend.servers:
                 key = (name, server.name)
-                slots = _ServerSlots(name, server.name, shared.layout.servers[key], server.maxqueue)
+                slots = _ServerSlots(name, server.name, shared.layout.servers[key],
+                                     server.maxqueue, server.backup)
                 previous = old_servers.get(key)
                 if previous is not None:
                     slots.used, slots.queue = previous.used, previous.queue
@@ -126,6 +147,25 @@ class Keeper:
             words[base + SRV_WEIGHT] > 0
         )
 
+    def _takes_queued(self, slots: _ServerSlots) -> bool:
+        """May `slots` serve a request of its backend's queue? A selectable server; a
+        backup one only while no active server of the backend is."""
+        if not self._selectable(slots):
+            return False
+        if not slots.backup:
+            return True
+        return not any(self._selectable(s) for s in self.by_backend.get(slots.backend, ())
+                       if not s.backup)
+
+    def holds(self, backend: str) -> bool:
+        """Is hold-when-down on for `backend` (as configured or set at run time)?"""
+        base = self.hold_base.get(backend)
+        return base is not None and self._words[base] != 0
+
+    def _backend_full(self, backend: str) -> bool:
+        limit = self.maxqueue.get(backend, 0)
+        return limit > 0 and len(self.queues.get(backend, ())) >= limit
+
     def _persistable(self, slots: _ServerSlots) -> bool:
         if slots.retired_limit is not None:
             return True
@@ -147,17 +187,20 @@ class Keeper:
 
     def acquire(self, owner: Any, message: dict[str, Any]) -> None:
         backend = message["be"]
-        wanted = self.servers.get((backend, message["srv"]))
-        if wanted is None:  # a server this pylb has never known: nothing to wait for
-            self._send(owner, {"op": "grant", "id": message["id"], "be": backend, "srv": None})
-            return
         seq = self._resume(message["resume"]) if message.get("resume") else None
         waiting = _Waiting(owner, message["id"], next(self._seq) if seq is None else seq, backend)
+        if message["srv"] is None:
+            self._hold(waiting)
+            return
+        wanted = self.servers.get((backend, message["srv"]))
+        if wanted is None:  # a server this pylb has never known: nothing to wait for
+            self._refuse(waiting)
+            return
         if message.get("persist"):
             if self._room(wanted):
                 self._grant(waiting, wanted)
             elif wanted.maxqueue and len(wanted.queue) >= wanted.maxqueue:
-                self._send(owner, {"op": "grant", "id": waiting.id, "be": backend, "srv": None})
+                self._refuse(waiting)
             else:
                 _enqueue(wanted.queue, waiting)
             return
@@ -169,7 +212,35 @@ class Keeper:
                     and _knows(owner, other)):
                 self._grant(waiting, other)
                 return
+        if self._backend_full(backend):
+            self._refuse(waiting)
+            return
         _enqueue(self.queues.setdefault(backend, deque()), waiting)
+
+    def _hold(self, waiting: _Waiting) -> None:
+        """A request that found no usable server (hold-when-down): any server now usable
+        takes it, else it waits in the backend's queue for one."""
+        backend = waiting.backend
+        waiting.hold = True
+        for slots in self.group(backend):
+            if self._room(slots) and self._takes_queued(slots) and _knows(waiting.owner, slots):
+                self._grant(waiting, slots)
+                return
+        if not self.holds(backend) or self._backend_full(backend) or backend not in self.queues:
+            self._refuse(waiting)
+            return
+        _enqueue(self.queues[backend], waiting)
+
+    def stop_holding(self, backend: str) -> None:
+        """hold-when-down was switched off: the requests it holds get their 503 now."""
+        queue = self.queues.get(backend)
+        for waiting in [w for w in queue or () if w.hold]:
+            queue.remove(waiting)  # type: ignore[union-attr]
+            self._refuse(waiting)
+
+    def _refuse(self, waiting: _Waiting) -> None:
+        self._send(waiting.owner, {"op": "grant", "id": waiting.id, "be": waiting.backend,
+                                   "srv": None})
 
     def _resume(self, ticket: list[int]) -> int | None:
         """A request moved to a new generation takes back its place in the queue: the
@@ -232,7 +303,8 @@ class Keeper:
             first = group[0].name
             for w in queue:
                 found.append((w.seq, w.owner, {"op": "acquire", "id": w.id, "be": backend,
-                                               "srv": first, "persist": False}))
+                                               "srv": None if w.hold else first,
+                                               "persist": False}))
             queue.clear()
         for slots in self.servers.values():
             slots.queue.clear()
@@ -269,7 +341,7 @@ class Keeper:
                 candidates = []
                 if slots.queue and self._persistable(slots):
                     candidates.append((slots.queue[0], slots.queue))
-                if shared_queue and self._selectable(slots):
+                if shared_queue and self._takes_queued(slots):
                     # the oldest request whose worker knows this server (a server a
                     # reload added is unknown to the older generation, a retired one to
                     # the newer)
@@ -336,7 +408,7 @@ class Queue:
     def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
         self._send = send
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[Server, Callable[[Server | None], None]]] = {}
+        self._waiting: dict[int, tuple[Server | None, Callable[[Server | None], None]]] = {}
         self.alone = False  # the master is gone: nobody keeps the slots any more
 
     @property
@@ -346,12 +418,13 @@ class Queue:
     def acquire(
         self,
         backend: Backend,
-        server: Server,
+        server: Server | None,
         persist: bool,
         granted: Callable[[Server | None], None],
         resume: list[int] | None = None,
     ) -> int:
-        """Ask for a slot on `server` (or, unless `persist`, any server of the backend);
+        """Ask for a slot on `server` (or, unless `persist`, any server of the backend; with
+        `server` None, the first server of the backend to be usable: hold-when-down);
         `granted` is called with the server given, or None if it cannot even be queued.
         `resume`: the ticket of this request's place in an older generation's queue."""
         ident = next(self._ids)
@@ -360,7 +433,8 @@ class Queue:
             return ident
         self._waiting[ident] = (server, granted)
         self._send(
-            {"op": "acquire", "id": ident, "be": backend.name, "srv": server.name,
+            {"op": "acquire", "id": ident, "be": backend.name,
+             "srv": server.name if server is not None else None,
              "persist": persist, "resume": resume}
         )
         return ident

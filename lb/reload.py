@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lb import config, sock
 from lb.shared import (
+    BE_HOLD,
     FE_DISABLED,
     FE_MAXCONN,
     GLOBAL_MAXCONN,
@@ -89,6 +90,13 @@ def carry_state(
             src[old_base + FE_MAXCONN], before.maxconn, frontend.maxconn
         )
         dst[new_base + FE_DISABLED] = src[old_base + FE_DISABLED]
+    for name, backend in new_cfg.backends.items():
+        previous = old_cfg.backends.get(name)
+        if previous is not None:
+            dst[new.layout.backends[name] + BE_HOLD] = _runtime(
+                src[old.layout.backends[name] + BE_HOLD], previous.hold_when_down,
+                backend.hold_when_down,
+            )
     for (backend, server), new_base in new.layout.servers.items():
         old_base = old.layout.servers.get((backend, server))
         if old_base is None:

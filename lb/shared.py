@@ -35,7 +35,8 @@ FE_MAXCONN, FE_DISABLED = 0, 1
 FE_FIELDS = 2
 
 BE_TICKET, BE_VERSION = 0, 1  # round-robin position; bumped when weights or states change
-BE_FIELDS = 2
+BE_HOLD = 2  # hold-when-down, as configured or set at run time (1: on)
+BE_FIELDS = 3
 
 (
     SRV_OP, SRV_ADMIN, SRV_WEIGHT, SRV_MAXCONN, SRV_LASTCHG, SRV_CHKFAIL, SRV_CHKDOWN,
@@ -91,6 +92,7 @@ class Shared:
             words[layout.frontends[name] + FE_MAXCONN] = frontend.maxconn
         now = int(time.time())
         for name, backend in cfg.backends.items():
+            words[layout.backends[name] + BE_HOLD] = backend.hold_when_down
             for server in backend.servers:
                 base = layout.servers[(name, server.name)]
                 words[base + SRV_OP] = UP  # servers start up, as in HAProxy

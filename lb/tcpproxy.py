@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from lb import httplog
 from lb.balance import Context
+from lb.retry import redispatch_now
 from lb.timer import clock
 from lb.tunnel import Tunnel
 
@@ -212,8 +213,8 @@ class TcpSession(asyncio.Protocol):
         self.retries_left -= 1
         self.retries += 1
         backend = self.frontend.default_backend
-        redispatch = self.retries_left == 0 and backend.cfg.redispatch  # type: ignore[union-attr]
-        if redispatch:
+        cfg = backend.cfg  # type: ignore[union-attr]
+        if redispatch_now(cfg.redispatch, cfg.retries, self.retries_left):
             self._dispatch(self.server)
         else:
             self._connect(self.server)  # type: ignore[arg-type]

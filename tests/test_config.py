@@ -114,7 +114,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
     assert app.mode == "http"
     assert (app.balance, app.balance_arg) == ("roundrobin", None)
     assert app.retries == 3
-    assert app.redispatch is False
+    assert app.redispatch == 0
     assert app.timeouts == DEFAULT_TIMEOUTS
     assert app.http_check == HttpCheck(method="GET", path="/", expect=(200, 200), host=None)
     assert app.cookie == Cookie(name="SERVERID", mode="insert", indirect=True, nocache=True)
@@ -1101,7 +1101,7 @@ def test_a_single_rule_may_be_a_string_and_acl_lines_a_list() -> None:
         ("- deny if maint !is_api", "- block if maint",
          "t.cfg:9: frontends.web.http-request: unknown action 'block'; expected deny, "
          "redirect, return, set-header, add-header, del-header, track-sc0, track-sc1, "
-         "track-sc2 or sc-inc-gpc0"),
+         "track-sc2, sc-inc-gpc0 or disable-l7-retry"),
         ("- deny if maint !is_api", "- deny when maint",
          "t.cfg:9: frontends.web.http-request: unknown deny option 'when'; expected status, "
          "content-type, default-errorfiles, errorfile, file, string, hdr or deny_status, then "

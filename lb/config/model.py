@@ -59,6 +59,7 @@ class Global:
     log: str
     max_header_size: int
     stats: StatsSocket | None
+    spread_checks: int = 0  # percent of random jitter on health check intervals
 
 
 # -- HTTP rules: HAProxy's words, parsed (by lb.rules.syntax) but not compiled -------------
@@ -203,6 +204,14 @@ class IncGpc0Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class DisableL7RetryRule:
+    """``disable-l7-retry``: this request is not replayed after it reached a server."""
+
+    cond: Condition | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionRule:
     """``accept`` or ``reject`` of ``tcp-request connection``."""
 
@@ -211,7 +220,10 @@ class ConnectionRule:
     line: int
 
 
-HttpRequestRule = DenyRule | ReturnRule | RedirectRule | HeaderRule | TrackRule | IncGpc0Rule
+HttpRequestRule = (
+    DenyRule | ReturnRule | RedirectRule | HeaderRule | TrackRule | IncGpc0Rule
+    | DisableL7RetryRule
+)
 # One ``tcp-request connection`` rule: evaluated once per connection, before any byte is read.
 TcpConnectionRule = ConnectionRule | TrackRule | IncGpc0Rule
 
@@ -271,6 +283,8 @@ class Frontend:
     errorfiles: tuple[ErrorFile, ...] = ()
     stick_table: StickTable | None = None  # for track-sc rules
     tcp_request_connection: tuple[TcpConnectionRule, ...] = ()
+    httpclose: bool = False  # close the client connection after each response
+    http_server_close: bool = False  # close the server connection after each response
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +316,8 @@ class Server:
     inter: float
     rise: int
     fall: int
+    fastinter: float | None = None  # None: inter
+    downinter: float | None = None  # None: inter
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,13 +329,22 @@ class Backend:
     servers: tuple[Server, ...]
     timeouts: Timeouts
     retries: int
-    redispatch: bool
+    redispatch: int  # 0: never; -1: on the last retry; N > 0: every Nth; N < 0: Nth before last
     http_check: HttpCheck | None
     cookie: Cookie | None
     stick_table: StickTable | None
     # ("src", None), ("cookie", NAME) or ("hdr", lower-case name); None: no stick-on
     stick_on: tuple[str, str | None] | None
     line: int
+    # What a failed request may be retried on: words of HAProxy's retry-on, statuses as ints
+    retry_on: tuple[str | int, ...] = ("conn-failure",)
+    retry_buffer: int = 16 * 1024  # request bytes (head and body) kept for a replay
+    retry_non_idempotent: bool = False  # replay POST & co. even once wholly sent
+    hold_when_down: bool = False  # wait in the queue while no server is usable
+    maxqueue: int = 0  # requests waiting in the backend's own queue; 0: no limit
+    abortonclose: bool = False
+    httpclose: bool = False
+    http_server_close: bool = False
 
 
 @dataclass(frozen=True, slots=True)

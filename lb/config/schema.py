@@ -39,6 +39,8 @@ from .values import (
     log_target,
     name,
     path,
+    redispatch,
+    retry_on,
     server_address,
     size,
     socket_path,
@@ -197,6 +199,7 @@ GLOBAL: Schema = {
     "pidfile": Field(path),
     "daemon": Field(boolean, False),
     "hard-stop-after": Field(duration),
+    "spread-checks": Field(integer(0, 50), 0),  # percent of random jitter on check intervals
     "log": Field(log_target, "stderr"),
     "max-header-size": Field(size, 16 * 1024),
     "stats": Field(record(STATS, StatsSocket)),
@@ -211,6 +214,8 @@ SERVER: Schema = {
     "cookie": Field(cookie_value),
     "check": Field(boolean, False),
     "inter": Field(duration, 2.0),
+    "fastinter": Field(duration),  # None: inter. Between checks while rising or falling
+    "downinter": Field(duration),  # None: inter. Between checks while DOWN
     "rise": Field(integer(1), 2),
     "fall": Field(integer(1), 3),
 }
@@ -247,6 +252,8 @@ FRONTEND: Schema = {
     "default_backend": Field(name),
     "timeout": Field(partial(TIMEOUT), merge=True, inherit=True, attr="timeouts"),
     "forwardfor": Field(boolean, False, inherit=True),
+    "httpclose": Field(boolean, False, inherit=True),
+    "http-server-close": Field(boolean, False, inherit=True),
     "log": Field(log_target, inherit=True),  # None: no request log
     # HTTP rules; never inherited from defaults (HAProxy refuses them there too)
     "acl": Field(acls, ()),
@@ -264,7 +271,15 @@ BACKEND: Schema = {
     "mode": Field(mode, "http", inherit=True),
     "balance": Field(balance, ("roundrobin", None), inherit=True),
     "retries": Field(integer(0), 3, inherit=True),
-    "redispatch": Field(boolean, False, inherit=True),
+    "redispatch": Field(redispatch, 0, inherit=True),
+    "retry-on": Field(retry_on, ("conn-failure",), inherit=True),
+    "retry-buffer": Field(size, 16 * 1024, inherit=True),  # request bytes kept for a replay
+    "retry-non-idempotent": Field(boolean, False, inherit=True),
+    "hold-when-down": Field(boolean, False, inherit=True),
+    "maxqueue": Field(integer(0), 0, inherit=True),  # the backend's own queue; 0: no limit
+    "abortonclose": Field(boolean, False, inherit=True),
+    "httpclose": Field(boolean, False, inherit=True),
+    "http-server-close": Field(boolean, False, inherit=True),
     "timeout": Field(partial(TIMEOUT), merge=True, inherit=True, attr="timeouts"),
     "http-check": Field(record(HTTP_CHECK, HttpCheck), inherit=True),
     "cookie": Field(record(COOKIE, Cookie)),

@@ -434,3 +434,53 @@ def store(v: Value) -> tuple[tuple[str, int], ...]:
                 raise item.error(f"{name} is stored twice")
             out[name] = period
     return tuple(out.items())
+
+
+# -- retries (HAProxy's retry-on and option redispatch) ---------------------------------------
+
+RETRY_CONDITIONS = ("conn-failure", "empty-response", "junk-response", "response-timeout",
+                    "0rtt-rejected")
+RETRY_STATUSES = (401, 403, 404, 408, 425, 500, 501, 502, 503, 504)
+ALL_RETRYABLE = (*RETRY_CONDITIONS, 500, 502, 503, 504)
+RETRY_HINT = ("retry-on words: none, all-retryable-errors, " + ", ".join(RETRY_CONDITIONS)
+              + " or a status among " + " ".join(map(str, RETRY_STATUSES)))
+
+
+def retry_on(v: Value) -> tuple[str | int, ...]:
+    """``retry-on``: space-separated words (or a list), as in HAProxy; ``none`` alone turns
+    retries off. Conditions are kept as words, statuses as integers."""
+    items = v.elements() if not v.is_scalar else [v]
+    out: list[str | int] = []
+    words: list[str] = []
+    for item in items:
+        if not item.is_scalar or item.is_null:
+            raise item.error(f"expected {RETRY_HINT}, got {item.describe()}")
+        for word in (item.text or "").split():
+            words.append(word)
+            if word == "none":
+                continue
+            if word == "all-retryable-errors":
+                found: tuple[str | int, ...] = ALL_RETRYABLE
+            elif word in RETRY_CONDITIONS:
+                found = (word,)
+            elif word.isdigit() and int(word) in RETRY_STATUSES:
+                found = (int(word),)
+            else:
+                raise item.error(f"unknown retry-on word {word!r} (expected {RETRY_HINT})")
+            out += [f for f in found if f not in out]
+    if not words:
+        raise v.error(f"expected {RETRY_HINT}, got nothing")
+    if "none" in words and len(words) > 1:
+        raise v.error("retry-on none cannot be combined with other words")
+    return tuple(out)
+
+
+def redispatch(v: Value) -> int:
+    """``redispatch``: true (on the last retry, HAProxy's default), false, or HAProxy's
+    interval: N > 0 on every Nth retry, N < 0 on the Nth retry before the last. 0: never."""
+    if v.is_scalar and isinstance(v.python, bool):
+        return -1 if v.python else 0
+    x = v.python if v.is_scalar else None
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise v.error(f"expected true, false or a retry interval like 1 or -1, got {v.describe()}")
+    return x

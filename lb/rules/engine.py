@@ -25,6 +25,7 @@ from lb.config.model import (
     Condition,
     ConnectionRule,
     DenyRule,
+    DisableL7RetryRule,
     Frontend,
     HeaderRule,
     HttpRequestRule,
@@ -221,6 +222,7 @@ class Decision:
     is in ``del_headers``, then append ``set_headers`` in order. ``counters``: the stick
     counters the connection and this request track (those passed in, or new ones when a
     track-sc rule started tracking), for the proxy to finish counting.
+    ``disable_l7_retry``: never replay this request once it reached a server.
     """
 
     backend: str | None = None
@@ -228,6 +230,7 @@ class Decision:
     set_headers: list[tuple[str, str]] = field(default_factory=list)
     del_headers: list[str] = field(default_factory=list)
     counters: StickCounters | None = None
+    disable_l7_retry: bool = False  # http-request disable-l7-retry
 
 
 _UNSET = object()
@@ -804,7 +807,13 @@ def _action(rule: HttpRequestRule, errorfiles: Mapping[int, bytes],
         return _redirect(rule)
     if isinstance(rule, TrackRule | IncGpc0Rule):
         return _counter_action(rule, own_table, per_request=True)  # type: ignore[return-value]
+    if isinstance(rule, DisableL7RetryRule):
+        return _disable_l7_retry
     return _header_action(rule)
+
+
+def _disable_l7_retry(ev: _Eval) -> None:
+    ev.decision.disable_l7_retry = True
 
 
 def _counter_action(rule: TrackRule | IncGpc0Rule, own_table: str | None,

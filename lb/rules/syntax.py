@@ -25,6 +25,7 @@ from lb.config.model import (
     Condition,
     ConnectionRule,
     DenyRule,
+    DisableL7RetryRule,
     HeaderRule,
     HttpRequestRule,
     IncGpc0Rule,
@@ -692,7 +693,7 @@ def load_map(path: str) -> dict[str, str]:
 
 TRACK_ACTIONS = tuple(f"track-sc{n}" for n in range(SC_COUNT))
 ACTIONS = ("deny", "redirect", "return", "set-header", "add-header", "del-header",
-           *TRACK_ACTIONS, "sc-inc-gpc0")
+           *TRACK_ACTIONS, "sc-inc-gpc0", "disable-l7-retry")
 CONNECTION_ACTIONS = ("accept", "reject", *TRACK_ACTIONS, "sc-inc-gpc0")
 _TRACK_RE = re.compile(r"track-sc([0-9]+)")
 _INC_GPC0_RE = re.compile(r"sc-inc-gpc0(?:\(([^()]*)\))?")
@@ -831,7 +832,7 @@ def _redirect(ws: list[str], line: int) -> RedirectRule:
 
 def parse_http_request(text: str, line: int) -> HttpRequestRule:
     """One ``http-request`` rule: deny, redirect, return, set-header, add-header,
-    del-header, track-scN or sc-inc-gpc0(N), then an optional condition."""
+    del-header, track-scN, sc-inc-gpc0(N) or disable-l7-retry, then an optional condition."""
     ws = words(text)
     if not ws:
         raise ValueError(f"expected an action ({_one_of(ACTIONS)})")
@@ -853,6 +854,8 @@ def parse_http_request(text: str, line: int) -> HttpRequestRule:
         if len(ws) < 2 or ws[1] in CONDITION_WORDS:
             raise ValueError("expected del-header NAME")
         return HeaderRule(action, _header_name(ws[1]), None, _tail(ws, 2, line), line)
+    if action == "disable-l7-retry":
+        return DisableL7RetryRule(_tail(ws, 1, line), line)
     counter_rule = _counter_rule(ws, line)
     if counter_rule is not None:
         return counter_rule

@@ -19,6 +19,7 @@ from lb import counters, maps
 from lb.mapstore import SharedMap
 from lb.runtime import stats, tables
 from lb.shared import (
+    BE_HOLD,
     DRAIN,
     FE_DISABLED,
     FE_MAXCONN,
@@ -268,6 +269,25 @@ async def set_maxconn(master: Master, args: list[str], session: Session) -> str:
     return "\n"
 
 
+async def set_backend(master: Master, args: list[str], session: Session) -> str:
+    """`set backend <b> hold-when-down on|off`: while on, requests that find no usable
+    server wait in the backend's queue; switched off, those waiting get their 503 now."""
+    usage = "set backend <backend> hold-when-down on|off"
+    _args(args, 3, usage)
+    name, option, value = args[:3]
+    base = master.shared.layout.backends.get(name)
+    if base is None:
+        raise CommandError("No such backend.")
+    if option != "hold-when-down" or value not in ("on", "off"):
+        raise CommandError(f"Usage: {usage}")
+    master.shared.words[base + BE_HOLD] = value == "on"
+    if value == "off":
+        master.keeper.stop_holding(name)
+    else:
+        master.checker.wake_down(name)  # its DOWN servers may now be checked at fastinter
+    return "\n"
+
+
 # -- maps and variables -------------------------------------------------------------------
 
 
@@ -435,6 +455,8 @@ COMMANDS = (
             "disable frontend <f> : stop accepting (connections wait)"),
     Command(("set", "maxconn"), ADMIN, set_maxconn,
             "set maxconn frontend <f> <n> | server <b>/<s> <n> | global <n> : limits"),
+    Command(("set", "backend"), ADMIN, set_backend,
+            "set backend <b> hold-when-down on|off : hold requests while no server is up"),
     Command(("shutdown", "sessions"), ADMIN, shutdown_sessions,
             "shutdown sessions server <b>/<s> : kill a server's connections"),
     Command(("add", "map"), ADMIN, add_map, "add map <map> <key> <value> : add an entry"),
