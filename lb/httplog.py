@@ -386,7 +386,7 @@ class Times:
     Only kept when the frontend logs requests."""
 
     __slots__ = ("wall", "begin", "head", "queued", "granted", "connect", "sent", "response",
-                 "status", "bytes_out", "retries")
+                 "status", "bytes_out", "retries", "redispatched")
 
     def __init__(self, begin: float) -> None:
         self.wall = time.time() - (time.monotonic() - begin)
@@ -396,10 +396,7 @@ class Times:
         self.status = -1  # the server's answer, once it came
         self.bytes_out = 0
         self.retries = 0
-
-
-def _ms(start: float, end: float) -> int:
-    return -1 if start < 0 or end < 0 else int((end - start) * 1000)
+        self.redispatched = False  # a retry went to another server
 
 
 def _ms(start: float, end: float) -> int:
@@ -435,7 +432,7 @@ def http_record(session: HttpSession, times: Times, status: int, termination: st
         actconn=frontend.worker.connections(), feconn=frontend.current(),
         beconn=backend.conns() if backend is not None else 0,
         srv_conn=server.conns if server is not None else 0,
-        retries=times.retries, srv_queue=0, backend_queue=0,
+        retries=times.retries, redispatched=times.redispatched, srv_queue=0, backend_queue=0,
         request_line=(
             f"{head.method.decode('latin-1')} {head.target.decode('latin-1')} "
             f"HTTP/{head.version}" if head is not None else ""

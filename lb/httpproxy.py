@@ -68,6 +68,7 @@ class HttpSession(asyncio.Protocol):
         "buffered",
         "kept",
         "kept_size",
+        "failed",
         "l7_retry",
         "server_close",
         "touched",
@@ -128,6 +129,7 @@ class HttpSession(asyncio.Protocol):
         # the backend's retry-buffer: the request can no longer be sent again.
         self.kept: list[bytes] | None = []
         self.kept_size = 0
+        self.failed: list[Server] | None = None  # servers that failed this request
         self.l7_retry = True  # False: http-request disable-l7-retry
         self.server_close = False  # httpclose / http-server-close: no keep-alive to the server
         self.touched = False  # an interim answer (100 Continue) reached the client
@@ -263,10 +265,11 @@ class HttpSession(asyncio.Protocol):
         elif phase == TURNAROUND:
             server = self.server
             assert server is not None
-            if (server.persistable if server is self.sticky else server.selectable):
+            usable = server.persistable if server is self.sticky else server.selectable
+            if usable or not self.backend.retry.redispatch:  # type: ignore[union-attr]
                 self._use(server)
             else:  # marked down meanwhile: another server, or the hold
-                self._dispatch(server)
+                self._redispatch(self._untried(server))
         elif phase == CONNECTING:
             self._connect_failed()
         elif not self.resp_started and self.req_done:
@@ -411,6 +414,12 @@ class HttpSession(asyncio.Protocol):
             server = backend.pick(context, exclude)  # type: ignore[union-attr]
             if server is None and exclude is not None and exclude.selectable:
                 server = exclude  # a redispatch with nowhere else to go
+        self._assign(server)
+
+    def _assign(self, server: Server | None) -> None:
+        """Send the request to `server`: now, or once the master grants a slot on it
+        (maxconn); None: no server is usable, so hold or answer 503."""
+        backend = self.backend
         if self.queue_id or self.slot is not None:
             self._release_slot()
         if server is None:
@@ -425,7 +434,7 @@ class HttpSession(asyncio.Protocol):
             self.phase = QUEUED
             self.deadline = clock.now + backend.timeouts.queue  # type: ignore[union-attr]
             self.queue_id = self.frontend.worker.queue.acquire(
-                backend, server, server is sticky, self._granted, self.resume  # type: ignore[arg-type]
+                backend, server, server is self.sticky, self._granted, self.resume  # type: ignore[arg-type]
             )
             self.resume = None
             return
@@ -529,13 +538,27 @@ class HttpSession(asyncio.Protocol):
             self.times.retries += 1
         server.counters.wretr += 1
         backend.counters.wretr += 1  # type: ignore[union-attr]
+        if self.failed is None:
+            self.failed = []
+        self.failed.append(server)
         self._rewind()
-        usable = server.persistable if server is self.sticky else server.selectable
-        if policy.moves(self.retries_left) or not usable:
-            server.counters.wredis += 1
-            backend.counters.wredis += 1  # type: ignore[union-attr]
-            self._dispatch(server)
-        elif kind == CONN_FAILURE and policy.turnaround > 0:
+        if policy.redispatch:
+            # Another server: when the interval says so or this one is no longer usable,
+            # and at once when nothing binds the request to this one, as HAProxy does; but
+            # only to one that has not failed it yet, or a dead backend would burn every
+            # retry in a millisecond.
+            usable = server.persistable if server is self.sticky else server.selectable
+            if policy.moves(self.retries_left) or not usable:
+                other = self._untried(server)
+                if other is not None or not usable:
+                    self._redispatch(other)
+                    return True
+            elif server is not self.sticky and not policy.pinning:
+                other = self._untried(server)
+                if other is not None:
+                    self._redispatch(other)
+                    return True
+        if kind == CONN_FAILURE and policy.turnaround > 0:
             # Not at once: a server that refuses may be restarting, or about to be marked
             # down by its health checks.
             self.phase = TURNAROUND
@@ -543,6 +566,25 @@ class HttpSession(asyncio.Protocol):
         else:
             self._use(server)
         return True
+
+    def _redispatch(self, server: Server | None) -> None:
+        """The retry goes to `server` (None: none is usable: hold or 503)."""
+        failed = self.server
+        failed.counters.wredis += 1  # type: ignore[union-attr]
+        self.backend.counters.wredis += 1  # type: ignore[union-attr]
+        if self.times is not None:
+            self.times.redispatched = True
+        self._assign(server)
+
+    def _untried(self, server: Server) -> Server | None:
+        """A usable server, other than `server`, that has not failed this request."""
+        backend = self.backend
+        failed = self.failed or ()
+        candidate = backend.pick(Context(self.client_ip, None, self.head), server)  # type: ignore[union-attr]
+        if candidate is None or candidate not in failed:
+            return candidate
+        others = [s for s in backend.servers if s.selectable and s not in failed]  # type: ignore[union-attr]
+        return min(others, key=lambda s: s.cfg.backup, default=None)
 
     def _rewind(self) -> None:
         """Back to before the request was sent: the server connection goes, and the body

@@ -3,7 +3,11 @@
 
 A retry replays the request on a new server connection. The HTTP session decides whether
 it still can (it kept every byte it sent, and no byte of the answer reached the client);
-this module says whether the backend wants it to, and where to.
+this module says whether the backend wants it to, and where to: a request that nothing
+binds to its server goes at once to one that has not failed it yet; one that persistence
+(or a hashing algorithm) binds stays, unless `redispatch` says otherwise or its server is
+no longer usable. A connection refused by the only candidate is retried after a
+turnaround, which gives health checks the time to mark a dead server down.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ RESPONSE_TIMEOUT = "response-timeout"  # `timeout server` before a byte of answe
 
 TURNAROUND_MAX = 1.0  # seconds before a connection is retried on the same server (HAProxy's)
 
+# Balancing algorithms that bind a request to one server, as persistence does: a retry
+# stays on that server unless redispatched
+PINNING_ALGORITHMS = frozenset(("source", "uri", "hdr"))
+
 # Safe to send twice (RFC 9110 9.2.2): the only ones replayed once wholly sent, by default
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
 
 
 class RetryPolicy:
     __slots__ = ("retries", "redispatch", "on", "statuses", "buffer", "non_idempotent",
-                 "turnaround")
+                 "turnaround", "pinning")
 
     def __init__(self, cfg: config.Backend) -> None:
         self.retries = cfg.retries
@@ -34,6 +42,7 @@ class RetryPolicy:
         self.buffer = cfg.retry_buffer
         self.non_idempotent = cfg.retry_non_idempotent
         self.turnaround = min(cfg.timeouts.connect, TURNAROUND_MAX)
+        self.pinning = cfg.balance in PINNING_ALGORITHMS
 
     def replays(self, method: bytes, wholly_sent: bool) -> bool:
         """May a request that reached the server be sent again? Not a non-idempotent one

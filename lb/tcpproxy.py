@@ -101,10 +101,18 @@ class TcpSession(asyncio.Protocol):
             server = backend.pick(Context(client_ip.encode()), exclude)
         if server is not None and stick_key is not None:
             backend.stick.learn(stick_key, server.name)  # type: ignore[union-attr]
-        if server is None:
-            self._give_up()
-            return
         self._release_slot()
+        if server is None:
+            if backend.holds and not self.frontend.worker.queue.alone:
+                # hold-when-down: wait in the backend's queue for a server to be usable
+                self.queued = time.monotonic()
+                self.deadline = clock.now + backend.timeouts.queue
+                self.queue_id = self.frontend.worker.queue.acquire(
+                    backend, None, False, self._granted
+                )
+            else:
+                self._give_up()
+            return
         if server.maxconn > 0:  # a limited server: the master hands out its slots
             self.queued = time.monotonic()
             self.deadline = clock.now + backend.timeouts.queue
@@ -214,7 +222,10 @@ class TcpSession(asyncio.Protocol):
         self.retries += 1
         backend = self.frontend.default_backend
         cfg = backend.cfg  # type: ignore[union-attr]
-        if redispatch_now(cfg.redispatch, cfg.retries, self.retries_left):
+        server = self.server
+        if redispatch_now(cfg.redispatch, cfg.retries, self.retries_left) or (
+            cfg.redispatch and server is not None and not server.selectable  # marked down
+        ):
             self._dispatch(self.server)
         else:
             self._connect(self.server)  # type: ignore[arg-type]

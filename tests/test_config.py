@@ -945,7 +945,8 @@ def _yaml_blocks() -> list[str]:
 
 
 def test_docs_show_the_example_file_and_a_loadable_second_example() -> None:
-    first, second = _yaml_blocks()
+    blocks = _yaml_blocks()  # fragments in the text, then the two complete examples
+    first, second = blocks[-2:]
     assert first == example_text()
     cfg = loads(second, "docs")
     assert cfg.frontends["pg"].binds == (Address("10.0.0.1", 5432), Address("2001:db8::1", 5432))
@@ -1186,8 +1187,8 @@ def test_a_single_rule_may_be_a_string_and_acl_lines_a_list() -> None:
          'value, like "!maint"'),
         ("- deny if maint !is_api", "- deny if maint\n      - 42",
          "t.cfg:10: frontends.web.http-request: unknown action '42'; expected deny, redirect, "
-         "return, set-header, add-header, del-header, track-sc0, track-sc1, track-sc2 or "
-         "sc-inc-gpc0"),
+         "return, set-header, add-header, del-header, track-sc0, track-sc1, track-sc2, "
+         "sc-inc-gpc0 or disable-l7-retry"),
         ("- deny if maint !is_api", "- {deny: maint}",
          "t.cfg:9: frontends.web.http-request: expected a rule like deny if blocked, "
          "got a mapping"),
