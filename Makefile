@@ -8,7 +8,7 @@ DEBIAN_TOOLS := curl wrk socat haproxy nginx-light hatop prometheus-haproxy-expo
 # Command names that tell whether each of those is already there.
 TOOL_COMMANDS := curl wrk socat haproxy nginx hatop prometheus-haproxy-exporter
 
-.PHONY: run test venv debian-tools lint bench bench-state clean
+.PHONY: run test venv debian-tools lint bench bench-state bench-upgrade clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,10 @@ bench: venv debian-tools
 # Start, reload, respawn and takeover times with a growing stick table and map (several minutes).
 bench-state: venv debian-tools
 	PATH="$$PATH:/usr/sbin" $(PY) bench/state.py
+
+# Servers killed and restarted under load (outage, rolling restart), pylb vs HAProxy (~3 min).
+bench-upgrade: venv debian-tools
+	PATH="$$PATH:/usr/sbin" $(PY) bench/upgrade.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache run/*.pid run/*.sock

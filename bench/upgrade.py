@@ -1,0 +1,961 @@
+#!/usr/bin/env python3
+"""Backend upgrades that lose nothing: pylb and HAProxy while their servers go away.
+
+Each run puts one proxy in front of two demo backends (`bin/demo-backend PORT NAME`, one
+process per server, each in its own session) and drives wrk at it for `--duration` seconds
+(`wrk -t2 -c20 --timeout 30s --latency`, keep-alive, `GET /slow?ms=5`: each answer takes
+5 ms at the server). Meanwhile the script kills servers with SIGKILL (a crash: no goodbye
+to the proxy, connections in flight die) and starts them again on the same port, at fixed
+offsets from wrk's start:
+
+  outage   both servers killed at 3 s, both started again at 7 s (4 s without any server);
+  rolling  a rolling restart: s1 killed at 3 s and started again at 5 s, then s2 killed
+           at 8 s and started again at 10 s (one server always there, or about to be).
+
+A restarted server counts as started once its port accepts; the script keeps watching for
+that without holding up the next kill or start. Both proxies get the same settings: health
+checks every 300 ms (fall 2, rise 1; `fastinter 100ms` while a server is down), retries 3
+with redispatch, `timeout connect 1s`, `server 10s`, `queue 20s`, `client 30s`, keep-alive.
+HAProxy 2.6 also has `retry-on all-retryable-errors`; pylb has the same and
+`hold-when-down: true` (requests wait, up to `timeout queue`, while no server is up,
+instead of failing at once). `--pylb-plain` adds pylb without those two keys.
+
+Targets run in interleaved rounds (haproxy, pylb, haproxy, pylb...), each run with a fresh
+proxy, fresh backends and fresh ports. The figures: requests wrk completed, failures (non-2xx
+answers, counted by status class by a small wrk Lua script, plus wrk's socket errors) by
+kind, and the longest wait a client saw (wrk's latency max) and p99, each as the median and
+the range (min-max) over the rounds. Nothing is asserted: the figures are printed (markdown
+tables on stdout, progress on stderr) and, with `--json PATH`, written out.
+
+The helpers (ports, processes, wrk parsing) come from bench/bench.py, reload.py and state.py.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reload import SPAWNED, become_subreaper, reap_adopted, title
+from state import changed_code, code_state, git_state, stop_descendants
+
+from bench import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MISSING,
+    EXIT_OK,
+    PYLB_BIN,
+    REPO,
+    WRK_GRACE,
+    BenchError,
+    Managed,
+    MissingDependency,
+    Tools,
+    WrkResult,
+    find_program,
+    free_ports,
+    parse_wrk,
+    port_accepts,
+    positive_int,
+    psutil,
+    pylb_env,
+    raise_interrupt,
+    run_meta,
+    temp_dir,
+    to_ms,
+    write,
+)
+
+TARGETS = ("haproxy", "pylb", "pylb-plain")  # the order within a round
+DEFAULT_TARGETS = ("haproxy", "pylb")
+SCENARIOS = ("outage", "rolling")
+SERVERS = ("s1", "s2")
+
+
+@dataclass(frozen=True)
+class Step:
+    at: float  # seconds after wrk's start
+    action: str  # "kill" or "start"
+    servers: tuple[str, ...]
+
+
+SCHEDULE: dict[str, tuple[Step, ...]] = {
+    "outage": (Step(3.0, "kill", ("s1", "s2")), Step(7.0, "start", ("s1", "s2"))),
+    "rolling": (
+        Step(3.0, "kill", ("s1",)),
+        Step(5.0, "start", ("s1",)),
+        Step(8.0, "kill", ("s2",)),
+        Step(10.0, "start", ("s2",)),
+    ),
+}
+SCENARIO_TITLE = {
+    "outage": "both servers killed (SIGKILL) at 3 s, both started again at 7 s",
+    "rolling": "rolling restart: s1 killed at 3 s, back at 5 s; s2 killed at 8 s, back at 10 s",
+}
+
+DURATION = 14
+MIN_DURATION = 12  # the last start is at 10 s: at least 2 s after it
+THREADS = 2
+CONNECTIONS = 20
+PATH = "/slow?ms=5"
+WRK_TIMEOUT = "30s"
+PROXY_READY_TIMEOUT = 20.0  # proxy started until a request through it answers 200
+BACKEND_READY_TIMEOUT = 5.0  # backend started until its port accepts
+POLL = 0.005  # the schedule loop's tick
+LATE = 0.05  # a step done this much after its time gets a note
+# Backend ports come from below the kernel's ephemeral range, so that no outgoing
+# connection (the proxy's, wrk's) can take a port while its server is down.
+BACKEND_PORT_FLOOR = 20000
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+
+# (key, row title, kind): kind "n" is a count, "ms" milliseconds.
+FIGURES = (
+    ("requests", "requests completed", "n"),
+    ("failed", "failed total", "n"),
+    ("5xx", "- 5xx", "n"),
+    ("other_non2xx", "- other non-2xx", "n"),
+    ("connect", "- connect errors", "n"),
+    ("read", "- read errors", "n"),
+    ("write", "- write errors", "n"),
+    ("timeout", "- timeouts", "n"),
+    ("max_ms", "max latency ms", "ms"),
+    ("p99_ms", "p99 latency ms", "ms"),
+    ("restart_ms", "restart to accepting ms (slowest)", "ms"),
+)
+
+LUA = """\
+-- generated by bench/upgrade.py: counts responses by status class, for all threads
+local threads = {}
+local keys = {"c1", "c2", "c3", "c4", "c5", "cx"}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  c1, c2, c3, c4, c5, cx = 0, 0, 0, 0, 0, 0
+end
+
+function response(status, headers, body)
+  if status >= 200 and status < 300 then c2 = c2 + 1
+  elseif status >= 500 and status < 600 then c5 = c5 + 1
+  elseif status >= 400 and status < 500 then c4 = c4 + 1
+  elseif status >= 300 and status < 400 then c3 = c3 + 1
+  elseif status >= 100 and status < 200 then c1 = c1 + 1
+  else cx = cx + 1 end
+end
+
+function done(summary, latency, requests)
+  local n = {c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, cx = 0}
+  for _, t in ipairs(threads) do
+    for _, k in ipairs(keys) do n[k] = n[k] + (t:get(k) or 0) end
+  end
+  io.write(string.format(
+    "upgrade-status: 1xx=%.0f 2xx=%.0f 3xx=%.0f 4xx=%.0f 5xx=%.0f other=%.0f\\n",
+    n.c1, n.c2, n.c3, n.c4, n.c5, n.cx))
+  io.write(string.format("upgrade-latency: max_us=%.0f p99_us=%.0f requests=%.0f\\n",
+    latency.max, latency:percentile(99.0), summary.requests))
+end
+"""
+
+STATUS_LINE = re.compile(
+    r"^upgrade-status: 1xx=(\d+) 2xx=(\d+) 3xx=(\d+) 4xx=(\d+) 5xx=(\d+) other=(\d+)$",
+    re.MULTILINE,
+)
+LATENCY_LINE = re.compile(
+    r"^upgrade-latency: max_us=(\d+) p99_us=(\d+) requests=(\d+)$", re.MULTILINE
+)
+WRK_LATENCY = re.compile(
+    r"^\s+Latency\s+[\d.]+\w+\s+[\d.]+\w+\s+([\d.]+)(us|ms|s|m|h)\s", re.MULTILINE
+)
+
+
+def log(message: str) -> None:
+    print(f"upgrade: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Options:
+    rounds: int
+    scenarios: tuple[str, ...]
+    targets: tuple[str, ...]
+    duration: int
+    json_path: Path | None
+    keep_tmp: bool
+
+
+def comma_list(allowed: tuple[str, ...], option: str) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(
+                f"{option} takes a comma list of {','.join(allowed)}; got {text!r}"
+            )
+        return tuple(n for n in allowed if n in names)
+
+    return parse
+
+
+def duration_arg(text: str) -> int:
+    value = int(text)
+    if value < MIN_DURATION:
+        raise argparse.ArgumentTypeError(
+            f"must be >= {MIN_DURATION} (the last restart is at 10 s), got {value}"
+        )
+    return value
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(
+        description="Kill and restart the servers behind pylb and HAProxy under wrk; "
+        "count what the clients lose.",
+    )
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds per target (3)")
+    p.add_argument(
+        "--scenarios",
+        type=comma_list(SCENARIOS, "--scenarios"),
+        default=SCENARIOS,
+        help="comma list of outage,rolling (both)",
+    )
+    p.add_argument(
+        "--targets",
+        type=comma_list(TARGETS, "--targets"),
+        default=DEFAULT_TARGETS,
+        help="comma list of haproxy,pylb,pylb-plain (haproxy,pylb)",
+    )
+    p.add_argument(
+        "--pylb-plain",
+        action="store_true",
+        help="also run pylb without hold-when-down and retry-on (target pylb-plain)",
+    )
+    p.add_argument(
+        "--duration",
+        type=duration_arg,
+        default=DURATION,
+        help=f"seconds of wrk per run, >= {MIN_DURATION} ({DURATION}); the schedule is fixed",
+    )
+    p.add_argument("--json", dest="json_path", type=Path, help="write every round's figures here")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    a = p.parse_args(argv)
+    targets = set(a.targets) | ({"pylb-plain"} if a.pylb_plain else set())
+    return Options(
+        rounds=a.rounds,
+        scenarios=a.scenarios,
+        targets=tuple(t for t in TARGETS if t in targets),
+        duration=a.duration,
+        json_path=a.json_path,
+        keep_tmp=a.keep_tmp,
+    )
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def find_tools(targets: tuple[str, ...]) -> Tools:
+    """wrk, haproxy and nginx (the Debian tools of every bench script), pylb and psutil."""
+    if psutil is None:
+        raise MissingDependency(
+            "python module psutil not found; run with the project venv "
+            "(.venv/bin/python bench/upgrade.py) or pip install psutil"
+        )
+    pylb = None
+    if any(t.startswith("pylb") for t in targets):
+        if not PYLB_BIN.is_file():
+            raise MissingDependency(f"{PYLB_BIN} not found; run with --targets haproxy")
+        pylb = str(PYLB_BIN)
+    return Tools(
+        nginx=find_program("nginx"),
+        wrk=find_program("wrk"),
+        haproxy=find_program("haproxy"),
+        pylb=pylb,
+    )
+
+
+def python() -> str:
+    """The venv's interpreter (the backends and pylb run with it), else this one."""
+    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def backend_ports(count: int) -> list[int]:
+    """`count` free loopback ports below the ephemeral range (when there is room)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low - BACKEND_PORT_FLOOR < 1000:
+        return free_ports(count)
+    rng = random.Random()
+    found: list[int] = []
+    for _ in range(1000):
+        port = rng.randrange(BACKEND_PORT_FLOOR, low)
+        if port in found:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise BenchError(f"no {count} free ports in {BACKEND_PORT_FLOOR}-{low - 1}")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def spawn(
+    stack: contextlib.ExitStack, name: str, argv: list[str], log_path: Path, **kw: Any
+) -> Managed:
+    """A process in its own session, stopped (SIGTERM, then SIGKILL of its tree and group)
+    when `stack` closes; its output appends to `log_path`."""
+    proc = Managed(name, argv, log_path, append=True, **kw)
+    SPAWNED.add(proc.pid)
+    stack.callback(proc.stop)
+    return proc
+
+
+class Backends:
+    """The demo backends of one run: one process per server, killed and started by name."""
+
+    def __init__(self, stack: contextlib.ExitStack, rundir: Path, ports: dict[str, int]) -> None:
+        self.stack = stack
+        self.rundir = rundir
+        self.ports = ports
+        self.procs: dict[str, Managed] = {}
+
+    def start(self, name: str) -> Managed:
+        argv = [python(), str(REPO / "bin" / "demo-backend"), str(self.ports[name]), name]
+        proc = spawn(self.stack, name, argv, self.rundir / f"{name}.log", cwd=REPO)
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name].proc
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def accepts(self, name: str) -> bool:
+        return port_accepts(self.ports[name])
+
+    def start_all(self) -> None:
+        for name in self.ports:
+            self.start(name)
+        deadline = time.monotonic() + BACKEND_READY_TIMEOUT
+        for name, proc in self.procs.items():
+            while not self.accepts(name):
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise BenchError(
+                        f"backend {name} not accepting on 127.0.0.1:{self.ports[name]}; "
+                        f"log {proc.log_path}:\n{proc.log_tail()}"
+                    )
+                time.sleep(0.02)
+
+
+def http_status(port: int) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_answers(proc: Managed, port: int) -> None:
+    """Wait until a request through the proxy answers 200."""
+    deadline = time.monotonic() + PROXY_READY_TIMEOUT
+    last: int | None = None
+    while True:
+        if not proc.alive():
+            raise BenchError(
+                f"{proc.name} exited with status {proc.proc.returncode} during startup; "
+                f"log {proc.log_path}:\n{proc.log_tail()}"
+            )
+        last = http_status(port)
+        if last == 200:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{proc.name} did not answer 200 on 127.0.0.1:{port} within "
+                f"{PROXY_READY_TIMEOUT:.0f}s (last: {last}); log {proc.log_path}:\n"
+                f"{proc.log_tail()}"
+            )
+        time.sleep(0.05)
+
+
+def leftovers() -> list[str]:
+    """Processes still below us after a run (adopted orphans included), stopped."""
+    reap_adopted()
+    with contextlib.suppress(psutil.Error):
+        left = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE
+        ]
+        if left:
+            names = [f"{p.pid} {title(p)}" for p in left]
+            stop_descendants()
+            return names
+    return []
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def haproxy_config(rundir: Path, port: int, ports: dict[str, int]) -> str:
+    servers = "".join(f"    server {n} 127.0.0.1:{p}\n" for n, p in ports.items())
+    return f"""# generated by bench/upgrade.py
+global
+    nbthread 2
+    stats socket {rundir}/haproxy.sock level admin
+
+defaults
+    mode http
+    option http-keep-alive
+    option redispatch
+    retries 3
+    retry-on all-retryable-errors
+    timeout connect 1s
+    timeout server 10s
+    timeout queue 20s
+    timeout client 30s
+
+frontend www
+    bind 127.0.0.1:{port}
+    default_backend app
+
+backend app
+    balance roundrobin
+    default-server inter 300ms fastinter 100ms fall 2 rise 1 check
+{servers}"""
+
+
+def pylb_config(rundir: Path, port: int, ports: dict[str, int], plain: bool) -> str:
+    """pylb's YAML; `plain`: without retry-on and hold-when-down (pylb before them)."""
+    new_keys = "" if plain else "    retry-on: all-retryable-errors\n    hold-when-down: true\n"
+    servers = "".join(f"      {n}: {{address: 127.0.0.1:{p}}}\n" for n, p in ports.items())
+    return f"""# generated by bench/upgrade.py
+global:
+  workers: 2
+  stats: {{socket: {rundir}/pylb.sock, level: admin}}
+defaults:
+  mode: http
+  timeout: {{connect: 1s, server: 10s, queue: 20s, client: 30s}}
+frontends:
+  www:
+    bind: 127.0.0.1:{port}
+    default_backend: app
+backends:
+  app:
+    balance: roundrobin
+    retries: 3
+    redispatch: true
+{new_keys}    default-server: {{check: true, inter: 300ms, fastinter: 100ms, fall: 2, rise: 1}}
+    servers:
+{servers}"""
+
+
+class Refused(BenchError):
+    """The proxy's own check refused the generated configuration."""
+
+
+def start_proxy(
+    stack: contextlib.ExitStack,
+    target: str,
+    tools: Tools,
+    rundir: Path,
+    port: int,
+    ports: dict[str, int],
+) -> Managed:
+    if target == "haproxy":
+        assert tools.haproxy is not None
+        cfg = write(rundir / "haproxy.cfg", haproxy_config(rundir, port, ports))
+        check_argv = [tools.haproxy, "-c", "-f", str(cfg)]
+        argv = [tools.haproxy, "-f", str(cfg), "-db"]
+        kw: dict[str, Any] = {}
+    else:
+        assert tools.pylb is not None
+        cfg = write(rundir / "pylb.yaml", pylb_config(rundir, port, ports, target == "pylb-plain"))
+        check_argv = [python(), tools.pylb, "-c", "-f", str(cfg)]
+        argv = [python(), tools.pylb, "-f", str(cfg)]
+        kw = {"cwd": REPO, "env": pylb_env()}
+    check = subprocess.run(check_argv, capture_output=True, text=True, timeout=60, **kw)
+    if check.returncode != 0:
+        raise Refused(
+            f"{' '.join(check_argv)} refused the config (status {check.returncode}):\n"
+            f"{(check.stdout + check.stderr).strip()}"
+        )
+    proxy = spawn(stack, target, argv, rundir / f"{target}.log", **kw)
+    wait_answers(proxy, port)
+    return proxy
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def wrk_argv(wrk: str, duration: int, script: Path, port: int) -> list[str]:
+    return [
+        wrk,
+        f"-t{THREADS}",
+        f"-c{CONNECTIONS}",
+        f"-d{duration}s",
+        "--timeout",
+        WRK_TIMEOUT,
+        "--latency",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{PATH}",
+    ]
+
+
+def start_wrk(stack: contextlib.ExitStack, argv: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    SPAWNED.add(proc.pid)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    stack.callback(stop)
+    return proc
+
+
+@dataclass
+class WrkFigures:
+    wrk: WrkResult
+    status: dict[str, int]  # responses by class: 1xx ... 5xx, other
+    max_ms: float
+    p99_ms: float
+    text: str
+
+
+def parse_output(text: str) -> WrkFigures:
+    result = parse_wrk(text)
+    status = STATUS_LINE.search(text)
+    if status is None:
+        raise BenchError(f"no status counts from the Lua script in wrk's output:\n{text}")
+    classes = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+    counts = {k: int(status.group(i)) for i, k in enumerate(classes, 1)}
+    lat = LATENCY_LINE.search(text)
+    text_max = WRK_LATENCY.search(text)
+    if lat is not None:
+        max_ms, p99_ms = int(lat.group(1)) / 1000, int(lat.group(2)) / 1000
+    elif text_max is not None:
+        max_ms, p99_ms = to_ms(text_max.group(1), text_max.group(2)), result.latency_ms["p99"]
+    else:
+        raise BenchError(f"no latency figures in wrk's output:\n{text}")
+    return WrkFigures(result, counts, max_ms, p99_ms, text)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    round: int
+    scenario: str
+    target: str
+    proxy_port: int = 0
+    backend_ports: dict[str, int] = field(default_factory=dict)
+    out: WrkFigures | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    refused: bool = False  # the proxy's check refused the config: the target runs no more
+    config: str = ""
+    proxy_log: str = ""
+
+    def figures(self) -> dict[str, float] | None:
+        if self.out is None:
+            return None
+        st, sock = self.out.status, self.out.wrk.socket_errors
+        other = st["1xx"] + st["3xx"] + st["4xx"] + st["other"]
+        restarts = [
+            ready - s["done_s"]
+            for s in self.steps
+            if s["action"] == "start"
+            for ready in s["accepting_s"].values()
+            if ready is not None
+        ]
+        figures: dict[str, float] = {
+            "requests": self.out.wrk.requests,
+            "failed": st["5xx"] + other + sum(sock.values()),
+            "5xx": st["5xx"],
+            "other_non2xx": other,
+            **sock,
+            "max_ms": self.out.max_ms,
+            "p99_ms": self.out.p99_ms,
+        }
+        if restarts:
+            figures["restart_ms"] = max(restarts) * 1000
+        return figures
+
+
+def run_schedule(
+    scenario: str, backends: Backends, wrk: subprocess.Popen[str], t0: float, result: RunResult
+) -> None:
+    """Kill and start servers at the scenario's offsets from t0; meanwhile note when each
+    started server accepts (at most BACKEND_READY_TIMEOUT), without delaying the next step."""
+    steps = list(SCHEDULE[scenario])
+    waiting: dict[str, tuple[dict[str, Any], float]] = {}  # server: (its step record, since)
+    while steps or waiting:
+        now = time.monotonic() - t0
+        if steps and now >= steps[0].at:
+            step = steps.pop(0)
+            for name in step.servers:
+                if step.action == "kill":
+                    backends.kill(name)
+                else:
+                    backends.start(name)
+            done = time.monotonic() - t0
+            record: dict[str, Any] = {
+                "at_s": step.at,
+                "action": step.action,
+                "servers": list(step.servers),
+                "done_s": round(done, 4),
+            }
+            if step.action == "start":
+                record["accepting_s"] = {name: None for name in step.servers}
+                waiting.update({name: (record, done) for name in step.servers})
+            result.steps.append(record)
+            if done - step.at > LATE:
+                result.notes.append(
+                    f"{step.action} {','.join(step.servers)} done at {done:.3f}s "
+                    f"(wanted {step.at:.1f}s)"
+                )
+            continue
+        for name, (record, since) in list(waiting.items()):
+            proc = backends.procs[name]
+            if backends.accepts(name):
+                record["accepting_s"][name] = round(time.monotonic() - t0, 4)
+                del waiting[name]
+            elif not proc.alive():
+                result.notes.append(
+                    f"restarted {name} exited with status {proc.proc.returncode}: "
+                    f"{proc.log_tail(3)}"
+                )
+                del waiting[name]
+            elif time.monotonic() - t0 - since > BACKEND_READY_TIMEOUT:
+                result.notes.append(
+                    f"restarted {name} not accepting {BACKEND_READY_TIMEOUT:.0f}s after its start"
+                )
+                del waiting[name]
+        if wrk.poll() is not None:
+            result.notes.append(f"wrk ended at {time.monotonic() - t0:.2f}s, before the schedule")
+            return
+        wait = POLL if waiting or not steps else min(POLL * 4, steps[0].at - now)
+        time.sleep(max(0.0, wait))
+
+
+def run_one(
+    round_no: int, scenario: str, target: str, opts: Options, tools: Tools, tmp: Path
+) -> RunResult:
+    result = RunResult(round_no, scenario, target)
+    rundir = tmp / f"r{round_no}-{scenario}-{target}"
+    rundir.mkdir()
+    script = write(tmp / "status.lua", LUA)
+    try:
+        result.backend_ports = dict(zip(SERVERS, backend_ports(len(SERVERS)), strict=True))
+        result.proxy_port = free_ports(1)[0]
+        argv = wrk_argv(tools.wrk, opts.duration, script, result.proxy_port)
+        with contextlib.ExitStack() as stack:
+            backends = Backends(stack, rundir, result.backend_ports)
+            backends.start_all()
+            proxy = start_proxy(
+                stack, target, tools, rundir, result.proxy_port, result.backend_ports
+            )
+            result.config = str(rundir / ("haproxy.cfg" if target == "haproxy" else "pylb.yaml"))
+            result.proxy_log = str(proxy.log_path)
+            wrk = start_wrk(stack, argv)
+            t0 = time.monotonic()
+            run_schedule(scenario, backends, wrk, t0, result)
+            try:
+                text, _ = wrk.communicate(timeout=opts.duration + WRK_GRACE)
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError(
+                    f"wrk did not finish within {opts.duration + WRK_GRACE:.0f}s"
+                ) from exc
+            if wrk.returncode != 0:
+                raise BenchError(f"wrk exited with status {wrk.returncode}:\n{text}")
+            result.out = parse_output(text)
+            if not proxy.alive():
+                result.notes.append(
+                    f"{target} exited with status {proxy.proc.returncode} during the run; "
+                    f"log {proxy.log_path}:\n{proxy.log_tail(5)}"
+                )
+    except BenchError as exc:
+        result.error = str(exc)
+        result.refused = isinstance(exc, Refused)
+    left = leftovers()
+    if left:
+        result.notes.append(f"processes left after the run (now stopped): {'; '.join(left)}")
+    return result
+
+
+def progress(r: RunResult, opts: Options) -> None:
+    head = f"round {r.round}/{opts.rounds} {r.scenario} {r.target}"
+    fig = r.figures()
+    if fig is None:
+        log(f"{head}: FAILED: {r.error}")
+    else:
+        log(
+            f"{head}: {fig['requests']:.0f} requests, {fig['failed']:.0f} failed (5xx "
+            f"{fig['5xx']:.0f}, other {fig['other_non2xx']:.0f}, connect {fig['connect']:.0f}, "
+            f"read {fig['read']:.0f}, write {fig['write']:.0f}, timeout {fig['timeout']:.0f}), "
+            f"max {fig['max_ms']:.0f} ms, p99 {fig['p99_ms']:.1f} ms"
+        )
+    for step in r.steps:
+        ready = step.get("accepting_s")
+        extra = (
+            " (accepting "
+            + ", ".join(
+                f"{n} +{(t - step['done_s']) * 1000:.0f} ms" if t is not None else f"{n} never"
+                for n, t in ready.items()
+            )
+            + ")"
+            if ready
+            else ""
+        )
+        log(f"    {step['action']} {','.join(step['servers'])} at {step['done_s']:.3f}s{extra}")
+    for note in r.notes:
+        log(f"    note: {note}")
+
+
+def run_all(opts: Options, tools: Tools, tmp: Path) -> list[RunResult]:
+    """Rounds of scenarios of targets: haproxy, pylb, haproxy, pylb..."""
+    results: list[RunResult] = []
+    refused: dict[str, RunResult] = {}  # a target whose config was refused runs no more
+    with contextlib.ExitStack() as stack:
+        stack.callback(stop_descendants)
+        for round_no in range(1, opts.rounds + 1):
+            for scenario in opts.scenarios:
+                for target in opts.targets:
+                    if target in refused:
+                        first = refused[target]
+                        r = RunResult(
+                            round_no,
+                            scenario,
+                            target,
+                            error=(
+                                f"not run: config refused in round {first.round} ({first.scenario})"
+                            ),
+                        )
+                        results.append(r)
+                        continue
+                    log(
+                        f"round {round_no}/{opts.rounds} {scenario} {target}: wrk -t{THREADS} "
+                        f"-c{CONNECTIONS} -d{opts.duration}s {PATH}; {SCENARIO_TITLE[scenario]}"
+                    )
+                    r = run_one(round_no, scenario, target, opts, tools, tmp)
+                    if r.refused:
+                        refused[target] = r
+                    progress(r, opts)
+                    results.append(r)
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def number(value: float, kind: str) -> str:
+    if kind == "ms":
+        return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+    return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+
+
+def spread(values: list[float], kind: str) -> str:
+    """`median (min-max)`; the value alone when every round gave the same."""
+    if not values:
+        return "-"
+    med = number(statistics.median(values), kind)
+    low, high = number(min(values), kind), number(max(values), kind)
+    return med if low == high else f"{med} ({low}-{high})"
+
+
+def summary(opts: Options, results: list[RunResult]) -> dict[str, Any]:
+    """scenario -> target -> figure -> {median, min, max, rounds}."""
+    doc: dict[str, Any] = {}
+    for scenario in opts.scenarios:
+        doc[scenario] = {}
+        for target in opts.targets:
+            runs = [r.figures() for r in results if (r.scenario, r.target) == (scenario, target)]
+            measured = [f for f in runs if f is not None]
+            doc[scenario][target] = {"rounds": len(runs), "measured": len(measured)}
+            for key, _, _ in FIGURES:
+                values = [f[key] for f in measured if key in f]
+                if values:
+                    doc[scenario][target][key] = {
+                        "median": statistics.median(values),
+                        "min": min(values),
+                        "max": max(values),
+                        "values": values,
+                    }
+    return doc
+
+
+def markdown(opts: Options, scenario: str, results: list[RunResult]) -> str:
+    lines = [
+        f"### {scenario}: {SCENARIO_TITLE[scenario]}",
+        "",
+        f"wrk -t{THREADS} -c{CONNECTIONS} -d{opts.duration}s --timeout {WRK_TIMEOUT} {PATH}; "
+        f"median (min-max) over {opts.rounds} round{'s' if opts.rounds > 1 else ''}",
+        "",
+        "| figure | " + " | ".join(opts.targets) + " |",
+        "|---|" + "---:|" * len(opts.targets),
+    ]
+    by_target = {
+        t: [r for r in results if (r.scenario, r.target) == (scenario, t)] for t in opts.targets
+    }
+    measured = {t: [f for r in rs if (f := r.figures()) is not None] for t, rs in by_target.items()}
+    lines.append(
+        "| rounds measured | "
+        + " | ".join(f"{len(measured[t])}/{len(by_target[t])}" for t in opts.targets)
+        + " |"
+    )
+    for key, name, kind in FIGURES:
+        cells = [spread([f[key] for f in measured[t] if key in f], kind) for t in opts.targets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    problems = [
+        f"- {r.target} round {r.round}: "
+        + "; ".join(
+            ([f"FAILED: {first_line(r.error)}"] if r.error else [])
+            + [first_line(note) for note in r.notes]
+        )
+        for rs in by_target.values()
+        for r in rs
+        if r.error or r.notes
+    ]
+    if problems:
+        lines += ["", *problems]
+    return "\n".join(lines)
+
+
+def first_line(text: str) -> str:
+    """A message's first line (the rest, a log tail, is on stderr and in the JSON)."""
+    lines = text.strip().splitlines()
+    return lines[0] + (" [...]" if len(lines) > 1 else "") if lines else ""
+
+
+def run_json(r: RunResult) -> dict[str, Any]:
+    return {
+        "round": r.round,
+        "scenario": r.scenario,
+        "target": r.target,
+        "error": r.error,
+        "notes": r.notes,
+        "figures": r.figures(),
+        "status_classes": r.out.status if r.out else None,
+        "wrk": asdict(r.out.wrk) if r.out else None,
+        "wrk_output": r.out.text if r.out else None,
+        "steps": r.steps,
+        "proxy_port": r.proxy_port,
+        "backend_ports": r.backend_ports,
+        "config": r.config,
+        "proxy_log": r.proxy_log,
+    }
+
+
+def report(
+    opts: Options, info: dict[str, Any], results: list[RunResult], changed: list[str]
+) -> None:
+    versions = ", ".join(f"{k}: {v}" for k, v in info["versions"].items())
+    print(
+        f"\nbackend upgrades under load, {info['time']} on {info['host']} ({info['cpus']} "
+        f"CPUs); {versions}\npylb checkout: {info['pylb_checkout']}\n"
+        f"failed = non-2xx answers + socket errors; max latency = the longest wait a client "
+        f"saw (wrk's Latency Max)\n"
+    )
+    for scenario in opts.scenarios:
+        print(markdown(opts, scenario, results) + "\n")
+    if changed:
+        print(f"WARNING: files changed under lb/ or bin/pylb during the run: {', '.join(changed)}")
+    if opts.json_path:
+        doc = {
+            "meta": {
+                **info,
+                "rounds": opts.rounds,
+                "duration": opts.duration,
+                "threads": THREADS,
+                "connections": CONNECTIONS,
+                "path": PATH,
+                "wrk_timeout": WRK_TIMEOUT,
+                "targets": list(opts.targets),
+                "scenarios": {s: [asdict(step) for step in SCHEDULE[s]] for s in opts.scenarios},
+                "code_changed_during_run": changed,
+            },
+            "summary": summary(opts, results),
+            "runs": [run_json(r) for r in results],
+        }
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        opts.json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"JSON written to {opts.json_path}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupt)
+    try:
+        tools = find_tools(opts.targets)
+    except MissingDependency as exc:
+        print(f"upgrade: {exc}", file=sys.stderr)
+        return EXIT_MISSING
+    if not become_subreaper():
+        log("PR_SET_CHILD_SUBREAPER unavailable: orphans are stopped by pid only")
+    info = run_meta(tools)
+    info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    info["pylb_checkout"] = git_state()
+    code = code_state()
+    runs = opts.rounds * len(opts.scenarios) * len(opts.targets)
+    log(f"{runs} runs of {opts.duration}s wrk (about {runs * (opts.duration + 2) / 60:.1f} min)")
+    try:
+        with temp_dir(opts.keep_tmp) as tmp:
+            results = run_all(opts, tools, tmp)
+    except KeyboardInterrupt:
+        print("\nupgrade: interrupted; all started processes stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BenchError as exc:
+        print(f"upgrade: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    report(opts, info, results, changed_code(code))
+    return EXIT_FAILED if any(r.error for r in results) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
