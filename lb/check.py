@@ -323,10 +323,11 @@ class Checker:
         self.wake_down(backend)
 
     def wake_down(self, backend: str) -> None:
-        """The backend may have lost its last usable server: its DOWN servers reconsider
-        their interval now (held requests want them checked at fastinter)."""
+        """The backend may have lost its last usable server (to a check, `disable server`,
+        a weight of 0) or turned hold-when-down on: its DOWN servers that held requests now
+        want checked at fastinter are checked now, not at the end of a downinter."""
         for check in self.checks:
-            if check.backend.name == backend and check.health == 0:
+            if check.backend.name == backend and check.health == 0 and check._awaited():
                 check.wake.set()
 
     def health(self) -> dict[str, int]:

@@ -555,7 +555,9 @@ class HttpSession(asyncio.Protocol):
                     return True
             elif server is not self.sticky and not policy.pinning:
                 other = self._untried(server)
-                if other is not None:
+                # (not from an active server to a backup one: backups wait until no
+                # active server is UP, which this one still is)
+                if other is not None and (server.cfg.backup or not other.cfg.backup):
                     self._redispatch(other)
                     return True
         if kind == CONN_FAILURE and policy.turnaround > 0:

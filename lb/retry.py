@@ -56,10 +56,10 @@ class RetryPolicy:
 
 def redispatch_now(interval: int, retries: int, left: int) -> bool:
     """HAProxy's redispatch interval for the retry that leaves `left` of `retries`:
-    N > 0 every Nth retry, N < 0 the Nth retry before the last (-1: the last), 0 never."""
+    N > 0 every Nth retry; N < 0 every (retries + 1 + N)th, so -1 is the last retry;
+    0 never."""
     done = retries - left  # this retry's number, from 1
-    if interval > 0:
-        return done % interval == 0
-    if interval < 0:
-        return done == max(1, retries + 1 + interval)
-    return False
+    if interval == 0:
+        return False
+    period = interval if interval > 0 else max(1, retries + 1 + interval)
+    return done % period == 0

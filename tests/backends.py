@@ -12,6 +12,8 @@ Every server runs on 127.0.0.1 on its own asyncio loop in a daemon thread:
   httptools (so it knows exactly where each request ends) and answers each complete
   request with a tiny 200 (405 for CONNECT, so that no tunnel is ever legitimate).
 - BadBackend: scripted misbehaviour after a request head: close, garbage, bad-cl, silent.
+- ScriptedBackend: misbehaviour after reading a request (whole, or its head and part of its
+  body): reset, close, a cut-short answer, or a chosen status; records what it received.
 - TcpBackend: plain TCP modes echo, source, sink, eof-first.
 
 The client side (HttpConn, parse_statuses) uses its own small parser, independent of the
@@ -26,6 +28,7 @@ import hashlib
 import json
 import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -550,6 +553,162 @@ class BadBackend(_LoopThread):
             pass
         finally:
             writer.close()
+
+
+@dataclass
+class ScriptedRequest:
+    """What a ScriptedBackend received of one request."""
+
+    conn: int
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    length: int  # the Content-Length it announced (0 without one)
+    body_length: int = 0  # body bytes received
+    sha: Any = field(default_factory=hashlib.sha256)
+
+    @property
+    def complete(self) -> bool:
+        return self.body_length == self.length
+
+    def header(self, name: str) -> str | None:
+        for n, v in self.headers:
+            if n.lower() == name.lower():
+                return v
+        return None
+
+
+class ScriptedBackend(_LoopThread):
+    """An HTTP server that fails on purpose once it has read a request (Content-Length
+    bodies only), one mode for all its connections:
+
+    - ``reset``: reads the head and ``reset_after`` body bytes (all of a smaller body), then
+      resets the connection (SO_LINGER 0 close) without a byte of answer;
+    - ``close``: reads the whole request, then closes without a byte of answer;
+    - ``partial``: reads the whole request, answers a head announcing PARTIAL_LENGTH body
+      bytes and only the first PARTIAL_SENT of them, waits for ``release()``, then resets.
+      With ``chunked``: a chunked answer whose first chunk has PARTIAL_SENT bytes, and
+      after ``release()`` a chunk size that is not one (junk), then nothing until EOF;
+    - ``status``: reads the whole request and answers it in full with ``status`` and the
+      body ``STATUS_BODY``, keeping the connection for the next one.
+
+    With ``interim``, a request head with ``Expect: 100-continue`` gets a ``100 Continue``
+    before its body is read. ``requests`` records every request as it arrives (its body
+    counted as it is read).
+    """
+
+    MODES = ("reset", "close", "partial", "status")
+    PARTIAL_LENGTH = 1000
+    PARTIAL_SENT = 100
+    STATUS_BODY = b"scripted answer\n"
+
+    def __init__(self, mode: str, *, reset_after: int = 0, status: int = 503,
+                 chunked: bool = False, interim: bool = False, name: str = "s1") -> None:
+        assert mode in self.MODES, mode
+        super().__init__(f"scripted-{mode}")
+        self.server_name = name
+        self.mode = mode
+        self.chunked = chunked
+        self.interim = interim
+        self.reset_after = reset_after
+        self.status = status
+        self.connections = 0
+        self.requests: list[ScriptedRequest] = []
+        self._releases: asyncio.Semaphore | None = None
+        self._start(self._make_server)
+
+    async def _make_server(self) -> asyncio.AbstractServer:
+        self._releases = asyncio.Semaphore(0)
+        return await _stream_server(self._serve)()
+
+    def release(self) -> None:
+        """Lets one ``partial`` answer end (in a reset)."""
+        assert self._releases is not None
+        self.loop.call_soon_threadsafe(self._releases.release)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self.lock:
+            self.connections += 1
+            conn = self.connections
+        try:
+            while True:
+                req = await self._read_head(reader, conn)
+                if req is None:
+                    return
+                if self.interim and (req.header("expect") or "").lower() == "100-continue":
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
+                want = min(req.length, self.reset_after) if self.mode == "reset" else req.length
+                while req.body_length < want:
+                    data = await reader.read(min(want - req.body_length, 65536))
+                    if not data:
+                        return
+                    with self.lock:
+                        req.sha.update(data)
+                        req.body_length += len(data)
+                if self.mode == "reset":
+                    _reset(writer)
+                    return
+                if self.mode == "close":
+                    return
+                if self.mode == "partial":
+                    await self._partial(reader, writer)
+                    return
+                writer.write(b"HTTP/1.1 %d Scripted\r\nX-Server: %s\r\nContent-Length: %d\r\n"
+                             b"\r\n%s" % (self.status, self.server_name.encode(),
+                                          len(self.STATUS_BODY), self.STATUS_BODY))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _partial(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        part = b"p" * self.PARTIAL_SENT
+        if self.chunked:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n" % (len(part), part))
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                         % (self.PARTIAL_LENGTH, part))
+        await writer.drain()
+        assert self._releases is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._releases.acquire(), 10)
+        if not self.chunked:
+            _reset(writer)
+            return
+        writer.write(b"zz\r\n")  # not a chunk size
+        await writer.drain()
+        while await reader.read(65536):  # until the proxy lets go
+            pass
+
+    async def _read_head(self, reader: asyncio.StreamReader, conn: int) -> ScriptedRequest | None:
+        try:
+            raw = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None  # the connection ended between requests
+        lines = raw[:-4].decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = [(n.strip(), v.strip())
+                   for n, _, v in (line.partition(":") for line in lines[1:])]
+        length = next((int(v) for n, v in headers if n.lower() == "content-length"), 0)
+        req = ScriptedRequest(conn, method, target, headers, length)
+        with self.lock:
+            self.requests.append(req)
+        return req
+
+    def received(self, target: str) -> list[ScriptedRequest]:
+        with self.lock:
+            return [r for r in self.requests if r.target == target]
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0: the peer gets a reset, not an end of stream."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 # --------------------------------------------------------------------------------------------

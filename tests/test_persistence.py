@@ -196,7 +196,9 @@ def test_redispatch_moves_the_last_retry_to_another_server(pylb, backends):
 
 def test_without_redispatch_a_dead_server_gives_503_after_its_retries(pylb, backends):
     servers, s2 = dead_and_alive(backends)
-    cfg, port = lb_config(servers, balance="roundrobin", retries=2, redispatch=False)
+    # a short connect timeout: the retries' turnaround is min(timeout connect, 1 s)
+    cfg, port = lb_config(servers, balance="roundrobin", retries=2, redispatch=False,
+                          timeout={"connect": "200ms"})
     pylb(cfg)
     answers = [get(port, f"/r{i}") for i in range(10)]
     statuses = [a.status for a in answers]

@@ -338,7 +338,7 @@ class Backend:
     line: int
     # What a failed request may be retried on: words of HAProxy's retry-on, statuses as ints
     retry_on: tuple[str | int, ...] = ("conn-failure",)
-    retry_buffer: int = 16 * 1024  # request bytes (head and body) kept for a replay
+    retry_buffer: int = 16 * 1024  # request body bytes kept for a replay
     retry_non_idempotent: bool = False  # replay POST & co. even once wholly sent
     hold_when_down: bool = False  # wait in the queue while no server is usable
     maxqueue: int = 0  # requests waiting in the backend's own queue; 0: no limit

@@ -477,7 +477,7 @@ def retry_on(v: Value) -> tuple[str | int, ...]:
 
 def redispatch(v: Value) -> int:
     """``redispatch``: true (on the last retry, HAProxy's default), false, or HAProxy's
-    interval: N > 0 on every Nth retry, N < 0 on the Nth retry before the last. 0: never."""
+    interval: N > 0 on every Nth retry, N < 0 on every (retries + 1 + N)th. 0: never."""
     if v.is_scalar and isinstance(v.python, bool):
         return -1 if v.python else 0
     x = v.python if v.is_scalar else None

@@ -181,6 +181,7 @@ def _set_admin(master: Master, ref: str, state: int) -> None:
     master.shared.words[base + SRV_ADMIN] = state
     master.shared.changed(base)
     master.keeper.dispatch(backend)  # queued requests may move
+    master.checker.wake_down(backend)  # its last usable server may have gone
 
 
 def _weight(master: Master, ref: str, text: str) -> str:
@@ -194,6 +195,7 @@ def _weight(master: Master, ref: str, text: str) -> str:
         raise CommandError("Weight must be between 0 and 256.")
     master.shared.words[base + SRV_WEIGHT] = weight
     master.shared.changed(base)
+    master.checker.wake_down(backend)  # a weight of 0 may leave no usable server
     return "\n"
 
 
