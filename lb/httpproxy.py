@@ -268,8 +268,9 @@ class HttpSession(asyncio.Protocol):
             usable = server.persistable if server is self.sticky else server.selectable
             if usable or not self.backend.retry.redispatch:  # type: ignore[union-attr]
                 self._use(server)
-            else:  # marked down meanwhile: another server, or the hold
-                self._redispatch(self._untried(server))
+            else:  # marked down meanwhile: any other server (its turnaround passed too)
+                context = Context(self.client_ip, None, self.head)
+                self._redispatch(self.backend.pick(context, server))  # type: ignore[union-attr]
         elif phase == CONNECTING:
             self._connect_failed()
         elif not self.resp_started and self.req_done:
