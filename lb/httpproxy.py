@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from lb.frontend import Frontend
     from lb.rules import StickCounters
 
-# Session phases. TURNAROUND: waiting to retry a server that refused a connection.
+# Session phases. TURNAROUND: waiting to retry a server that failed the request.
 IDLE, QUEUED, TURNAROUND, CONNECTING, EXCHANGE, TUNNEL, CLOSED = range(7)
 _PHASES = ("idle", "queued", "turnaround", "connecting", "exchange", "tunnel", "closed")
 
@@ -561,9 +561,9 @@ class HttpSession(asyncio.Protocol):
                 if other is not None and (server.cfg.backup or not other.cfg.backup):
                     self._redispatch(other)
                     return True
-        if kind == CONN_FAILURE and policy.turnaround > 0:
-            # Not at once: a server that refuses may be restarting, or about to be marked
-            # down by its health checks.
+        if policy.turnaround > 0:
+            # Back to the server that failed, but not at once: one that refuses or drops
+            # requests may be restarting, or about to be marked down by its health checks.
             self.phase = TURNAROUND
             self.deadline = clock.now + policy.turnaround
         else:
@@ -600,6 +600,8 @@ class HttpSession(asyncio.Protocol):
             conn.transport.close()
         self.server_paused = False
         self._unpause(SERVER_FULL)
+        if self.times is not None:
+            self.times.sent = -1.0  # Tc and Tr are the next attempt's
         kept = self.kept
         if kept:
             self.body_buffer[:0] = kept

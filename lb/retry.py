@@ -3,11 +3,12 @@
 
 A retry replays the request on a new server connection. The HTTP session decides whether
 it still can (it kept every byte it sent, and no byte of the answer reached the client);
-this module says whether the backend wants it to, and where to: a request that nothing
-binds to its server goes at once to one that has not failed it yet; one that persistence
-(or a hashing algorithm) binds stays, unless `redispatch` says otherwise or its server is
-no longer usable. A connection refused by the only candidate is retried after a
-turnaround, which gives health checks the time to mark a dead server down.
+this module says whether the backend wants it to, and where to. With `redispatch`, a
+request that nothing binds to its server goes at once to one that has not failed it yet;
+one that persistence (or a hashing algorithm) binds stays, unless the interval says
+otherwise or its server is no longer usable. A retry that goes back to a server that
+failed the request waits a turnaround first, which gives health checks the time to mark a
+dead server down.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ EMPTY_RESPONSE = "empty-response"  # closed or reset before a byte of answer
 JUNK_RESPONSE = "junk-response"  # an answer that is not HTTP
 RESPONSE_TIMEOUT = "response-timeout"  # `timeout server` before a byte of answer
 
-TURNAROUND_MAX = 1.0  # seconds before a connection is retried on the same server (HAProxy's)
+TURNAROUND_MAX = 1.0  # seconds before a retry on the same server (HAProxy's, for connects)
 
 # Balancing algorithms that bind a request to one server, as persistence does: a retry
 # stays on that server unless redispatched
