@@ -308,10 +308,11 @@ class Checker:
 
     def start(self) -> None:
         """One task per checked server; the first checks are spread over the first
-        interval so that many servers are not all probed at the same instant."""
+        interval (each server's own: after a reload, a DOWN server that held requests wait
+        for keeps its fastinter) so that many servers are not all probed at once."""
         count = len(self.checks)
         for position, check in enumerate(self.checks):
-            delay = check.server.inter * position / count
+            delay = check.interval() * position / count
             self.tasks.append(asyncio.get_running_loop().create_task(check.run(delay)))
 
     def _changed(self, check: ServerCheck) -> None:
