@@ -4,8 +4,9 @@ A *generation* is the set of workers started with one configuration and what is 
 it: shared memory, listening sockets, maps and stick tables (`Resources`). Every step of
 its life is here:
 
-- **spawn**: a worker is a new `python -m lb.worker` process; its first control message
-  carries the configuration and, by SCM_RIGHTS, every descriptor it needs;
+- **spawn**: a worker is forked by the worker template (lb.template), or when the template
+  cannot answer is a new `python -m lb.worker` process; its first control message carries
+  the configuration and, by SCM_RIGHTS, every descriptor it needs;
 - **ready**: a generation is ready when every one of its workers accepts;
 - **reload**: the next generation's resources are prepared off to the side (an `Attempt`:
   configuration and map files read off the loop, new binds bound, new shared memory with
@@ -34,11 +35,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lb
-from lb import config, control, maps, reload, systemd
+from lb import config, control, maps, reload, systemd, template
 from lb.log import log
 from lb.shared import Shared
 from lb.sock import Listener
 from lb.sticktable import StickTable
+from lb.template import Forked, Template
 
 if TYPE_CHECKING:
     from lb.master import Master
@@ -55,7 +57,7 @@ class WorkerHandle:
     index: int
     generation: int
     workers: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | Forked
     channel: control.Channel
     pidfd: int
     slot: int
@@ -143,6 +145,44 @@ class Generations:
         self.reloads = 0
         self._ready: dict[int, asyncio.Future[None]] = {}  # generations a reload waits for
         self._lock = asyncio.Lock()
+        self.template: Template | None = None  # where workers are forked from
+
+    def start_template(self) -> None:
+        """Start the worker template, so that workers are forked rather than started as
+        new interpreters. Until it is ready, or if it cannot be had, they are started."""
+        try:
+            template.become_subreaper()
+            self.template = Template([sys.executable, "-m", "lb.template"], _worker_env())
+            self.template.start()
+        except OSError as err:
+            log.warning("no worker template (%s): workers start as new interpreters", err)
+            self.template = None
+
+    def housekeeping(self) -> None:
+        """Replace a template that died; reap orphans re-parented to us that are not
+        workers (one the template forked as the master gave up waiting for it)."""
+        if self.template is not None:
+            self.template.check(lambda: log.warning("worker template restarted"))
+        known = set(self.workers)
+        if self.template is not None and self.template.pid is not None:
+            known.add(self.template.pid)
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in known:
+                return  # nothing, or one its own reaper will see to
+            try:
+                os.waitpid(info.si_pid, 0)
+            except ChildProcessError:
+                return
+            log.warning("reaped a stray child (pid %d)", info.si_pid)
+
+    def stop_template(self) -> None:
+        if self.template is not None:
+            self.template.stop()
+            self.template = None
 
     def of(self, number: int) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if h.generation == number]
@@ -158,15 +198,21 @@ class Generations:
         used = {h.slot for h in self.of(self.number)}
         slot = next(s for s in range(master.shared.layout.slots) if s not in used)
         ours, theirs = control.pair()
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(lb.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        proc: subprocess.Popen[bytes] | Forked | None = None
+        if self.template is not None and self.template.available():
+            proc = self.template.fork(theirs.fileno())
+            if proc is None:  # a worker forked anyway gets an ended channel, and exits
+                log.warning("the worker template failed: starting worker %d afresh", index)
+                ours.close()
+                theirs.close()
+                ours, theirs = control.pair()
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "lb.worker", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                env=env,
-            )
+            if proc is None:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "lb.worker", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()],
+                    env=_worker_env(),
+                )
         except OSError as err:
             log.error("cannot start worker %d: %s", index, err)
             ours.close()
@@ -194,7 +240,8 @@ class Generations:
         channel._on_close = functools.partial(self._unreachable, handle)
         self.workers[proc.pid] = handle
         asyncio.get_running_loop().add_reader(pidfd, self._exited, handle)
-        log.info("%s started (pid %d)", handle, handle.pid)
+        how = "forked from the template" if isinstance(proc, Forked) else "new interpreter"
+        log.info("%s started (pid %d, %s)", handle, handle.pid, how)
         return handle
 
     def _hello(
@@ -243,6 +290,8 @@ class Generations:
     def ready(self, handle: WorkerHandle) -> None:
         """A worker accepts; its generation is ready when all of them do."""
         handle.ready = True
+        log.info("%s (pid %d) accepts, %.0f ms after its start", handle, handle.pid,
+                 (time.monotonic() - handle.started) * 1000)
         number = handle.generation
         members = self.of(number)
         if number in self.announced or not all(h.ready for h in members):
@@ -409,6 +458,14 @@ class Generations:
         for handle in self.workers.values():
             log.warning("%s (pid %d) did not stop: killing it", handle, handle.pid)
             _kill(handle.pid, signal.SIGKILL)
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment of workers and the template: ours, with pylb's package importable."""
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lb.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
 
 
 def _kill(pid: int, sig: int) -> None:

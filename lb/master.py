@@ -145,6 +145,7 @@ class Master:
             signal.SIGWINCH,
         ):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
+        self.generations.start_template()  # the first workers do not wait for it
         for index in range(1, self.config.global_.workers + 1):
             self.generations.spawn(index)
         self.checker = Checker(self.config, self.shared, self.health,
@@ -169,6 +170,7 @@ class Master:
             if self.stopping and not self.workers:
                 break
         ticker.cancel()
+        self.generations.stop_template()
         if self.stats_socket is not None:
             self.stats_socket.close()
         log.info("exiting")
@@ -258,6 +260,7 @@ class Master:
             if queue or any(s.queue for s in self.keeper.group(backend)):
                 self.keeper.dispatch(backend)
         self.tables.housekeeping()
+        self.generations.housekeeping()
 
     def _on_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):

@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
+import psutil
 
 HOST = "127.0.0.1"
 WS_GREETING = b"ws-ready\n"
@@ -44,6 +45,32 @@ TCP_BANNER = b"HELLO\n"
 
 _BLOCK = random.Random(20240601).randbytes(65536)
 _BLOCK2 = _BLOCK * 2
+
+
+def workers_of(master: int) -> list[Any]:
+    """The worker processes of the pylb master `master` (psutil.Process): its children
+    less its worker template (lb.template), which serves no client."""
+    try:
+        children = psutil.Process(master).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [child for child in children if not _is_template(child)]
+
+
+def template_of(master: int) -> Any:
+    """The worker template of the pylb master `master` (psutil.Process), or None."""
+    try:
+        children = psutil.Process(master).children()
+    except psutil.NoSuchProcess:
+        return None
+    return next((child for child in children if _is_template(child)), None)
+
+
+def _is_template(process: Any) -> bool:
+    try:
+        return "pylb: worker template" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def free_port() -> int:

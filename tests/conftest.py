@@ -17,7 +17,7 @@ import backends as tb
 import psutil
 import pytest
 import yaml
-from backends import BadBackend, EchoBackend, RawBackend, TcpBackend
+from backends import BadBackend, EchoBackend, RawBackend, TcpBackend, workers_of
 
 REPO = Path(__file__).resolve().parent.parent
 READY_RE = r"generation \d+ ready"
@@ -98,10 +98,8 @@ class Pylb:
         return int(str(bind).rsplit(":", 1)[1])
 
     def workers(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+        """The worker processes (not the worker template)."""
+        return workers_of(self.pid)
 
     def workers_rss(self) -> int:
         total = 0

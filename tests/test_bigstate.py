@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import yaml
-from backends import HttpConn, free_port, wait_until
+from backends import HttpConn, free_port, wait_until, workers_of
 from test_takeover import command, start_daemon
 
 ENTRIES = 1_000_000
@@ -87,7 +87,7 @@ def used(workdir: Path) -> int:
 def shared_memory(master: int) -> set[tuple[str, int]]:
     """(name, inode) of the stick-table and map memfds every worker of `master` maps."""
     found = set()
-    for worker in psutil.Process(master).children():
+    for worker in workers_of(master):
         for fd in os.listdir(f"/proc/{worker.pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{worker.pid}/fd/{fd}")
@@ -130,11 +130,10 @@ def test_a_million_entries_and_map_lines_survive_reload_kill_and_takeover(tmp_pa
         check_sample(port, keys)
         assert wait_until(lambda: shared_memory(master) == memory, 5), "state was copied"
 
-        victim = psutil.Process(master).children()[0]
+        victim = workers_of(master)[0]
         victim.send_signal(signal.SIGKILL)
-        assert wait_until(lambda: victim.pid not in
-                          [c.pid for c in psutil.Process(master).children()]
-                          and len(psutil.Process(master).children()) == 2, 10)
+        assert wait_until(lambda: victim.pid not in [c.pid for c in workers_of(master)]
+                          and len(workers_of(master)) == 2, 10)
         check_sample(port, keys)
 
         old = master

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from backends import HttpConn, free_port, wait_until
+from backends import HttpConn, free_port, wait_until, workers_of
 from conftest import REPO
 
 PYLB = [sys.executable, str(REPO / "bin" / "pylb")]
@@ -221,7 +221,7 @@ def test_daemon_mode_writes_the_pidfile(tmp_path: Path, backends):
         master = psutil.Process(pid)
         assert " ".join(master.cmdline()).strip() == "pylb: master [lb.cfg]"
         assert master.ppid() == 1 or master.ppid() != os.getpid()  # detached from us
-        assert wait_until(lambda: len(master.children()) == 1, 10)
+        assert wait_until(lambda: len(workers_of(pid)) == 1, 10)
         assert wait_until(lambda: _answers(port), 10)
         assert get(port)["server"] == "daemon"
     finally:
@@ -248,7 +248,7 @@ def test_daemon_workers_keep_dev_null_on_0_1_2_and_the_log_file_works(tmp_path: 
     pid = int(pidfile.read_text())
     try:
         master = psutil.Process(pid)
-        assert wait_until(lambda: len(master.children()) == 2, 10)
+        assert wait_until(lambda: len(workers_of(pid)) == 2, 10)
         assert wait_until(lambda: _answers(port), 10)
         for process in [master, *master.children()]:
             for fd in (0, 1, 2):

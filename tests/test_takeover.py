@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import yaml
-from backends import HttpConn, free_port, wait_until
+from backends import HttpConn, free_port, wait_until, workers_of
 from conftest import REPO
 
 PYLB = [sys.executable, str(REPO / "bin" / "pylb")]
@@ -54,7 +54,7 @@ def start_daemon(workdir: Path, *extra: str) -> int:
     assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() not in
                       ("", before), 10)
     pid = int(pidfile.read_text())
-    assert wait_until(lambda: len(psutil.Process(pid).children()) == 2, 10)
+    assert wait_until(lambda: len(workers_of(pid)) == 2, 10)
     assert wait_until(lambda: _answers(workdir), 10)
     return pid
 
@@ -109,7 +109,7 @@ def test_takeover_under_load_loses_nothing(tmp_path: Path, backends):
         state = command(tmp_path, "show servers state")
         s1_row = next(line for line in state.splitlines() if " s1 " in line)
         assert s1_row.split()[6] == "8", state  # srv_admin_state: drain
-        assert len(psutil.Process(pids[-1]).children()) == 2
+        assert len(workers_of(pids[-1])) == 2
     finally:
         stop.set()
         for pid in pids:
