@@ -25,8 +25,10 @@ lb/master.py keeps the loop, the signals and the dispatch of messages.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -257,8 +259,8 @@ class Generations:
             "slot": slot,
             "workers": cfg.global_.workers,
             "master": os.getpid(),
-            "config_path": cfg.path,
-            "config_text": cfg.text,
+            # parsed and checked once, by the master: the worker takes it as it is
+            "config": base64.b64encode(pickle.dumps(cfg)).decode("ascii"),
             "listeners": [[lst.frontend, lst.address] for lst in master.listeners],
             "log": cfg.global_.log,
             "log_level": master.log_level,

@@ -13,6 +13,7 @@ import ctypes
 import gc
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -45,7 +46,8 @@ class Worker:
         self._sock = sock
         self.channel: control.Channel | None = None  # on the loop, once running
         self.queue = Queue(self._send)
-        self.config = config.loads(hello["config_text"], hello["config_path"])
+        # the master's parsed configuration (it read and checked it once for all)
+        self.config: config.Config = pickle.loads(base64.b64decode(hello["config"]))
         self.generation: int = hello["generation"]
         self.master_pid: int = hello.get("master", os.getppid())
         self.master_gone = False
