@@ -3,10 +3,14 @@
 
 For each reload method, one run starts the proxy in front of two nginx backends, drives wrk
 (one thread, keep-alive, `--timeout 5s`) at it for `--duration` seconds and meanwhile reloads
-it every 100 to 250 ms (random, start to start; a reload still in progress is waited for).
-Failures are wrk's socket errors (connect, read, write, timeout) plus non-2xx answers. After
-each run the script checks that the old processes went away, that no worker leaked, and,
-once the proxy is stopped, that none of its processes is left.
+it every 100 to 250 ms (random, start to start; a reload still in progress is waited for),
+or `--rate R` times a second. Failures are wrk's socket errors (connect, read, write, timeout)
+plus non-2xx answers. After each run the script checks that the old processes went away, that
+no worker leaked (pylb: master + its worker template + the workers), and, once the proxy is
+stopped, that none of its processes is left. It samples the RSS and open descriptors of the
+proxy's current processes after the first reloads and after the last one, and (pylb,
+`--respawn N`) kills a worker with SIGKILL N times under load and times its replacement, from
+the kill to the master's log line that says the new worker accepts.
 
 pylb methods: `usr2` (SIGUSR2 to the master), `hup` (SIGHUP), `socket` (`reload` on the stats
 socket, answer awaited), `sf` (a new `bin/pylb -f CFG -p PIDFILE -sf OLDPID` each time).
@@ -22,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime
 import json
+import math
 import os
 import random
 import re
@@ -90,6 +96,23 @@ DRAIN_TIMEOUT = 20.0  # after wrk: how long old processes get to go away
 POLL = 0.005
 NOTABLE_SHOWN = 20
 PR_SET_CHILD_SUBREAPER = 36
+LATE = 0.010  # with --rate: a reload that starts this much after its time is late
+RATE_SHORTFALL = 0.95  # with --rate: fewer reloads a second than this share asked: WARNING
+FLAT_AFTER = 3  # the "start" resource sample is taken after this many reloads
+RESPAWN_DEFAULT = 10
+RESPAWN_SPACING = 1.0  # seconds at least between two kills (start to start)
+RESPAWN_FIRST = 0.5  # seconds of wrk before the first kill
+RESPAWN_WAIT = 10.0  # a replacement not accepting by then is a failed respawn
+MIB = 1024 * 1024
+
+# pylb's process titles (setproctitle pads them with spaces) and module names before them
+TEMPLATE_TITLE = "pylb: worker template"
+WORKER_TITLE = re.compile(r"pylb: worker (\d+)/(\d+) \[gen (\d+)\]")
+# the master's lines about its workers
+STARTED_RE = re.compile(
+    r"worker \d+/\d+ gen \d+ started \(pid \d+, (forked from the template|new interpreter)\)"
+)
+LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 DESCRIPTION = {
     ("pylb", "usr2"): "kill -USR2 master",
@@ -120,6 +143,8 @@ class Options:
     json_path: Path | None
     keep_tmp: bool
     seed: int | None
+    rate: float | None  # reloads a second, start to start; None: random INTERVAL
+    respawn: int  # kill -9 of a pylb worker this many times after each pylb run
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -132,9 +157,30 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return tuple(m for m in ALL_METHODS if m in names)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(
-        description="Reload pylb (and HAProxy) every 100-250 ms under wrk and count failures.",
+        description="Reload pylb (and HAProxy) every 100-250 ms (or --rate a second) under wrk "
+        "and count failures.",
     )
     p.add_argument("--duration", type=positive_int, default=30, help="seconds per method")
     p.add_argument("--connections", type=positive_int, default=50, help="wrk connections")
@@ -148,6 +194,18 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--json", dest="json_path", type=Path, help="write the figures here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--seed", type=int, help="seed of the random reload intervals")
+    p.add_argument(
+        "--rate",
+        type=positive_float,
+        help="reloads a second, start to start (default: every 100-250 ms, random)",
+    )
+    p.add_argument(
+        "--respawn",
+        type=non_negative_int,
+        default=RESPAWN_DEFAULT,
+        help=f"after each pylb run, kill -9 a worker N times under wrk and time its "
+        f"replacement (default {RESPAWN_DEFAULT}; 0: skip)",
+    )
     a = p.parse_args(argv)
     return Options(
         duration=a.duration,
@@ -157,7 +215,15 @@ def parse_args(argv: list[str] | None) -> Options:
         json_path=a.json_path,
         keep_tmp=a.keep_tmp,
         seed=a.seed,
+        rate=a.rate,
+        respawn=a.respawn,
     )
+
+
+def pacing(opts: Options) -> str:
+    if opts.rate is not None:
+        return f"{opts.rate:g} reloads/s (every {1000 / opts.rate:.0f} ms)"
+    return f"a reload every {INTERVAL[0] * 1000:.0f}-{INTERVAL[1] * 1000:.0f} ms"
 
 
 def log(message: str) -> None:
@@ -201,8 +267,164 @@ def spawn(name: str, argv: list[str], log_path: Path, **kw: Any) -> Managed:
 
 def title(proc: psutil.Process) -> str:
     with contextlib.suppress(psutil.Error):
-        return " ".join(proc.cmdline()) or proc.name()
+        return " ".join(proc.cmdline()).strip() or proc.name()
     return "?"
+
+
+def created(proc: psutil.Process) -> float:
+    with contextlib.suppress(psutil.Error):
+        return proc.create_time()
+    return math.inf
+
+
+@dataclass
+class Census:
+    """The live processes of one pylb master, by role: its worker template and its workers
+    are its children (the template's forks are re-parented to the master).
+
+    A worker forked from the template carries the template's title until it sets its own:
+    of the children that look like the template, the oldest is the template, the others
+    are such workers (a worker is always younger than the template that forked it).
+    Descendants that are not children (the template's short-lived middle child of its
+    double fork, a worker before it is re-parented) are `transient`."""
+
+    master: psutil.Process
+    template: psutil.Process | None = None
+    # (generation, index, process); 0, 0 for a worker that has not set its title yet
+    workers: list[tuple[int, int, psutil.Process]] = field(default_factory=list)
+    others: list[psutil.Process] = field(default_factory=list)  # children of no known role
+    transient: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def current(self) -> list[psutil.Process]:
+        """The workers of the newest generation (with those not titled yet: gen 0, new)."""
+        if not self.workers:
+            return []
+        newest = max(gen for gen, _, _ in self.workers)
+        return [proc for gen, _, proc in self.workers if gen in (0, newest)]
+
+    def roles(self) -> str:
+        text = f"1 master + {1 if self.template else 0} template + {len(self.workers)} workers"
+        if self.others:
+            text += f" + {len(self.others)} other"
+        if self.transient:
+            text += f" + {len(self.transient)} transient"
+        return text
+
+
+def pylb_census(master_pid: int) -> Census | None:
+    """The processes of pylb master `master_pid` by role; None if it is gone."""
+    try:
+        master = psutil.Process(master_pid)
+        children = master.children()
+        below = master.children(recursive=True)
+    except psutil.Error:
+        return None
+    census = Census(master)
+    candidates: list[psutil.Process] = []
+    direct = set()
+    for proc in children:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            direct.add(proc.pid)
+            name = title(proc)
+            m = WORKER_TITLE.match(name)
+            if m:
+                census.workers.append((int(m.group(3)), int(m.group(1)), proc))
+            elif name == TEMPLATE_TITLE or "lb.template" in name:
+                candidates.append(proc)
+            elif "lb.worker" in name:  # a new interpreter before its title
+                census.workers.append((0, 0, proc))
+            else:
+                census.others.append(proc)
+    candidates.sort(key=created)
+    if candidates:
+        census.template = candidates[0]
+        census.workers += [(0, 0, proc) for proc in candidates[1:]]
+    for proc in below:
+        with contextlib.suppress(psutil.Error):
+            if proc.pid not in direct and proc.status() != psutil.STATUS_ZOMBIE:
+                census.transient.append(proc)
+    return census
+
+
+@dataclass
+class Usage:
+    """Summed RSS and open descriptors of a set of processes, and per role."""
+
+    rss: int = 0  # bytes
+    fds: int = 0
+    procs: int = 0
+    parts: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # role: rss, fds, n
+
+    def add(self, role: str, procs: list[psutil.Process]) -> None:
+        rss = fds = n = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                r, f = proc.memory_info().rss, proc.num_fds()
+                rss, fds, n = rss + r, fds + f, n + 1
+        self.rss, self.fds, self.procs = self.rss + rss, self.fds + fds, self.procs + n
+        old = self.parts.get(role, (0, 0, 0))
+        self.parts[role] = (old[0] + rss, old[1] + fds, old[2] + n)
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "rss_bytes": self.rss,
+            "fds": self.fds,
+            "processes": self.procs,
+            "parts": {
+                k: {"rss_bytes": v[0], "fds": v[1], "processes": v[2]}
+                for k, v in self.parts.items()
+            },
+        }
+
+
+def log_time(line: str) -> float | None:
+    """The time (as time.time()) of a pylb log line: its local-time stamp, to the ms."""
+    m = LOG_STAMP.match(line)
+    if m is None:
+        return None
+    stamp = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
+    return stamp.timestamp() + int(m.group(2)) / 1000
+
+
+def stop_checked(proc: Managed) -> list[str]:
+    """Stop `proc` with SIGTERM and give what runs below it STOP_TIMEOUT to end by itself
+    once it exited; name what still runs then (the proxy did not stop it: a leftover even
+    if Managed.stop, called last, kills it), or a master that ignored SIGTERM."""
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        below = []
+    if proc.alive():
+        with contextlib.suppress(ProcessLookupError):
+            proc.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.proc.wait(STOP_TIMEOUT)
+    outlived = []
+    if proc.alive():
+        outlived.append(
+            f"{proc.pid} ({proc.name}: still running {STOP_TIMEOUT:.0f}s after SIGTERM)"
+        )
+    deadline = time.monotonic() + STOP_TIMEOUT
+    running = below
+    while running:
+        reap_adopted()
+        running = [p for p in running if _running(p)]
+        if not running or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    outlived += [f"{p.pid} ({title(p)})" for p in running]
+    proc.stop()
+    return outlived
+
+
+def _running(proc: psutil.Process) -> bool:
+    """The very process (not a reused pid) still runs (not a zombie)."""
+    with contextlib.suppress(psutil.Error):
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 class LogWatch:
@@ -236,6 +458,11 @@ class LogWatch:
                 return m
         return None
 
+    def skip(self) -> None:
+        """Read what is there; `wait_for` will only look at lines written after this."""
+        self.poll()
+        self._checked = len(self.lines)
+
     def wait_for(
         self,
         pattern: re.Pattern[str],
@@ -243,7 +470,7 @@ class LogWatch:
         alive: Callable[[], bool] | None = None,
     ) -> re.Match[str] | None:
         """The next line matching `pattern` within `timeout` (None: not seen in time, or
-        `alive()` turned false first)."""
+        `alive()` turned false first); `match.string` is the whole line."""
         deadline = time.monotonic() + timeout
         while True:
             self.poll()
@@ -282,6 +509,7 @@ class Subject:
         self.log_path = tmp / f"{self.proxy}.log"
         self.watch = LogWatch(self.log_path)
         self.seen: dict[tuple[int, float], str] = {}  # every process of this run
+        self.outlived: list[str] = []  # processes the proxy left running when stopped
 
     # -- to implement
     def start(self) -> None:
@@ -300,6 +528,14 @@ class Subject:
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def usage(self) -> Usage | None:
+        """RSS and descriptors of the current processes (not those on their way out)."""
+        return None
+
+    def census(self) -> list[Census]:
+        """pylb: the processes of each live master by role (HAProxy: none)."""
+        return []
 
     # -- common
     def signal_reload(
@@ -493,11 +729,24 @@ class PylbInPlace(Subject):
         return [self.master.pid] if self.master is not None and self.master.alive() else []
 
     def expected(self) -> int:
-        return 1 + WORKERS
+        return 1 + 1 + WORKERS  # master, its worker template, the workers
 
     def stop(self) -> None:
         if self.master is not None:
-            self.master.stop()
+            self.outlived += stop_checked(self.master)
+
+    def census(self) -> list[Census]:
+        return [c for pid in self.roots() if (c := pylb_census(pid)) is not None]
+
+    def usage(self) -> Usage | None:
+        """The current master, its template and its newest generation's workers."""
+        if self.master is None or (c := pylb_census(self.master.pid)) is None:
+            return None
+        use = Usage()
+        use.add("master", [c.master])
+        use.add("template", [c.template] if c.template is not None else [])
+        use.add("workers", c.current)
+        return use
 
 
 class PylbTakeover(PylbInPlace):
@@ -509,8 +758,7 @@ class PylbTakeover(PylbInPlace):
 
     def start(self) -> None:
         self.write_config()
-        first = spawn("pylb", self.argv(), self.log_path, append=True, cwd=REPO,
-                      env=pylb_env())
+        first = spawn("pylb", self.argv(), self.log_path, append=True, cwd=REPO, env=pylb_env())
         self.procs.append(first)
         self.master = first
         wait_ready(first, [self.port])
@@ -565,7 +813,7 @@ class PylbTakeover(PylbInPlace):
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            proc.stop()
+            self.outlived += stop_checked(proc)
 
 
 class HaproxyMasterWorker(Subject):
@@ -642,7 +890,21 @@ class HaproxyMasterWorker(Subject):
 
     def stop(self) -> None:
         if self.master is not None:
-            self.master.stop()
+            self.outlived += stop_checked(self.master)
+
+    def usage(self) -> Usage | None:
+        """The master and its newest worker."""
+        if self.master is None:
+            return None
+        try:
+            master = psutil.Process(self.master.pid)
+            children = [c for c in master.children() if _alive(c.pid)]
+        except psutil.Error:
+            return None
+        use = Usage()
+        use.add("master", [master])
+        use.add("workers", sorted(children, key=created)[-1:])
+        return use
 
 
 class HaproxyClassic(HaproxyMasterWorker):
@@ -699,6 +961,15 @@ class HaproxyClassic(HaproxyMasterWorker):
 
     def expected(self) -> int:
         return 1
+
+    def usage(self) -> Usage | None:
+        """The current daemon."""
+        if not self.current:
+            return None
+        use = Usage()
+        with contextlib.suppress(psutil.Error):
+            use.add("daemon", [psutil.Process(self.current)])
+        return use
 
     def stop(self) -> None:
         pids = self.roots()
@@ -799,14 +1070,37 @@ class RunResult:
     reloads: int = 0  # reloads done (confirmed by the proxy)
     reload_failures: int = 0  # reloads refused or failed (the proxy said so)
     reload_s: list[float] = field(default_factory=list)
+    reload_starts: list[float] = field(default_factory=list)  # s after the loop began
+    late: int = 0  # reloads that started more than LATE after their time
     reload_errors: list[str] = field(default_factory=list)
     signals_resent: int = 0
     hung: str | None = None
     peak_processes: int = 0
+    peak_workers: int = 0  # pylb: workers at once, the template not counted
+    template_missing: int = 0  # pylb: samples in which a live master had no template
+    workers_started: dict[str, int] = field(default_factory=dict)  # pylb: by how
     after_drain: int | None = None
     expected_after_drain: int = 0
     after_drain_list: list[str] = field(default_factory=list)
+    roles_after_drain: str = ""  # pylb: "1 master + 1 template + 2 workers"
+    templates_ok: bool | None = None  # pylb: exactly one template per master after drain
+    usage_start: Usage | None = None  # after reload FLAT_AFTER
+    usage_end: Usage | None = None  # after the last reload
+    usage_drained: Usage | None = None  # after the drain
+    # after every reload: s after the loop began, rss, fds (all current), the same of the
+    # master alone (HAProxy -D: of the daemon)
+    usage_series: list[tuple[float, int, int, int, int]] = field(default_factory=list)
+    respawn_asked: int = 0
+    respawn_ms: list[float] = field(default_factory=list)  # kill -> replacement accepts
+    respawn_started_ms: list[float] = field(default_factory=list)  # kill -> "started" line
+    respawn_how: dict[str, int] = field(default_factory=dict)
+    respawn_victim_conns: list[int] = field(default_factory=list)  # client conns it held
+    respawn_errors: list[str] = field(default_factory=list)
+    respawn_wrk: WrkResult | None = None
+    after_respawn: int | None = None
+    roles_after_respawn: str = ""
     left_after_stop: list[str] = field(default_factory=list)
+    outlived_stop: list[str] = field(default_factory=list)  # left running by the proxy
     processes_seen: int = 0
     notable_log: list[str] = field(default_factory=list)
     log_path: str = ""
@@ -823,8 +1117,26 @@ class RunResult:
         return self.failures * 100 / self.reloads
 
     @property
+    def achieved_rate(self) -> float | None:
+        """Reloads a second, start to start, from the first reload to the last."""
+        starts = self.reload_starts
+        if len(starts) < 2 or starts[-1] <= starts[0]:
+            return None
+        return (len(starts) - 1) / (starts[-1] - starts[0])
+
+    @property
     def leak_ok(self) -> bool:
-        return self.after_drain == self.expected_after_drain and not self.left_after_stop
+        return (
+            self.after_drain == self.expected_after_drain
+            and self.templates_ok is not False
+            and self.after_respawn in (None, self.expected_after_drain)
+            and not self.left_after_stop
+            and not self.outlived_stop
+        )
+
+    @property
+    def respawn_ok(self) -> bool:
+        return not self.respawn_errors and len(self.respawn_ms) == self.respawn_asked
 
 
 def reload_loop(
@@ -834,7 +1146,9 @@ def reload_loop(
     result: RunResult,
     rng: random.Random,
 ) -> None:
-    """Reload every INTERVAL (start to start) until shortly before wrk ends."""
+    """Reload every INTERVAL or 1/--rate s (start to start) until shortly before wrk ends.
+    With --rate the starts keep to a grid, except after a late start (a reload that ran
+    over), from which the grid starts anew: no burst to catch up."""
     began = time.monotonic()
     end = began + opts.duration - LAST_RELOAD_MARGIN
     next_at = began + FIRST_RELOAD_DELAY
@@ -845,6 +1159,9 @@ def reload_loop(
         if next_at > now:
             time.sleep(next_at - now)
         started = time.monotonic()
+        late = started - next_at > LATE
+        result.late += late
+        result.reload_starts.append(started - began)
         outcome = subject.reload()
         subject.reap()
         result.reload_s.append(outcome.seconds)
@@ -859,6 +1176,16 @@ def reload_loop(
                 f"({'ok' if outcome.ok else 'FAILED'}): {outcome.detail}"
             )
         result.peak_processes = max(result.peak_processes, subject.sample())
+        count_roles(subject, result)
+        use = subject.usage()
+        if use is not None:
+            first = next(iter(use.parts.values()), (0, 0, 0))
+            result.usage_series.append(
+                (round(time.monotonic() - began, 3), use.rss, use.fds, first[0], first[1])
+            )
+            if len(result.reload_s) == FLAT_AFTER:
+                result.usage_start = use
+            result.usage_end = use
         if outcome.hung:
             result.hung = outcome.detail
             log(
@@ -866,7 +1193,19 @@ def reload_loop(
                 "no more reloads in this run"
             )
             return
-        next_at = started + rng.uniform(*INTERVAL)
+        if opts.rate is None:
+            next_at = started + rng.uniform(*INTERVAL)
+        else:
+            next_at = (started if late else next_at) + 1 / opts.rate
+
+
+def count_roles(subject: Subject, result: RunResult) -> None:
+    """pylb: workers at once (not the template), and masters seen without a template."""
+    workers = 0
+    for census in subject.census():
+        workers += len(census.workers)
+        result.template_missing += census.template is None
+    result.peak_workers = max(result.peak_workers, workers)
 
 
 def drain(subject: Subject) -> list[psutil.Process]:
@@ -881,14 +1220,149 @@ def drain(subject: Subject) -> list[psutil.Process]:
         time.sleep(0.1)
 
 
+def check_roles(subject: Subject) -> tuple[str, bool | None]:
+    """pylb: the live processes by role, and whether each master has exactly one
+    template (its forks re-titled: looked at again after a moment if not)."""
+    for attempt in range(3):
+        censuses = subject.census()
+        if not censuses:
+            return "", None
+        ok = all(c.template is not None and not c.transient for c in censuses)
+        if ok or attempt == 2:
+            return "; ".join(c.roles() for c in censuses), ok
+        time.sleep(0.2)
+    return "", None
+
+
+def stray_pylb() -> list[str]:
+    """Processes below this script that look like pylb's (master, template, worker)."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().children(recursive=True):
+            name = title(proc)
+            if name.startswith("pylb:") or any(
+                word in name for word in ("lb.template", "lb.worker", "bin/pylb")
+            ):
+                with contextlib.suppress(psutil.Error):
+                    found.append(f"{proc.pid} ({name}, {proc.status()})")
+    return found
+
+
 def after_stop(subject: Subject) -> list[str]:
+    """Processes of the run still there after the stop: any seen in the run, and any
+    pylb-looking process below this script (a template or worker never sampled)."""
     deadline = time.monotonic() + STOP_TIMEOUT
     while True:
         subject.reap()
         left = subject.leftovers()
+        if subject.proxy == "pylb":
+            left += [p for p in stray_pylb() if p not in left]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def count_started(lines: list[str]) -> dict[str, int]:
+    """pylb: workers started, by how (forked from the template, new interpreter)."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        m = STARTED_RE.search(line)
+        if m:
+            how = "forked" if m.group(1).startswith("forked") else "new interpreter"
+            counts[how] = counts.get(how, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- respawn
+
+
+def respawn_phase(subject: PylbInPlace, tools: Tools, opts: Options, result: RunResult) -> None:
+    """Under a new wrk run, kill -9 a current worker `opts.respawn` times, at least
+    RESPAWN_SPACING apart (start to start) and each time once the previous replacement
+    accepts; time each from the kill to the master's `(pid P) accepts` line of the
+    replacement (its millisecond stamp). wrk's errors here are not counted as failures:
+    the requests in flight on a killed worker are lost."""
+    result.respawn_asked = opts.respawn
+    seconds = math.ceil(RESPAWN_FIRST + opts.respawn * RESPAWN_SPACING + 3)
+    log(
+        f"{subject.proxy} {subject.method}: respawn: kill -9 a worker {opts.respawn} times "
+        f"under wrk -c{opts.connections} -d{seconds}s"
+    )
+    with wrk_running(tools.wrk, subject.port, opts.connections, seconds) as wrk:
+        next_at = time.monotonic() + RESPAWN_FIRST
+        for k in range(opts.respawn):
+            now = time.monotonic()
+            if next_at > now:
+                time.sleep(next_at - now)
+            if wrk.poll() is not None:
+                result.respawn_errors.append(f"wrk ended after {k} kills: the rest not done")
+                break
+            killed_at = time.monotonic()
+            why = respawn_once(subject, k, result)
+            subject.reap()
+            subject.sample()
+            if why:
+                result.respawn_errors.append(f"kill #{k + 1}: {why}")
+                if subject.master is None or not subject.master.alive():
+                    break
+            next_at = killed_at + RESPAWN_SPACING
+        result.respawn_wrk = finish_wrk(wrk, seconds + WRK_GRACE)
+
+
+def respawn_once(subject: PylbInPlace, k: int, result: RunResult) -> str:
+    """Kill one worker of the current generation (worker k % WORKERS + 1 when there) and
+    wait for its replacement to accept; "" or why it failed."""
+    master = subject.master
+    if master is None or not master.alive() or (c := pylb_census(master.pid)) is None:
+        return "the master is gone"
+    titled = sorted((gen, index, proc) for gen, index, proc in c.workers if gen)
+    if not titled:
+        return "no titled worker to kill"
+    newest = titled[-1][0]
+    current = [(index, proc) for gen, index, proc in titled if gen == newest]
+    index, victim = next(((i, p) for i, p in current if i == k % WORKERS + 1), current[0])
+    started_re = re.compile(
+        rf"worker {index}/{WORKERS} gen {newest} started \(pid (\d+), ([a-z ]+)\)"
+    )
+    result.respawn_victim_conns.append(client_connections(victim, subject.port))
+    subject.watch.skip()
+    kill_time = time.time()
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return f"worker {victim.pid} gone before the kill"
+    m = subject.watch.wait_for(started_re, RESPAWN_WAIT, master.alive)
+    if m is None:
+        return f"no replacement of worker {index} (pid {victim.pid}) within {RESPAWN_WAIT:.0f}s"
+    new, how = int(m.group(1)), m.group(2)
+    started = log_time(m.string)
+    accepts = subject.watch.wait_for(
+        re.compile(rf"\(pid {new}\) accepts"), RESPAWN_WAIT, master.alive
+    )
+    if accepts is None:
+        return f"replacement {new} of worker {index} not accepting within {RESPAWN_WAIT:.0f}s"
+    accepted = log_time(accepts.string)
+    if started is None or accepted is None:
+        return f"no time stamp in {accepts.string!r}"
+    result.respawn_ms.append((accepted - kill_time) * 1000)
+    result.respawn_started_ms.append((started - kill_time) * 1000)
+    key = "forked" if how.startswith("forked") else how
+    result.respawn_how[key] = result.respawn_how.get(key, 0) + 1
+    return ""
+
+
+def client_connections(proc: psutil.Process, port: int) -> int:
+    """Established connections `proc` holds on the proxy's port (from wrk)."""
+    with contextlib.suppress(psutil.Error):
+        return sum(
+            1
+            for c in proc.net_connections(kind="tcp")
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- run
 
 
 def run_one(
@@ -908,8 +1382,7 @@ def run_one(
     result.log_path = str(subject.log_path)
     log(
         f"{proxy} {method} ({result.description}): wrk -c{opts.connections} "
-        f"-d{opts.duration}s -> 127.0.0.1:{result.port}, reloads every "
-        f"{INTERVAL[0] * 1000:.0f}-{INTERVAL[1] * 1000:.0f} ms"
+        f"-d{opts.duration}s -> 127.0.0.1:{result.port}, {pacing(opts)}"
     )
     try:
         try:
@@ -922,8 +1395,24 @@ def run_one(
             result.after_drain = len(procs)
             result.expected_after_drain = subject.expected()
             result.after_drain_list = sorted(f"{p.pid} {title(p)}" for p in procs)
+            result.roles_after_drain, result.templates_ok = check_roles(subject)
+            result.usage_drained = subject.usage()
+            if proxy == "pylb":
+                result.workers_started = count_started(subject.log_lines())
+            if (
+                isinstance(subject, PylbInPlace)
+                and opts.respawn
+                and not result.hung
+                and result.after_drain == result.expected_after_drain
+            ):
+                respawn_phase(subject, tools, opts, result)
+                procs = drain(subject)
+                result.after_respawn = len(procs)
+                result.roles_after_respawn, ok = check_roles(subject)
+                result.templates_ok = result.templates_ok is not False and ok is not False
         finally:
             subject.stop()
+            result.outlived_stop = subject.outlived
             result.left_after_stop = after_stop(subject)
             result.processes_seen = len(subject.seen)
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
@@ -931,11 +1420,32 @@ def run_one(
         log(f"{proxy} {method}: FAILED: {exc}")
     lines = subject.log_lines()
     result.notable_log = [line for line in lines if NOTABLE.search(line)]
-    print_check(result)
+    print_check(result, opts)
     return result
 
 
-def print_check(r: RunResult) -> None:
+def mib(n: int) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def usage_change(a: Usage | None, b: Usage | None) -> tuple[str, str]:
+    """("rss MiB start->end", "fds start->end") of two samples."""
+    if a is None or b is None:
+        return "-", "-"
+    return f"{mib(a.rss)}->{mib(b.rss)}", f"{a.fds}->{b.fds}"
+
+
+def usage_parts(a: Usage, b: Usage) -> str:
+    parts = []
+    for role in a.parts:
+        ra, fa, na = a.parts[role]
+        rb, fb, nb = b.parts.get(role, (0, 0, 0))
+        count = f" x{na}" if na == nb and na != 1 else f" x{na}->{nb}" if na != nb else ""
+        parts.append(f"{role}{count} {mib(ra)}->{mib(rb)} MiB, {fa}->{fb} fds")
+    return "; ".join(parts)
+
+
+def print_check(r: RunResult, opts: Options) -> None:
     name = f"{r.proxy} {r.method}"
     if r.after_drain is None:
         drained = "not measured"
@@ -944,28 +1454,133 @@ def print_check(r: RunResult) -> None:
             f"{r.after_drain} processes after drain (expected {r.expected_after_drain})"
             f"{'' if r.after_drain == r.expected_after_drain else ' MISMATCH'}"
         )
+        if r.roles_after_drain:
+            drained += f": {r.roles_after_drain}"
+    workers = f" ({r.peak_workers} workers)" if r.proxy == "pylb" else ""
     left = (
         "none left after stop"
         if not r.left_after_stop
         else f"LEFT AFTER STOP: {', '.join(r.left_after_stop)}"
     )
+    if r.outlived_stop:
+        left += f"; OUTLIVED ITS MASTER (killed by the script): {', '.join(r.outlived_stop)}"
     print(
         f"check {name}: {r.processes_seen} processes seen in the run, peak "
-        f"{r.peak_processes} at once; {drained}; {left}",
+        f"{r.peak_processes} at once{workers}; {drained}; {left}",
         flush=True,
     )
     if r.after_drain is not None and r.after_drain != r.expected_after_drain:
         for line in r.after_drain_list:
             print(f"    still there: {line}", flush=True)
-    if r.reloads < MIN_RELOADS and r.error is None:
+    if r.templates_ok is False:
+        print(f"WARNING: {name}: not exactly one worker template per master", flush=True)
+    if r.template_missing:
         print(
-            f"WARNING: {name}: only {r.reloads} reloads done (wanted >= {MIN_RELOADS})", flush=True
+            f"WARNING: {name}: {r.template_missing} samples found a master without its "
+            "worker template",
+            flush=True,
         )
+    if r.workers_started:
+        how = ", ".join(f"{n} {k}" for k, n in sorted(r.workers_started.items()))
+        print(f"    {name}: workers started: {how}", flush=True)
+    rate = r.achieved_rate
+    if rate is not None:
+        print(
+            f"    {name}: {len(r.reload_starts)} reloads in "
+            f"{r.reload_starts[-1] - r.reload_starts[0]:.1f}s = {rate:.2f}/s start to start"
+            f"{f' (asked {opts.rate:g}/s)' if opts.rate else ''}; {r.late} started more "
+            f"than {LATE * 1000:.0f} ms late",
+            flush=True,
+        )
+    if r.usage_start is not None and r.usage_end is not None:
+        print(
+            f"    {name}: after reload {FLAT_AFTER} -> after the last: "
+            f"{usage_parts(r.usage_start, r.usage_end)}",
+            flush=True,
+        )
+    if r.usage_series:
+        role = next(iter(r.usage_start.parts)) if r.usage_start else "first"
+        print(
+            f"    {name}: highest after any reload: {mib(max(u[1] for u in r.usage_series))} "
+            f"MiB, {max(u[2] for u in r.usage_series)} fds in all; {role} "
+            f"{mib(max(u[3] for u in r.usage_series))} MiB, "
+            f"{max(u[4] for u in r.usage_series)} fds",
+            flush=True,
+        )
+    if r.usage_drained is not None:
+        print(
+            f"    {name}: after the drain: {mib(r.usage_drained.rss)} MiB, "
+            f"{r.usage_drained.fds} fds in {r.usage_drained.procs} processes",
+            flush=True,
+        )
+    if r.respawn_asked:
+        print(
+            f"    {name}: respawn: {len(r.respawn_ms)}/{r.respawn_asked} measured; kill -> "
+            f"accepts ms {fmt_ms(r.respawn_ms)}; kill -> started ms "
+            f"{fmt_ms(r.respawn_started_ms)}; {respawn_how(r)}; wrk during it: "
+            f"{respawn_wrk(r)} (the killed workers held {sum(r.respawn_victim_conns)} client "
+            f"connections: {'+'.join(map(str, r.respawn_victim_conns)) or '-'}); after it: "
+            f"{r.after_respawn} processes "
+            f"({r.roles_after_respawn})",
+            flush=True,
+        )
+        for line in r.respawn_errors:
+            print(f"WARNING: {name}: respawn: {line}", flush=True)
+    if r.error is None:
+        if opts.rate is None and r.reloads < MIN_RELOADS:
+            print(
+                f"WARNING: {name}: only {r.reloads} reloads done (wanted >= {MIN_RELOADS})",
+                flush=True,
+            )
+        if opts.rate is not None and (rate is None or rate < opts.rate * RATE_SHORTFALL):
+            print(
+                f"WARNING: {name}: {fmt(rate, '.2f')} reloads/s, asked {opts.rate:g}",
+                flush=True,
+            )
     if r.hung:
         print(f"WARNING: {name}: a reload hung: {r.hung}", flush=True)
 
 
+def fmt_ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"p50 {statistics.median(values):.0f} max {max(values):.0f}"
+
+
+def respawn_how(r: RunResult) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(r.respawn_how.items())) or "none started"
+
+
+def respawn_wrk(r: RunResult) -> str:
+    w = r.respawn_wrk
+    if w is None:
+        return "-"
+    kinds = [f"{k} {n}" for k, n in w.socket_errors.items() if n]
+    if w.non2xx:
+        kinds.append(f"non-2xx {w.non2xx}")
+    detail = f" ({', '.join(kinds)})" if kinds else ""
+    return f"{w.requests} requests, {w.errors} errors{detail}"
+
+
 # --------------------------------------------------------------------------- report
+
+
+def align(rows: list[list[str]], left: int) -> str:
+    """Rows as columns: the first `left` cells left-aligned, the others right-aligned;
+    a short row (a failure) is joined as it is."""
+    head = rows[0]
+    full = [row for row in rows if len(row) == len(head)]
+    width = [max(len(row[i]) for row in full) for i in range(len(head))]
+    lines = []
+    for row in rows:
+        if len(row) != len(head):
+            cells = [c.ljust(w) for c, w in zip(row[:-1], width, strict=False)]
+            lines.append("  ".join([*cells, row[-1]]))
+            continue
+        cells = [c.ljust(w) for c, w in zip(row[:left], width[:left], strict=True)]
+        cells += [c.rjust(w) for c, w in zip(row[left:], width[left:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 def table(results: list[RunResult]) -> str:
@@ -976,6 +1591,7 @@ def table(results: list[RunResult]) -> str:
         "requests",
         "req/s",
         "reloads",
+        "reloads/s",
         "reload fail",
         "failures",
         "/100 reloads",
@@ -1002,6 +1618,7 @@ def table(results: list[RunResult]) -> str:
                 str(r.wrk.requests),
                 fmt(r.wrk.rps, ".0f"),
                 str(r.reloads),
+                fmt(r.achieved_rate, ".2f"),
                 str(r.reload_failures),
                 str(r.failures),
                 fmt(r.per_100_reloads, ".1f"),
@@ -1015,30 +1632,70 @@ def table(results: list[RunResult]) -> str:
                 "yes" if r.leak_ok else "NO",
             ]
         )
-    full = [row for row in rows if len(row) == len(head)]
-    width = [max(len(row[i]) for row in full) for i in range(len(head))]
-    lines = []
-    for row in rows:
-        if len(row) != len(head):
-            lines.append(
-                "  ".join(
-                    [row[0].ljust(width[0]), row[1].ljust(width[1]), row[2].ljust(width[2]), row[3]]
-                )
-            )
+    return align(rows, 3)
+
+
+def process_table(results: list[RunResult]) -> str:
+    head = [
+        "proxy",
+        "method",
+        "processes after drain",
+        "peak procs",
+        "peak workers",
+        f"rss MiB {FLAT_AFTER}->last",
+        f"fds {FLAT_AFTER}->last",
+        "respawns",
+        "respawn ms p50",
+        "max",
+        "respawn wrk errors",
+    ]
+    rows = [head]
+    for r in results:
+        if r.after_drain is None:
+            rows.append([r.proxy, r.method, f"FAILED: {r.error}"])
             continue
-        cells = [c.ljust(w) for c, w in zip(row[:3], width[:3], strict=True)]
-        cells += [c.rjust(w) for c, w in zip(row[3:], width[3:], strict=True)]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+        rss, fds = usage_change(r.usage_start, r.usage_end)
+        procs = r.roles_after_drain or str(r.after_drain)
+        if r.proxy != "pylb":
+            respawns, p50, top, errors = "n/a", "n/a", "n/a", "n/a"
+        elif not r.respawn_asked:
+            respawns, p50, top, errors = "-", "-", "-", "-"
+        else:
+            respawns = f"{len(r.respawn_ms)}/{r.respawn_asked}"
+            p50 = fmt(statistics.median(r.respawn_ms) if r.respawn_ms else None, ".0f")
+            top = fmt(max(r.respawn_ms) if r.respawn_ms else None, ".0f")
+            errors = str(r.respawn_wrk.errors) if r.respawn_wrk else "-"
+        rows.append(
+            [
+                r.proxy,
+                r.method,
+                procs,
+                str(r.peak_processes),
+                str(r.peak_workers) if r.proxy == "pylb" else "-",
+                rss,
+                fds,
+                respawns,
+                p50,
+                top,
+                errors,
+            ]
+        )
+    return align(rows, 3)
 
 
 def report(opts: Options, tools: Tools, results: list[RunResult], subreaper: bool) -> None:
     print(
         f"\nreload under load: wrk -t1 -c{opts.connections} --timeout 5s, {opts.duration}s "
-        f"per method, a reload every {INTERVAL[0] * 1000:.0f}-{INTERVAL[1] * 1000:.0f} ms; "
-        f"pylb workers={WORKERS}; failures = socket errors + non-2xx\n"
+        f"per method, {pacing(opts)}; pylb workers={WORKERS}; failures = socket errors + "
+        "non-2xx\n"
     )
     print(table(results))
+    print(
+        f"\nprocesses and resources (rss, fds: current processes after reload {FLAT_AFTER} "
+        f"-> after the last reload; respawn: kill -9 of a pylb worker -> its replacement "
+        "accepts)\n"
+    )
+    print(process_table(results))
     for r in results:
         if r.reload_errors:
             resent = f"; signals sent again: {r.signals_resent}" if r.signals_resent else ""
@@ -1048,7 +1705,7 @@ def report(opts: Options, tools: Tools, results: list[RunResult], subreaper: boo
             if len(r.reload_errors) > 10:
                 print(f"    ... {len(r.reload_errors) - 10} more")
     for r in results:
-        if r.proxy != "pylb" or not (r.failures or r.reload_failures or r.hung):
+        if r.proxy != "pylb" or not (r.failures or r.reload_failures or r.hung or r.respawn_errors):
             continue
         if not r.notable_log:
             print(f"\n{r.proxy} {r.method}: no notable lines in {r.log_path}")
@@ -1071,13 +1728,19 @@ def meta(opts: Options, tools: Tools) -> dict[str, Any]:
         **run_meta(tools),
         "duration": opts.duration,
         "connections": opts.connections,
-        "interval_ms": [INTERVAL[0] * 1000, INTERVAL[1] * 1000],
+        "interval_ms": None if opts.rate else [INTERVAL[0] * 1000, INTERVAL[1] * 1000],
+        "rate": opts.rate,
+        "respawn": opts.respawn,
         "pylb_workers": WORKERS,
         "seed": opts.seed,
+        "load_average": os.getloadavg(),
     }
 
 
 def result_json(r: RunResult) -> dict[str, Any]:
+    def use(u: Usage | None) -> dict[str, Any] | None:
+        return None if u is None else u.json()
+
     return {
         "proxy": r.proxy,
         "method": r.method,
@@ -1087,18 +1750,42 @@ def result_json(r: RunResult) -> dict[str, Any]:
         "rps": r.wrk.rps if r.wrk else None,
         "reloads": r.reloads,
         "reload_failures": r.reload_failures,
+        "reloads_per_second": r.achieved_rate,
+        "late_starts": r.late,
         "failures": r.failures,
         "failures_per_100_reloads": r.per_100_reloads,
         "reload_seconds": r.reload_s,
+        "reload_starts": r.reload_starts,
         "reload_notes": r.reload_errors,
         "signals_resent": r.signals_resent,
         "hung": r.hung,
         "processes_seen": r.processes_seen,
         "peak_processes": r.peak_processes,
+        "peak_workers": r.peak_workers,
+        "template_missing_samples": r.template_missing,
+        "workers_started": r.workers_started,
         "after_drain": r.after_drain,
         "expected_after_drain": r.expected_after_drain,
         "after_drain_processes": r.after_drain_list,
+        "roles_after_drain": r.roles_after_drain,
+        "templates_ok": r.templates_ok,
+        "usage_start": use(r.usage_start),
+        "usage_end": use(r.usage_end),
+        "usage_drained": use(r.usage_drained),
+        "usage_series": r.usage_series,
+        "respawn": {
+            "asked": r.respawn_asked,
+            "kill_to_accepts_ms": r.respawn_ms,
+            "kill_to_started_ms": r.respawn_started_ms,
+            "how": r.respawn_how,
+            "victim_client_connections": r.respawn_victim_conns,
+            "errors": r.respawn_errors,
+            "after": r.after_respawn,
+            "roles_after": r.roles_after_respawn,
+            "wrk": asdict(r.respawn_wrk) if r.respawn_wrk else None,
+        },
         "left_after_stop": r.left_after_stop,
+        "outlived_stop": r.outlived_stop,
         "notable_log": r.notable_log[:200],
         "log": r.log_path,
         "wrk": asdict(r.wrk) if r.wrk else None,

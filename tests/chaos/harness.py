@@ -988,7 +988,7 @@ class World:
             os.kill(victim, signal.SIGKILL)
         started = self.log.wait(
             rf"pylb\[{self.master_pid}\] master: worker {windex}/\d+ gen {gen} started"
-            rf" \(pid (\d+)\)", 10, mark)
+            rf" \(pid (\d+)[,)]", 10, mark)
         new = int(started.group(1)) if started else 0
         ready = started is not None and wait_until(
             lambda: self.show_proc()[2].get(new, (0, "?"))[1] != "?", 10, 0.05)
