@@ -1410,6 +1410,8 @@ def run_one(
                 result.after_respawn = len(procs)
                 result.roles_after_respawn, ok = check_roles(subject)
                 result.templates_ok = result.templates_ok is not False and ok is not False
+            elif isinstance(subject, PylbInPlace) and opts.respawn:
+                log(f"{proxy} {method}: respawn skipped (a reload hung or the drain did not end)")
         finally:
             subject.stop()
             result.outlived_stop = subject.outlived
@@ -1655,7 +1657,7 @@ def process_table(results: list[RunResult]) -> str:
             rows.append([r.proxy, r.method, f"FAILED: {r.error}"])
             continue
         rss, fds = usage_change(r.usage_start, r.usage_end)
-        procs = r.roles_after_drain or str(r.after_drain)
+        procs = r.roles_after_drain or f"{r.after_drain} (expected {r.expected_after_drain})"
         if r.proxy != "pylb":
             respawns, p50, top, errors = "n/a", "n/a", "n/a", "n/a"
         elif not r.respawn_asked:
@@ -1836,7 +1838,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reload: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     report(opts, tools, results, subreaper)
-    bad = any(r.error or r.hung or not r.leak_ok for r in results)
+    bad = any(r.error or r.hung or not r.leak_ok or not r.respawn_ok for r in results)
     return EXIT_FAILED if bad else EXIT_OK
 
 

@@ -187,16 +187,18 @@ def serve(sock: socket.socket, master: int) -> None:
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            sock.send(b"error: expected one descriptor")
-            continue
-        try:
-            pid = fork_worker(sock, fds[0], master)
-        except OSError as err:
-            sock.send(f"error: {err.strerror or err}".encode())
+            answer = b"error: expected one descriptor"
         else:
-            sock.send(str(pid).encode())
-        finally:
-            os.close(fds[0])
+            try:
+                answer = str(fork_worker(sock, fds[0], master)).encode()
+            except OSError as err:
+                answer = f"error: {err.strerror or err}".encode()
+            finally:
+                os.close(fds[0])
+        try:
+            sock.send(answer)
+        except OSError:  # the master's end is gone
+            return
 
 
 def fork_worker(sock: socket.socket, channel: int, master: int) -> int:

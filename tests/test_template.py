@@ -151,3 +151,19 @@ def test_the_template_leaves_with_the_master(pylb, backends, tmp_path):
     os.kill(lb.pid, signal.SIGKILL)
     assert wait_until(lambda: not psutil.pid_exists(template.pid)
                       or template.status() == psutil.STATUS_ZOMBIE, 5)
+
+
+def test_a_stalled_template_costs_one_slow_reload_and_is_replaced(pylb, backends, tmp_path):
+    lb, port, _sock = start(pylb, backends, tmp_path)
+    reload_until_forked(lb, tmp_path)
+    stalled = template_of(lb.pid)
+    stalled.send_signal(signal.SIGSTOP)  # alive, but answers nothing
+    mark = len(lb.lines)
+    assert cli(tmp_path, "reload", timeout=30).startswith("Success=1")
+    lb.wait_log(r"the worker template failed: starting worker 1 afresh", start=mark)
+    lb.wait_log(r"worker 1/2 gen \d+ started \(pid \d+, new interpreter\)", start=mark)
+    assert wait_until(lambda: not psutil.pid_exists(stalled.pid)
+                      or stalled.status() == psutil.STATUS_ZOMBIE, 5)
+    lb.wait_log(r"worker template restarted", start=mark)
+    reload_until_forked(lb, tmp_path)
+    assert answers(port)
