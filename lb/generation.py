@@ -52,6 +52,7 @@ QUICK_DEATH = 5.0  # a worker dying sooner than this after its start counts as c
 STOP_GRACE = 5.0  # how long stopping workers get before SIGKILL on a hard stop
 RELOAD_TIMEOUT = 30.0  # how long a new generation gets to accept
 UNREACHABLE_CHECK = 0.5  # after its channel ends, a worker still alive this long is killed
+TEMPLATE_START = 5.0  # how long the first generation waits for the worker template
 
 
 @dataclass(eq=False)
@@ -149,9 +150,11 @@ class Generations:
         self._lock = asyncio.Lock()
         self.template: Template | None = None  # where workers are forked from
 
-    def start_template(self) -> None:
+    async def start_template(self) -> None:
         """Start the worker template, so that workers are forked rather than started as
-        new interpreters. Until it is ready, or if it cannot be had, they are started."""
+        new interpreters, and wait until it is ready (a few hundred milliseconds, about
+        one interpreter start: the first workers are forked from it too). If it cannot
+        be had, workers start as new interpreters."""
         try:
             template.become_subreaper()
             self.template = Template([sys.executable, "-m", "lb.template"], _worker_env())
@@ -159,6 +162,10 @@ class Generations:
         except OSError as err:
             log.warning("no worker template (%s): workers start as new interpreters", err)
             self.template = None
+            return
+        if not await self.template.wait_ready(TEMPLATE_START):
+            log.warning("the worker template is not ready after %.0fs: the first workers "
+                        "start as new interpreters", TEMPLATE_START)
 
     def housekeeping(self) -> None:
         """Replace a template that died; reap orphans re-parented to us that are not
@@ -298,7 +305,8 @@ class Generations:
         members = self.of(number)
         if number in self.announced or not all(h.ready for h in members):
             return
-        self.announced.add(number)
+        # (only the newest matter: older ones are retired, or being rolled back)
+        self.announced = {n for n in self.announced if n >= number - 1} | {number}
         log.info("generation %d ready: %d workers accepting", number, len(members))
         waiter = self._ready.pop(number, None)
         if waiter is not None and not waiter.done():

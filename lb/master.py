@@ -145,7 +145,7 @@ class Master:
             signal.SIGWINCH,
         ):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
-        self.generations.start_template()  # the first workers do not wait for it
+        await self.generations.start_template()
         for index in range(1, self.config.global_.workers + 1):
             self.generations.spawn(index)
         self.checker = Checker(self.config, self.shared, self.health,

@@ -21,6 +21,7 @@ template cannot answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
@@ -125,6 +126,27 @@ class Template:
             return Forked(int(reply))
         self.stop()  # silent, stalled or broken: replaced by the next check()
         return None
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until the template is ready (or gone, or `timeout`); is it?"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.available():
+            if self._sock is None or self.proc is None or self.proc.poll() is not None:
+                return False
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            readable = loop.create_future()
+            loop.add_reader(self._sock, lambda f=readable: f.done() or f.set_result(None))
+            try:
+                await asyncio.wait_for(readable, left)
+            except TimeoutError:
+                pass
+            finally:
+                if self._sock is not None:
+                    loop.remove_reader(self._sock)
+        return True
 
     def available(self) -> bool:
         """Is the template running and ready (it has imported everything)?"""
