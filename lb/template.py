@@ -22,6 +22,7 @@ template cannot answer.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -269,6 +270,10 @@ def _become_worker(sock: socket.socket, channel: int, master: int) -> None:
     except BaseException:  # noqa: BLE001 - a worker's crash is reported, never raised here
         logging.getLogger("pylb").exception("worker crashed")
     finally:
+        # What the interpreter does at exit, which os._exit skips: the atexit handlers
+        # (a worker's frontends let go of their stick counters there), logs, streams.
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
         logging.shutdown()
         with contextlib.suppress(Exception):
             sys.stdout.flush()

@@ -73,11 +73,20 @@ def _is_template(process: Any) -> bool:
         return False
 
 
+_GIVEN: set[int] = set()  # ports free_port returned: not returned twice by one test run
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process
+    has not been given before (the kernel may hand the same free port to two calls, and a
+    test binding both would fail)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def pattern_chunks(size: int, chunk: int = 65536) -> Iterator[bytes]:
