@@ -1,6 +1,7 @@
 """A worker process: serves the listening sockets the master hands it, nothing else.
 
-Started by the master as `python -m lb.worker FD`, where FD is its end of the control
+Forked from the worker template (lb.template), or started by the master as
+`python -m lb.worker FD`; either way `main` runs with FD, its end of the control
 channel. The first message on it carries the configuration and, by SCM_RIGHTS, the
 listening sockets; the worker answers `ready` once it accepts on all of them.
 """
