@@ -108,6 +108,15 @@ MUTATIONS = ("add-server", "remove-server", "rename-server", "maxconn", "weight"
              "checks", "cookie", "stick", "header-rule", "map", "second-bind",
              "second-frontend", "none")
 
+# Reload steps that switch a feature of the spec on or off: (attribute, what the log says)
+TOGGLES = {
+    "checks": ("checks", "health checks"),
+    "cookie": ("cookie", "cookie persistence"),
+    "header-rule": ("header_rule", "set-header rule"),
+    "map": ("map_rule", "map rule"),
+    "second-bind": ("second_bind", "second bind"),
+}
+
 
 def mutate(spec: Spec, kind: str, choice: int) -> str:
     """Apply one valid change to `spec` (`choice` picks among the possibilities); what was
@@ -142,24 +151,13 @@ def mutate(spec: Spec, kind: str, choice: int) -> str:
     if kind == "balance":
         spec.balance = rnd.choice([a for a in ALGORITHMS if a != spec.balance])
         return f"balance {spec.balance}"
-    if kind == "checks":
-        spec.checks = not spec.checks
-        return f"health checks {'on' if spec.checks else 'off'}"
-    if kind == "cookie":
-        spec.cookie = not spec.cookie
-        return f"cookie persistence {'on' if spec.cookie else 'off'}"
+    if kind in TOGGLES:
+        attr, what = TOGGLES[kind]
+        setattr(spec, attr, not getattr(spec, attr))
+        return f"{what} {'on' if getattr(spec, attr) else 'off'}"
     if kind == "stick":
         spec.stick = rnd.choice([s for s in (None, "1k", "2k") if s != spec.stick])
         return f"stick table {spec.stick or 'off'}"
-    if kind == "header-rule":
-        spec.header_rule = not spec.header_rule
-        return f"set-header rule {'on' if spec.header_rule else 'off'}"
-    if kind == "map":
-        spec.map_rule = not spec.map_rule
-        return f"map rule {'on' if spec.map_rule else 'off'}"
-    if kind == "second-bind":
-        spec.second_bind = not spec.second_bind
-        return f"second bind {'on' if spec.second_bind else 'off'}"
     if kind == "second-frontend":
         spec.second_frontend = not spec.second_frontend
         return f"second frontend {'on' if spec.second_frontend else 'off'}"
