@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import os
 import socket
-import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from lb import config, httplog
 from lb.backend import Backend
 from lb.counters import Counters
 from lb.httpproxy import HttpSession
+from lb.log import log
 from lb.rules import FrontendRules
 from lb.shared import (
     FE_DISABLED,
@@ -30,12 +31,10 @@ from lb.shared import (
     GLOBAL_MAXCONN,
 )
 from lb.tcpproxy import TcpSession
+from lb.tunnel import reset_on_close
 
 if TYPE_CHECKING:
     from lb.worker import Worker
-
-
-_NO_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def _has_rules(cfg: config.Frontend) -> bool:
@@ -167,6 +166,26 @@ class Frontend:
         if data:
             session.data_received(data)
 
+    def adopt_tunnel(self, state: dict[str, Any], fds: list[int]) -> None:
+        """Go on relaying a tunnel an older generation handed over (lb.handover). It was
+        admitted there: it is counted in here whatever the limits say."""
+        backend = self.worker.backends.get(state["be"])
+        servers = backend.servers if backend is not None else ()
+        server = next((s for s in servers if s.name == state["srv"]), None)
+        if backend is None or server is None or state["mode"] != self.cfg.mode:
+            # The old generation asked what we take (lb.handover.accepts): not expected.
+            log.warning("tunnel for %s/%s not taken by frontend %s: closed",
+                        state["be"], state["srv"], self.name)
+            for fd in fds:
+                os.close(fd)
+            if state["slot"]:
+                self.worker.queue.release_named(state["be"], state["srv"])
+            return
+        session = (HttpSession if self.cfg.mode == "http" else TcpSession)(self, adopted=True)
+        self.sessions.add(session)
+        self._count(1)
+        session.resume_tunnel(state, fds, backend, server)
+
     # -- limits ---------------------------------------------------------------------
 
     def current(self) -> int:
@@ -215,10 +234,7 @@ class Frontend:
         transport = session.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
-            except OSError:
-                pass
+            reset_on_close(sock)
         transport.abort()
         return False
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lb
-from lb import config, control, maps, reload, systemd, template
+from lb import config, control, handover, maps, reload, systemd, template
 from lb.log import log
 from lb.shared import Shared
 from lb.sock import Listener
@@ -392,7 +392,8 @@ class Generations:
         for handle in self.older():
             if not handle.stopping:
                 handle.stopping = True
-                handle.channel.send({"op": "soft-stop", "handover": True})
+                handle.channel.send({"op": "soft-stop", "handover": True,
+                                     "accepts": handover.accepts(self.master.config)})
 
     # -- exits ------------------------------------------------------------------------
 
@@ -448,15 +449,17 @@ class Generations:
 
     # -- stopping -------------------------------------------------------------------
 
-    def stop(self, hard: bool, handover: bool) -> None:
-        """Stop every worker: at once (`hard`), or after what is in flight (`handover`:
-        idle connections go to a newer pylb)."""
+    def stop(self, hard: bool, hand_over: bool, accepts: handover.Accepts | None) -> None:
+        """Stop every worker: at once (`hard`), or after what is in flight (`hand_over`:
+        idle connections and the tunnels `accepts` allows go to a newer pylb)."""
         for handle in self.workers.values():
             handle.stopping = True
             if hard:
                 _kill(handle.pid, signal.SIGTERM)
             else:
-                handle.channel.send({"op": "soft-stop", "handover": handover})
+                handle.channel.send(
+                    {"op": "soft-stop", "handover": hand_over, "accepts": accepts}
+                )
         loop = asyncio.get_running_loop()
         hard_stop_after = self.master.config.global_.hard_stop_after
         if hard:

@@ -227,6 +227,7 @@ class RequestReader(_Reader):
         self._url: list[bytes] = []
         self._pending_bytes = 0  # bytes of a head not yet complete, for the size limit
         self.head: RequestHead | None = None
+        self.upgraded = False  # an Upgrade request was read: what follows is not HTTP
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -290,7 +291,7 @@ class RequestReader(_Reader):
             if head is not None and head.method == b"PRI":
                 return self._fail("HTTP/2 preface on an HTTP/1.1 listener")
             self.events.append((UPGRADE, data[upgrade.args[0] :]))
-            self.closed = True
+            self.closed = self.upgraded = True
         except httptools.HttpParserCallbackError as err:
             failure = _callback_failure(err)
             if failure is not None:
@@ -366,7 +367,7 @@ class ResponseReader(_Reader):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.events.append((UPGRADE, data[upgrade.args[0] :]))
-            self.closed = True
+            self.closed = self.upgraded = True
         except httptools.HttpParserCallbackError as err:
             return self._fail(_callback_failure(err) or "stopped")
         except httptools.HttpParserError as err:

@@ -446,7 +446,7 @@ def tcp_record(session: TcpSession, bytes_out: int, termination: str) -> Record:
     now = time.monotonic()
     frontend = session.frontend
     server, backend = session.server, frontend.default_backend
-    peer = session.transport.get_extra_info("peername") or ("", 0)
+    peer = session.peer
     wait = session.connect - session.queued if session.queued >= 0 else 0.0
     return Record(
         client_ip=peer[0], client_port=peer[1],

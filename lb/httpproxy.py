@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lb import h1, httplog, persist
+from lb import h1, handover, httplog, persist
 from lb.balance import Context
 from lb.errors import PAGES
 from lb.retry import CONN_FAILURE, EMPTY_RESPONSE, JUNK_RESPONSE, RESPONSE_TIMEOUT
 from lb.serverconn import ServerConnection
 from lb.timer import clock
-from lb.tunnel import Tunnel
+from lb.tunnel import Tunnel, drained, take_socket
 
 if TYPE_CHECKING:
     from lb.backend import Backend, Server
@@ -94,6 +95,7 @@ class HttpSession(asyncio.Protocol):
         "resume",
         "tracked",
         "adopted",
+        "stays",
     )
 
     def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
@@ -113,6 +115,7 @@ class HttpSession(asyncio.Protocol):
         self.begin = time.monotonic()  # when the current request began (for its log)
         self.resume: list[int] | None = None  # a queue place held in an older generation
         self.tunnel: Tunnel | None = None
+        self.stays = ""  # why this connection cannot move to the next generation
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -191,6 +194,12 @@ class HttpSession(asyncio.Protocol):
             self.transport.pause_reading()
             return
         self.frontend.counters.bin += len(data)
+        if self.reader.upgraded:
+            # Sent after the Upgrade request, before the server's answer: for the tunnel
+            # (a server that refuses the upgrade closes the connection after its answer).
+            self.tunnel_bytes += data
+            self.transport.pause_reading()
+            return
         if self.phase == IDLE and not self.reader.in_head:
             self.deadline = clock.now + self.frontend.timeouts.http_request
             if self.frontend.request_log is not None and self.requests:
@@ -204,6 +213,9 @@ class HttpSession(asyncio.Protocol):
         self._process(events)
 
     def eof_received(self) -> bool:
+        if self.reader.upgraded and self.phase < TUNNEL and self.pending is None:
+            self.pending = [(CLIENT_EOF, None)]  # for the tunnel, once it begins
+            return True
         if self.pending is not None:
             self.pending.append((CLIENT_EOF, None))  # after the requests it sent before
         else:
@@ -845,7 +857,10 @@ class HttpSession(asyncio.Protocol):
 
     def describe(self) -> dict[str, object]:
         """This connection, for `show sess`."""
-        peer = self.transport.get_extra_info("peername") or ("", 0)
+        if self.transport is None:  # a tunnel adopted from an older generation
+            peer = self.tunnel.peer_address() if self.tunnel is not None else ("", 0)
+        else:
+            peer = self.transport.get_extra_info("peername") or ("", 0)
         return {
             "id": id(self), "src": f"{peer[0]}:{peer[1]}", "fe": self.frontend.name,
             "be": self.backend.name if self.backend is not None else "<NONE>",
@@ -862,7 +877,11 @@ class HttpSession(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """Soft stop: an idle keep-alive connection leaves now (handed over to the next
-        generation, or closed), a busy one after its answer."""
+        generation, or closed), a busy one after its answer; a tunnel moves whole."""
+        if self.phase == TUNNEL:
+            if self.tunnel is not None and not self.tunnel.closed:
+                handover.leave(self, "http", {"peer": self.tunnel.peer_address()})
+            return
         if self.held is not None:
             self._leave()
         elif self.phase == IDLE and self.pending is None and not self.reader.in_head:
@@ -911,23 +930,84 @@ class HttpSession(asyncio.Protocol):
         frontend.closed(self)  # may see it has nothing left and exit
 
     def _start_tunnel(self, server_bytes: bytes) -> None:
+        """The server switched protocols: from here on pylb relays bytes (lb.tunnel), on
+        the sockets themselves once both transports have written what they hold."""
         conn = self.conn
         assert conn is not None
         self.conn = None
         conn.session = None
         self.phase = TUNNEL
         clock.watched.discard(self)
+        client, server = self.transport, conn.transport
+        client.pause_reading()
+        server.pause_reading()
+        client_eof = any(kind == CLIENT_EOF for kind, _ in self.pending or ())
+        self.pending = None
+        if client.get_write_buffer_size() or server.get_write_buffer_size():
+            asyncio.get_running_loop().create_task(
+                self._tunnel_when_drained(client, server, server_bytes, client_eof)
+            )
+        else:
+            self._relay(take_socket(client), take_socket(server), server_bytes, client_eof)
+
+    async def _tunnel_when_drained(
+        self,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+        server_bytes: bytes,
+        client_eof: bool,
+    ) -> None:
+        timeout = self.backend.timeouts.tunnel  # type: ignore[union-attr]
+        try:
+            ready = await asyncio.wait_for(
+                asyncio.gather(drained(client), drained(server)), timeout
+            )
+        except TimeoutError:
+            ready = [False]
+        if all(ready) and not client.is_closing() and not server.is_closing():
+            self._relay(take_socket(client), take_socket(server), server_bytes, client_eof)
+            return
+        client.abort()
+        server.abort()
+        self._tunnel_closed(None)
+
+    def _relay(
+        self, client: socket.socket, server: socket.socket, server_bytes: bytes, client_eof: bool
+    ) -> None:
         tunnel = self.tunnel = Tunnel(
-            self.transport,
-            conn.transport,
+            client,
+            server,
             self.backend.timeouts.tunnel,  # type: ignore[union-attr]
             on_close=self._tunnel_closed,
         )
         tunnel.send(0, server_bytes)
         tunnel.send(1, self.tunnel_bytes)
+        if client_eof:
+            tunnel.end_of(0)
+        if self.frontend.stopping:  # the 101 came as this worker stopped: move it now
+            self.close_if_idle()
 
-    def _tunnel_closed(self, _tunnel: Tunnel) -> None:
+    def resume_tunnel(
+        self, state: dict[str, Any], fds: list[int], backend: Backend, server: Server
+    ) -> None:
+        """Go on with a tunnel an older generation relayed (see lb.handover)."""
+        self.phase = TUNNEL
+        self.backend, self.server = backend, server
+        self.client_ip = state["peer"][0].encode()
+        self.begin = state["begin"]
+        self.slot = server if state["slot"] else None
+        server.opened()
+        frontend = self.frontend
+        if frontend.connection_rules is not None:
+            frontend.connected(self, state["peer"][0], True)  # its stick counters, again
+        self.tunnel = Tunnel.resume(fds, backend.timeouts.tunnel, self._tunnel_closed, state)
+        if frontend.stopping:
+            self.close_if_idle()
+
+    def _tunnel_closed(self, _tunnel: Tunnel | None) -> None:
         self._release_slot()
+        if self.tunnel is not None:
+            handover.count_bytes(self)
         self.server.closed()  # type: ignore[union-attr]
         self.frontend.closed(self)
 

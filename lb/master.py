@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from lb import config, maps, reload, systemd, takeover
+from lb import config, handover, maps, reload, systemd, takeover
 from lb.check import Checker
 from lb.generation import Generations, Resources, WorkerHandle
 from lb.log import log
@@ -93,6 +93,7 @@ class Master:
         self.pending_heirs: list[takeover.LineWriter] = []
         # acquires asked of the heir and not answered yet: ours again if it goes
         self._forwarded: dict[tuple[int, int], tuple[WorkerHandle, dict[str, Any]]] = {}
+        self.heir_accepts: handover.Accepts | None = None  # what that pylb can take
         self.to_elder: takeover.LineWriter | None = None  # the pylb we took over from
         self.elders: dict[int, Elder] = {}  # the workers of the pylb we took over from
         self.elder_servers: frozenset[tuple[str, str]] | None = None  # in its configuration
@@ -156,7 +157,8 @@ class Master:
             self.to_elder = takeover.LineWriter(heir.sock, lambda writer: None)
             loop.add_reader(heir.sock, self._from_elder, heir)
             loop.call_soon(self._from_elder, heir)  # what came with the answer
-            self.to_elder.send({"ready": True})  # it may hand us its slots now
+            # it may hand us its slots now, and the tunnels our configuration takes
+            self.to_elder.send({"ready": True, "accepts": handover.accepts(self.config)})
         ticker = loop.create_task(self._tick())
         if self.config.global_.stats is not None:
             self.stats_socket = StatsSocket(self.config.global_.stats, self)
@@ -321,7 +323,8 @@ class Master:
 
     def _hand_over(self, message: dict[str, Any], fds: list[int]) -> None:
         """Client connections an old worker lets go: to the newest generation's workers,
-        in turn. Our copies of the descriptors close once they are on their way."""
+        in turn, each with its descriptors (two for a tunnel, and the server slot it
+        holds moves with it). Our copies of the descriptors close once on their way."""
         # The newest generation that accepts (a reload may be starting a newer one).
         able = [h for h in self.workers.values() if h.ready and not h.stopping]
         newest = max((h.generation for h in able), default=0)
@@ -333,10 +336,17 @@ class Master:
             if not heirs:
                 log.warning("no worker to take over %d connections: closing them", len(fds))
                 return
-            for position, (conn, fd) in enumerate(zip(message["conns"], fds, strict=True)):
-                heir = heirs[(self._heir + position) % len(heirs)]
-                heir.channel.send({"op": "adopt", "conns": [conn]}, [fd])
-            self._heir += len(fds)
+            position = 0
+            for conn in message["conns"]:
+                heir = heirs[self._heir % len(heirs)]
+                self._heir += 1
+                count = conn.get("fds", 1)
+                mine, position = fds[position : position + count], position + count
+                heir.channel.send({"op": "adopt", "conns": [conn]}, mine)
+                tunnel = conn.get("tunnel")
+                if tunnel is not None and tunnel["slot"]:
+                    old = self.workers.get(tunnel["pid"]) or self._elder(tunnel["pid"])
+                    self.keeper.transfer(old, heir, tunnel["be"], tunnel["srv"])
         finally:
             for fd in fds:
                 os.close(fd)
@@ -399,6 +409,7 @@ class Master:
             for fd in fds:
                 os.close(fd)
             if message.get("ready"):
+                self.heir_accepts = message.get("accepts")
                 self._heir_ready(heir)
                 continue
             slot = message.get("slot")
@@ -469,4 +480,5 @@ class Master:
         self.stopping = True
         systemd.notify("STOPPING=1")
         self.checker.stop()
-        self.generations.stop(hard, handover=bool(self.heirs))  # idle connections: to it
+        # idle connections and tunnels: to the pylb taking over, if any
+        self.generations.stop(hard, bool(self.heirs), self.heir_accepts)

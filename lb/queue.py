@@ -273,6 +273,18 @@ class Keeper:
             slots.used -= 1
             self.dispatch(message["be"])
 
+    def transfer(self, old: Any, new: Any, backend: str, server: str) -> None:
+        """A slot moves from worker `old` to worker `new` with the tunnel that holds it
+        (lb.handover): still busy, never free in between."""
+        key = (backend, server)
+        held = self.held.get(old, {})
+        if held.get(key, 0) > 0:
+            held[key] -= 1
+        elif key in self.servers:  # not counted here (its owner was not known): now it is
+            self.servers[key].used += 1
+        mine = self.held.setdefault(new, {})
+        mine[key] = mine.get(key, 0) + 1
+
     def held_by_pid(self) -> dict[str, list[list[Any]]]:
         """Slots in use and requests waiting, by worker pid, for a process taking over."""
         result: dict[str, list[list[Any]]] = {}
@@ -456,7 +468,10 @@ class Queue:
             self._send({"op": "cancel", "id": ident})
 
     def release(self, server: Server) -> None:
-        self._send({"op": "release", "be": server.backend.name, "srv": server.name})
+        self.release_named(server.backend.name, server.name)
+
+    def release_named(self, backend: str, server: str) -> None:
+        self._send({"op": "release", "be": backend, "srv": server})
 
     def on_grant(self, message: dict[str, Any], backends: dict[str, Backend]) -> None:
         entry = self._waiting.pop(message["id"], None)

@@ -222,7 +222,8 @@ def old_memory(state: dict[str, Any]) -> tuple[OldMemory, config.Config]:
 
 
 class LineReader:
-    """Reads a handover connection: JSON lines; the descriptors of `conns` in order."""
+    """Reads a handover connection: JSON lines; the descriptors of `conns` in order
+    (`fds` of them for each, one by default)."""
 
     def __init__(self, sock: socket.socket, early: bytes = b"") -> None:
         self.sock = sock
@@ -245,7 +246,7 @@ class LineReader:
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
             message = json.loads(line)
-            count = len(message.get("conns", ()))
+            count = sum(conn.get("fds", 1) for conn in message.get("conns", ()))
             taken, self._fds = self._fds[:count], self._fds[count:]
             messages.append((message, taken))
         return messages, chunk == b""

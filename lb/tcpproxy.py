@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lb import httplog
+from lb import handover, httplog
 from lb.balance import Context
 from lb.retry import redispatch_now
 from lb.timer import clock
-from lb.tunnel import Tunnel
+from lb.tunnel import Tunnel, take_socket
 
 if TYPE_CHECKING:
     from lb.backend import Server
@@ -45,7 +45,7 @@ class TcpSession(asyncio.Protocol):
     __slots__ = (
         "frontend", "transport", "deadline", "server", "retries_left", "task", "done",
         "early", "early_eof", "queue_id", "slot", "begin", "queued", "connect", "connected",
-        "retries", "tunnel", "tracked", "adopted",
+        "retries", "tunnel", "tracked", "adopted", "peer", "stays",
     )
 
     def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
@@ -67,13 +67,17 @@ class TcpSession(asyncio.Protocol):
         self.queued = self.connect = self.connected = -1.0
         self.retries = 0
         self.tunnel: Tunnel | None = None
+        self.peer: tuple[str, int] = ("", 0)  # the client's address
+        self.stays = ""  # why this connection cannot move to the next generation
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (peer[0], peer[1])
         frontend = self.frontend
         if frontend.connection_rules is not None:
-            peer = transport.get_extra_info("peername")
-            if not frontend.connected(self, peer[0] if peer else "", self.adopted):
+            if not frontend.connected(self, self.peer[0], self.adopted):
                 self.done = True
                 return  # rejected by tcp-request connection
         if frontend.admit(self):
@@ -92,8 +96,7 @@ class TcpSession(asyncio.Protocol):
     def _dispatch(self, exclude: Server | None) -> None:
         backend = self.frontend.default_backend
         assert backend is not None
-        peer = self.transport.get_extra_info("peername")
-        client_ip = peer[0] if peer else ""
+        client_ip = self.peer[0]
         table = backend.stick  # tcp mode sticks on src only
         stick_key = table.key_of(client_ip) if table is not None and client_ip else None
         server = backend.stuck(stick_key)
@@ -168,29 +171,50 @@ class TcpSession(asyncio.Protocol):
         server.counters.stot += 1
         server.counters.lbtot += 1
         server.backend.counters.stot += 1
-        timeouts = self.frontend.timeouts
+        self.transport.pause_reading()
+        transport.pause_reading()
+        # Neither side was written to yet: the relay takes the sockets as they are.
         tunnel = self.tunnel = Tunnel(
-            self.transport,
-            transport,  # type: ignore[arg-type]
-            max(timeouts.client, timeouts.server),
-            self._finished,
+            take_socket(self.transport), take_socket(transport), self._timeout(), self._finished
         )
         tunnel.send(0, b"".join(held.early))
         tunnel.send(1, b"".join(self.early))
         if held.eof:
-            tunnel.ends[1].eof_received()
+            tunnel.end_of(1)
         if self.early_eof:
-            tunnel.ends[0].eof_received()
+            tunnel.end_of(0)
+        if self.frontend.stopping and not tunnel.closed:
+            self.close_if_idle()  # connected as this worker stopped: move it now
+
+    def _timeout(self) -> float:
+        timeouts = self.frontend.timeouts
+        return max(timeouts.client, timeouts.server)
+
+    def resume_tunnel(
+        self, state: dict[str, Any], fds: list[int], backend: object, server: Server
+    ) -> None:
+        """Go on with a session an older generation relayed (see lb.handover)."""
+        self.done = True
+        self.server = server
+        self.peer = (state["peer"][0], state["peer"][1])
+        self.begin = state["begin"]
+        self.queued, self.connect, self.connected = state["times"]
+        self.retries = state["retries"]
+        self.slot = server if state["slot"] else None
+        server.opened()
+        frontend = self.frontend
+        if frontend.connection_rules is not None:
+            frontend.connected(self, self.peer[0], True)  # its stick counters, again
+        self.tunnel = Tunnel.resume(fds, self._timeout(), self._finished, state)
+        if frontend.stopping:
+            self.close_if_idle()
 
     def _finished(self, tunnel: Tunnel) -> None:
         self._release_slot()
         server = self.server
         server.closed()  # type: ignore[union-attr]
-        read, written = tunnel.ends[0].received, tunnel.ends[1].received
-        for counters in (self.frontend.counters, server.counters, server.backend.counters):  # type: ignore[union-attr]
-            counters.bin += read
-            counters.bout += written
-        self._log(written, "--")
+        handover.count_bytes(self)
+        self._log(tunnel.ends[1].received, "--")
         self.frontend.closed(self)
 
     def _log(self, bytes_out: int, termination: str) -> None:
@@ -250,7 +274,7 @@ class TcpSession(asyncio.Protocol):
 
     def describe(self) -> dict[str, object]:
         """This connection, for `show sess`."""
-        peer = self.transport.get_extra_info("peername") or ("", 0)
+        peer = self.peer
         backend = self.frontend.default_backend
         return {
             "id": id(self), "src": f"{peer[0]}:{peer[1]}", "fe": self.frontend.name,
@@ -268,4 +292,11 @@ class TcpSession(asyncio.Protocol):
             self._give_up()
 
     def close_if_idle(self) -> None:
-        pass  # a TCP connection has no idle point between requests: it finishes
+        """Soft stop: a relayed connection moves to the next generation, whole; one that
+        is still connecting gets there first."""
+        tunnel = self.tunnel
+        if tunnel is not None and not tunnel.closed:
+            handover.leave(self, "tcp", {
+                "peer": list(self.peer), "retries": self.retries,
+                "times": [self.queued, self.connect, self.connected],
+            })

@@ -1,28 +1,46 @@
 """A byte relay between two connections: TCP mode, and HTTP after an Upgrade.
 
 Each side's EOF is passed on as a half-close (the other direction keeps flowing); a side
-that cannot keep up pauses reading on the other. The relay ends when both directions have
-ended or either connection is lost, or after `timeout` seconds with no byte either way.
+that cannot keep up stops the reading of the other. The relay ends when both directions
+have ended or either connection fails, or after `timeout` seconds with no byte either way.
+
+The relay works on the sockets themselves, not on asyncio transports, so that everything
+it holds is its own: the bytes read and not yet written, the half-closes, the counts.
+That is what lets a stopping worker hand a tunnel, whole, to the next generation
+(`detach`, then `Tunnel.resume` in the new process): nothing is lost or sent twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
+import struct
 from collections.abc import Callable
+from typing import Any
 
 from lb.timer import clock
 
+READ_SIZE = 256 * 1024
+HIGH_WATER = 256 * 1024  # bytes waiting for a side: stop reading the other side
+LOW_WATER = 64 * 1024  # ... and read it again once this little is left
+
 
 class Tunnel:
-    __slots__ = ("ends", "timeout", "deadline", "_on_close", "closed")
+    __slots__ = ("ends", "timeout", "deadline", "_on_close", "closed", "_loop")
 
     def __init__(
         self,
-        a: asyncio.Transport,
-        b: asyncio.Transport,
+        a: socket.socket,
+        b: socket.socket,
         timeout: float,
         on_close: Callable[[Tunnel], None] | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
+        """Relay between `a` (the client's side) and `b` (the server's). `state` is what
+        `detach` gave in another process: the relay goes on from there."""
+        self._loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.deadline = clock.now + timeout
         self._on_close = on_close
@@ -30,64 +48,264 @@ class Tunnel:
         end_a, end_b = _End(self, a), _End(self, b)
         end_a.peer, end_b.peer = end_b, end_a
         self.ends = (end_a, end_b)
-        for end in self.ends:
-            end.transport.set_protocol(end)
+        if state is not None:
+            self.deadline = clock.now + max(state["left"], 0.0)
+            for end, out, eof, shut, received in zip(
+                self.ends, state["out"], state["eof"], state["shut"], state["received"],
+                strict=True,
+            ):
+                end.out = bytearray(base64.b64decode(out))
+                end.eof, end.shut, end.received = eof, shut, received
+                end.counted = received
         clock.watched.add(self)
         for end in self.ends:
-            end.transport.resume_reading()
+            end.start()
+
+    @classmethod
+    def resume(
+        cls,
+        fds: list[int],
+        timeout: float,
+        on_close: Callable[[Tunnel], None] | None,
+        state: dict[str, Any],
+    ) -> Tunnel:
+        """The tunnel another process detached: its descriptors and its state."""
+        a, b = (socket.socket(fileno=fd) for fd in fds)
+        return cls(a, b, timeout, on_close, state)
 
     def send(self, side: int, data: bytes) -> None:
         """Bytes read before the tunnel began, to be delivered to side 0 (a) or 1 (b)."""
-        if data:
-            self.ends[side].transport.write(data)
+        if data and not self.closed:
+            end = self.ends[side]
+            end.out += data
+            end.flush()
+
+    def end_of(self, side: int) -> None:
+        """Side 0 (a) or 1 (b) sent its EOF before the tunnel began."""
+        if not self.closed:
+            self.ends[side].ended()
+
+    def peer_address(self) -> tuple[str, int]:
+        try:
+            host, port = self.ends[0].sock.getpeername()[:2]
+        except OSError:
+            return "", 0
+        return host, port
 
     def on_timeout(self) -> None:
         self.close()
 
     def close(self, abort: bool = False) -> None:
+        """End the relay and close both connections (`abort`: what waits to be written
+        is dropped, and the sides see a reset)."""
         if self.closed:
             return
-        self.closed = True
-        clock.watched.discard(self)
+        self._stop()
         for end in self.ends:
             if abort:
-                end.transport.abort()
-            else:
-                end.transport.close()
+                reset_on_close(end.sock)
+            end.sock.close()
         if self._on_close is not None:
             self._on_close(self)
 
+    def detach(self) -> tuple[dict[str, Any], list[int]]:
+        """Stop relaying and give up the tunnel: its state, and duplicates of its two
+        descriptors (ours close). The connections stay open, in whoever takes them."""
+        self._stop()
+        state = {
+            "out": [base64.b64encode(bytes(end.out)).decode() for end in self.ends],
+            "eof": [end.eof for end in self.ends],
+            "shut": [end.shut for end in self.ends],
+            "received": [end.received for end in self.ends],
+            "left": self.deadline - clock.now,
+        }
+        fds = [os.dup(end.sock.fileno()) for end in self.ends]
+        for end in self.ends:
+            end.sock.close()
+        return state, fds
 
-class _End(asyncio.Protocol):
-    __slots__ = ("tunnel", "transport", "peer", "eof", "received")
+    def _stop(self) -> None:
+        self.closed = True
+        clock.watched.discard(self)
+        for end in self.ends:
+            end.stop()
 
-    def __init__(self, tunnel: Tunnel, transport: asyncio.Transport) -> None:
+    def _check_done(self) -> None:
+        """Both directions ended, everything written: the relay is over."""
+        a, b = self.ends
+        if a.eof and b.eof and a.shut and b.shut:
+            self.close()
+
+
+class _End:
+    """One side of the tunnel: its socket and the bytes waiting to be written to it."""
+
+    __slots__ = (
+        "tunnel", "sock", "fd", "peer", "out", "eof", "shut", "received", "counted",
+        "reading", "writing", "_loop",
+    )
+
+    def __init__(self, tunnel: Tunnel, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.tunnel = tunnel
-        self.transport = transport
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._loop = tunnel._loop
         self.peer: _End = self
-        self.eof = False
+        self.out = bytearray()  # read from the peer, not yet written to this side
+        self.eof = False  # this side sent its EOF (its direction has ended)
+        self.shut = False  # we half-closed this side: the peer's EOF is passed on
         self.received = 0  # bytes read from this side
+        self.counted = 0  # ... of which the proxy's counters already have
+        self.reading = False
+        self.writing = False
 
-    def data_received(self, data: bytes) -> None:
-        self.peer.transport.write(data)
+    def start(self) -> None:
+        if self.out:
+            self.flush()
+        elif self.peer.eof and not self.shut:
+            self._shut()
+        if not self.eof and len(self.peer.out) < HIGH_WATER:
+            self._read(True)
+
+    def stop(self) -> None:
+        self._read(False)
+        self._write(False)
+
+    def _read(self, on: bool) -> None:
+        if on != self.reading:
+            self.reading = on
+            if on:
+                self._loop.add_reader(self.fd, self._readable)
+            else:
+                self._loop.remove_reader(self.fd)
+
+    def _write(self, on: bool) -> None:
+        if on != self.writing:
+            self.writing = on
+            if on:
+                self._loop.add_writer(self.fd, self._writable)
+            else:
+                self._loop.remove_writer(self.fd)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.tunnel.close(abort=True)
+            return
+        if not data:
+            self.ended()
+            return
         self.received += len(data)
         tunnel = self.tunnel
         tunnel.deadline = clock.now + tunnel.timeout
+        peer = self.peer
+        if peer.out:
+            peer.out += data
+        else:
+            sent = peer._send(data)
+            if sent < 0:
+                return
+            if sent < len(data):
+                peer.out += data[sent:]
+                peer._write(True)
+        if len(peer.out) >= HIGH_WATER:
+            self._read(False)  # until the peer takes some
 
-    def eof_received(self) -> bool:
+    def ended(self) -> None:
+        """This side sent its EOF: pass it on once what it sent before is written."""
         self.eof = True
-        peer = self.peer.transport
-        if self.peer.eof:
-            self.tunnel.close()
-        elif not peer.is_closing() and peer.can_write_eof():
-            peer.write_eof()
-        return True  # keep our side open: the other direction may still be sending
+        self._read(False)
+        if not self.peer.out:
+            self.peer._shut()
+        self.tunnel._check_done()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.close(abort=exc is not None)
+    def flush(self) -> None:
+        """Write what waits for this side, as much as it takes now."""
+        sent = self._send(self.out)
+        if sent < 0:
+            return
+        del self.out[:sent]
+        if self.out:
+            self._write(True)
+        else:
+            self._write(False)
+            if self.peer.eof:
+                self._shut()
+                self.tunnel._check_done()
+        peer = self.peer
+        if not peer.reading and not peer.eof and len(self.out) <= LOW_WATER:
+            peer._read(True)
 
-    def pause_writing(self) -> None:
-        self.peer.transport.pause_reading()
+    def _writable(self) -> None:
+        self.flush()
+        self.tunnel.deadline = clock.now + self.tunnel.timeout
 
-    def resume_writing(self) -> None:
-        self.peer.transport.resume_reading()
+    def _send(self, data: bytes | bytearray) -> int:
+        """Bytes of `data` written now; -1 when the side failed (the tunnel is closed)."""
+        if self.tunnel.closed:
+            return -1
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.tunnel.close(abort=True)
+            return -1
+
+    def _shut(self) -> None:
+        if not self.shut:
+            self.shut = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+_NO_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def reset_on_close(sock: Any) -> None:
+    """Have closing `sock` send a reset rather than a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+    except OSError:
+        pass
+
+
+class _Detached(asyncio.Protocol):
+    """What a transport talks to once its socket has left it: nothing listens."""
+
+
+def take_socket(transport: asyncio.BaseTransport) -> socket.socket:
+    """The socket under `transport`, as our own: the transport lets go of it (and must
+    have nothing left to write: see `drained`)."""
+    raw = transport.get_extra_info("socket")
+    fd = os.dup(raw.fileno())
+    transport.set_protocol(_Detached())
+    transport.abort()  # closes the transport's descriptor, not the connection
+    return socket.socket(fileno=fd)
+
+
+async def drained(transport: asyncio.WriteTransport) -> bool:
+    """Wait until `transport` has written everything it holds (True), or is closing."""
+    if not transport.get_write_buffer_size():
+        return not transport.is_closing()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+
+    class _Drain(asyncio.Protocol):
+        def resume_writing(self) -> None:
+            if not done.done():
+                done.set_result(True)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not done.done():
+                done.set_result(False)
+
+    transport.set_protocol(_Drain())
+    transport.set_write_buffer_limits(high=0, low=0)  # resume_writing once empty
+    return await done

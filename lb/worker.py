@@ -23,7 +23,7 @@ from typing import Any
 import setproctitle
 import uvloop
 
-from lb import config, control, maps
+from lb import config, control, handover, maps
 from lb import log as logsetup
 from lb.backend import Backend
 from lb.frontend import Frontend
@@ -82,7 +82,8 @@ class Worker:
             self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
         self.stopping = False
         self.handing_over = False  # soft-stopping with a newer generation to take over
-        self._leaving: list[tuple[dict[str, Any], int]] = []  # connections to hand over
+        self.accepts: handover.Accepts | None = None  # ... and what it can take over
+        self._leaving: list[tuple[dict[str, Any], list[int]]] = []  # connections to hand over
         self._exit_check: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[None] | None = None
 
@@ -148,7 +149,7 @@ class Worker:
             self._adopt(message["conns"], fds)
             return
         elif op == "soft-stop":
-            self.soft_stop(handover=message.get("handover", False))
+            self.soft_stop(message.get("handover", False), message.get("accepts"))
         elif op == "stop":
             self._finish()
 
@@ -167,6 +168,8 @@ class Worker:
             }
         if what == "connections":
             return sum(len(f.sessions) for f in self.frontends.values())
+        if what == "staying":
+            return self._staying()
         if what == "check-limits":
             for frontend in self.frontends.values():
                 frontend.check_limits()
@@ -240,45 +243,83 @@ class Worker:
         fd = os.dup(raw.fileno())
         transport.pause_reading()  # type: ignore[attr-defined]
         transport.abort()  # closes our descriptor, not the connection: the dup holds it
+        conn = {"fe": frontend, "data": base64.b64encode(data).decode(), "ticket": ticket}
+        self.send_away(conn, [fd])
+
+    def send_away(self, conn: dict[str, Any], fds: list[int]) -> None:
+        """Give `conn` (its descriptors `fds`: ours until sent) to the master for the next
+        generation; sent in batches, once per turn of the loop."""
         if not self._leaving:
             asyncio.get_running_loop().call_soon(self._send_leaving)
-        conn = {"fe": frontend, "data": base64.b64encode(data).decode(), "ticket": ticket}
-        self._leaving.append((conn, fd))
+        self._leaving.append((conn, fds))
 
     def _send_leaving(self) -> None:
         leaving, self._leaving = self._leaving, []
-        for start in range(0, len(leaving), control.MAX_FDS - 1):
-            batch = leaving[start : start + control.MAX_FDS - 1]
-            conns, fds = [conn for conn, _ in batch], [fd for _, fd in batch]
-            channel = self.channel
-            if channel is not None and not channel.closed:
-                channel.send({"op": "handover", "conns": conns}, fds)
-            if channel is None or channel.closed:  # no master to pass them on: ours again
-                self._adopt(conns, fds)
-                continue
-            for fd in fds:
-                os.close(fd)  # in flight now: not ours
+        batch: list[tuple[dict[str, Any], list[int]]] = []
+        count = 0
+        for conn, fds in leaving:
+            if count + len(fds) > control.MAX_FDS - 1:  # one more for a bulk message
+                self._send_batch(batch)
+                batch, count = [], 0
+            batch.append((conn, fds))
+            count += len(fds)
+        if batch:
+            self._send_batch(batch)
         self.maybe_exit()
+
+    def _send_batch(self, batch: list[tuple[dict[str, Any], list[int]]]) -> None:
+        conns = [conn for conn, _ in batch]
+        fds = [fd for _, conn_fds in batch for fd in conn_fds]
+        channel = self.channel
+        if channel is not None and not channel.closed:
+            channel.send({"op": "handover", "conns": conns}, fds)
+        if channel is None or channel.closed:  # no master to pass them on: ours again
+            self._adopt(conns, fds)
+            return
+        for fd in fds:
+            os.close(fd)  # in flight now: not ours
 
     def _adopt(self, conns: list[dict[str, Any]], fds: list[int]) -> None:
         """Connections an older generation handed over: served here from now on."""
         loop = asyncio.get_running_loop()
-        for conn, fd in zip(conns, fds, strict=True):
+        position = 0
+        for conn in conns:
+            count = conn.get("fds", 1)
+            mine, position = fds[position : position + count], position + count
             frontend = self.frontends.get(conn["fe"])
             if frontend is None:
-                os.close(fd)
+                for fd in mine:
+                    os.close(fd)
+                continue
+            if "tunnel" in conn:
+                frontend.adopt_tunnel(conn["tunnel"], mine)
                 continue
             loop.create_task(frontend.adopt(
-                socket.socket(fileno=fd), base64.b64decode(conn["data"]), conn.get("ticket")
+                socket.socket(fileno=mine[0]), base64.b64decode(conn["data"]), conn.get("ticket")
             ))
 
-    def soft_stop(self, handover: bool = False) -> None:
-        """Stop accepting, finish what is in flight, then exit. With `handover`, a new
-        generation is up: idle connections go to it instead of being closed."""
+    def _staying(self) -> str:
+        """Why this worker is still alive, for `show proc` ("" when it is not stopping)."""
+        if not self.stopping:
+            return ""
+        reasons: dict[str, int] = {}
+        for frontend in self.frontends.values():
+            for session in frontend.sessions:
+                why = session.stays or (
+                    "tunnel" if session.tunnel is not None else "request in flight"
+                )
+                reasons[why] = reasons.get(why, 0) + 1
+        return ", ".join(f"{count} x {why}" for why, count in sorted(reasons.items()))
+
+    def soft_stop(self, hand_over: bool = False, accepts: handover.Accepts | None = None) -> None:
+        """Stop accepting, finish what is in flight, then exit. With `hand_over`, a new
+        generation is up: idle connections and tunnels (those that `accepts` allows, see
+        lb.handover) go to it instead of staying here."""
         if self.stopping:
             return
         self.stopping = True
-        self.handing_over = handover
+        self.handing_over = hand_over
+        self.accepts = accepts
         for frontend in self.frontends.values():
             frontend.soft_stop()
         hard_stop = self.config.global_.hard_stop_after

@@ -95,7 +95,7 @@ def show_proc(lb: Any) -> Proc:
         elif line == "# old workers":
             section = proc.old
         elif line:
-            pid, kind, gen, _reloads, _uptime, conns = line.split()
+            pid, kind, gen, _reloads, _uptime, conns, *_why = line.split()
             assert kind == "worker" and section is not None, answer
             section[int(pid)] = (int(gen), conns)
     return proc

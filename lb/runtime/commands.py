@@ -401,7 +401,9 @@ def _age(seconds: float) -> str:
 
 
 async def show_proc(master: Master, args: list[str], session: Session) -> str:
-    """The master, the current generation's workers and the old ones still draining."""
+    """The master, the current generation's workers and the old ones still draining,
+    with what keeps each of those alive (tunnels the new generation cannot take, requests
+    still waiting for their answer)."""
     held = await master.ask_each("connections")
     now = time.monotonic()
     line = "{:<8} {:<8} {:<12} {:<12} {:<13} {}"
@@ -412,13 +414,16 @@ async def show_proc(master: Master, args: list[str], session: Session) -> str:
     ]
     current = [h for h in master.workers.values() if h.generation == master.generation]
     old = [h for h in master.workers.values() if h.generation != master.generation]
+    staying = await master.ask_each("staying") if old else {}
     for title, handles in (("# workers", current), ("# old workers", old)):
         lines.append(title)
         for handle in sorted(handles, key=lambda h: (h.generation, h.index)):
-            lines.append(line.format(
+            row = line.format(
                 handle.pid, "worker", handle.generation, "-",
                 _age(now - handle.started), held.get(handle, "?"),
-            ))
+            )
+            why = staying.get(handle)
+            lines.append(f"{row:<66} {why}" if why else row)
     return "\n".join(lines) + "\n\n"
 
 

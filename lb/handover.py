@@ -1,0 +1,108 @@
+"""Tunnels moving to the next generation: what the next one accepts, what a tunnel carries.
+
+When a stopping worker hands over, each of its tunnels (TCP-mode sessions, HTTP after an
+Upgrade) goes to a worker of the next generation with both descriptors and a state (a
+plain dict, sent as JSON):
+
+- the relay's own state (`lb.tunnel.Tunnel.detach`): bytes waiting in each direction,
+  half-closes, byte counts, the time left before `timeout tunnel`;
+- `mode`, `fe`, `be`, `srv` and `addr`: where it belongs; `slot`: whether it holds one of
+  the server's `maxconn` slots (the master moves that slot with it); `pid`: who held it;
+- `peer`, `begin` and the timings of its TCP log line.
+
+The next generation takes a tunnel only if its configuration still serves it the same
+way: the frontend with the same mode (and, in TCP mode, the same default backend), and
+the server with the same address. `accepts` tells the stopping workers what that is;
+`refusal` says why a tunnel stays where it is (and `show proc` repeats it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lb import config
+
+Accepts = dict[str, Any]
+
+
+def accepts(cfg: config.Config) -> Accepts:
+    """What a generation running `cfg` can take over."""
+    return {
+        "fe": {name: [fe.mode, fe.default_backend or ""] for name, fe in cfg.frontends.items()},
+        "srv": {
+            f"{name}/{server.name}": f"{server.address.host}:{server.address.port}"
+            for name, backend in cfg.backends.items()
+            for server in backend.servers
+        },
+    }
+
+
+def refusal(accepted: Accepts | None, state: dict[str, Any]) -> str | None:
+    """Why the next generation cannot take the tunnel described by `state` (None: it can)."""
+    if accepted is None:
+        return "no newer generation to take it"
+    frontend = accepted["fe"].get(state["fe"])
+    if frontend is None:
+        return f"frontend {state['fe']} is gone"
+    mode, default_backend = frontend
+    if mode != state["mode"]:
+        return f"frontend {state['fe']} is in {mode} mode now"
+    if mode == "tcp" and default_backend != state["be"]:
+        return f"frontend {state['fe']} uses backend {default_backend or '(none)'} now"
+    address = accepted["srv"].get(f"{state['be']}/{state['srv']}")
+    if address is None:
+        return f"server {state['be']}/{state['srv']} is gone"
+    if address != state["addr"]:
+        return f"server {state['be']}/{state['srv']} has a new address"
+    return None
+
+
+def describe(state: dict[str, Any], session: Any) -> None:
+    """Fill in the part of a tunnel's state that is the session's, from `session` (an
+    HttpSession or TcpSession in its tunnel)."""
+    server = session.server
+    state.update(
+        fe=session.frontend.name,
+        be=server.backend.name,
+        srv=server.name,
+        addr=f"{server.host}:{server.port}",
+        slot=session.slot is not None,
+        begin=session.begin,
+    )
+
+
+def count_bytes(session: Any) -> None:
+    """Add to the proxy's byte counters what the tunnel relayed since they were last
+    told (bytes in: from the client; out: from the server)."""
+    tunnel = session.tunnel
+    client, server_end = tunnel.ends
+    bytes_in, bytes_out = client.received - client.counted, server_end.received - server_end.counted
+    client.counted, server_end.counted = client.received, server_end.received
+    server = session.server
+    for counters in (session.frontend.counters, server.counters, server.backend.counters):
+        counters.bin += bytes_in
+        counters.bout += bytes_out
+
+
+def leave(session: Any, mode: str, extra: dict[str, Any]) -> bool:
+    """Hand `session`'s tunnel to the next generation, if it will take it: True once it
+    is on its way (the session is over here); else `session.stays` says why not."""
+    frontend = session.frontend
+    worker = frontend.worker
+    if not worker.handing_over:
+        return False
+    state: dict[str, Any] = {"mode": mode, **extra}
+    describe(state, session)
+    why = refusal(worker.accepts, state)
+    if why is not None:
+        session.stays = why
+        return False
+    count_bytes(session)
+    relay, fds = session.tunnel.detach()
+    state.update(relay, pid=os.getpid())
+    session.server.closed()
+    session.slot = None  # it goes with the tunnel: the master gives it to the next owner
+    worker.send_away({"fe": frontend.name, "fds": len(fds), "tunnel": state}, fds)
+    frontend.closed(session)
+    return True
