@@ -31,7 +31,7 @@ from lb.shared import (
     GLOBAL_MAXCONN,
 )
 from lb.tcpproxy import TcpSession
-from lb.tunnel import reset_on_close
+from lb.tunnel import Held, reset_on_close
 
 if TYPE_CHECKING:
     from lb.worker import Worker
@@ -184,7 +184,40 @@ class Frontend:
         session = (HttpSession if self.cfg.mode == "http" else TcpSession)(self, adopted=True)
         self.sessions.add(session)
         self._count(1)
-        session.resume_tunnel(state, fds, backend, server)
+        if state.get("kind") == "stream":
+            session.resume_stream(state, backend, server)
+            asyncio.get_running_loop().create_task(self._attach_stream(session, state, fds))
+        else:
+            session.resume_tunnel(state, fds, backend, server)
+
+    async def _attach_stream(self, session: HttpSession, state: dict[str, Any],
+                             fds: list[int]) -> None:
+        """The connections of a response moving in: the server's first, held unread,
+        then the client's; then the session reads the server again."""
+        loop = asyncio.get_running_loop()
+        client, server = (socket.socket(fileno=fd) for fd in fds)
+        try:
+            server_transport, held = await loop.connect_accepted_socket(Held, server)
+        except OSError:
+            client.close()
+            server.close()
+            self._lost_before_attached(session)
+            return
+        try:
+            await loop.connect_accepted_socket(lambda: session, client)
+        except OSError:
+            client.close()
+            server_transport.close()
+            self._lost_before_attached(session)
+            return
+        session.attach_moved(server_transport, held, state)  # type: ignore[arg-type]
+
+    def _lost_before_attached(self, session: HttpSession) -> None:
+        if session.slot is not None:
+            self.worker.queue.release(session.slot)
+            session.slot = None
+        session.let_go()
+        self.closed(session)
 
     # -- limits ---------------------------------------------------------------------
 

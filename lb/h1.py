@@ -177,6 +177,7 @@ class _Reader:
         self.head_size = 0
         self.in_head = False
         self.closed = False  # after an error or a final message: read nothing more
+        self.upgraded = False  # an Upgrade went through: what follows is not HTTP
 
     # httptools callbacks (names fixed by httptools)
     def on_message_begin(self) -> None:
@@ -227,7 +228,6 @@ class RequestReader(_Reader):
         self._url: list[bytes] = []
         self._pending_bytes = 0  # bytes of a head not yet complete, for the size limit
         self.head: RequestHead | None = None
-        self.upgraded = False  # an Upgrade request was read: what follows is not HTTP
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -323,6 +323,31 @@ class ResponseReader(_Reader):
         self._head_only = False
         self._buffer = b""
         self.head: ResponseHead | None = None
+        self._chunk_end = False  # the last chunk read is whole (lb.handover)
+        self._last = b""  # the last bytes fed
+
+    def at_chunk_boundary(self) -> bool:
+        """Is a chunked body read exactly up to the end of a chunk (nothing of the next
+        chunk's size line read yet)? Then another parser can take over from here."""
+        return self._chunk_end and self._last.endswith(b"\r\n")
+
+    def resume_body(self, framing: int, left: int) -> None:
+        """Read the rest of a body whose head another process read: `left` bytes
+        (LENGTH), chunks from a boundary (CHUNKED), or up to the close (UNTIL_CLOSE)."""
+        if framing == LENGTH:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % left
+        elif framing == CHUNKED:
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        else:
+            head = b"HTTP/1.1 200 OK\r\n\r\n"
+        self._head_only = False
+        self.feed(head)  # its HEAD event is dropped: only the parser's state matters
+
+    def on_chunk_header(self) -> None:
+        self._chunk_end = False
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_end = True
 
     def expect(self, method: bytes) -> None:
         self._head_only = method == b"HEAD"
@@ -363,6 +388,7 @@ class ResponseReader(_Reader):
             return []
         if self._head_only:
             return self._feed_head_only(data)
+        self._last = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lb import config
+from lb import config, h1
+from lb.httplog import Times
+from lb.tunnel import take_socket
 
 Accepts = dict[str, Any]
 
@@ -106,3 +108,84 @@ def leave(session: Any, mode: str, extra: dict[str, Any]) -> bool:
     worker.send_away({"fe": frontend.name, "fds": len(fds), "tunnel": state}, fds)
     frontend.closed(session)
     return True
+
+
+# -- responses being relayed -----------------------------------------------------------
+
+
+def leave_stream(session: Any) -> None:
+    """Move a response being relayed (its head sent, its body streaming) with its client
+    connection, once its parser state is simple enough to start again elsewhere; until
+    then `session.stays` says what it waits for. The client gets everything written to
+    it here first (`send_stream` runs once it has)."""
+    if session.moving is not None:
+        return
+    why = _stream_stuck(session)
+    state: dict[str, Any] = {"mode": "http", "kind": "stream"}
+    if why is None:
+        describe(state, session)
+        why = refusal(session.frontend.worker.accepts, state)
+    if why is not None:
+        session.stays = why
+        return
+    session.moving = state
+    session.conn.transport.pause_reading()
+    session.transport.pause_reading()
+    if session.transport.get_write_buffer_size():
+        session.transport.set_write_buffer_limits(high=0, low=0)  # resume_writing once empty
+        return
+    send_stream(session)
+
+
+def _stream_stuck(session: Any) -> str | None:
+    """What keeps a relayed response from moving now (None: nothing)."""
+    conn = session.conn
+    if conn is None or session.interim:
+        return "response in flight"
+    if not session.req_done or conn.transport.get_write_buffer_size():
+        return "request still being sent"
+    if session.pending is not None or session.reader.in_head:
+        return "next request already read"
+    reader = conn.reader
+    if reader.head.framing == h1.CHUNKED and not reader.at_chunk_boundary():
+        return "response in the middle of a chunk"
+    return None
+
+
+def send_stream(session: Any) -> None:
+    """Hand the response over: both connections, and where the body stands."""
+    state, session.moving = session.moving, None
+    conn = session.conn
+    if (
+        state is None or conn is None
+        or session.transport.is_closing() or conn.transport.is_closing()
+    ):
+        return  # ended meanwhile
+    frontend = session.frontend
+    head = session.head
+    peer = session.transport.get_extra_info("peername") or ("", 0)
+    times = session.times
+    state.update(
+        framing=conn.reader.head.framing, left=session.resp_left,
+        client_framing=session.resp_framing, keep_alive=session.server_keep_alive,
+        until_close=session.server_until_close, close_after=session.close_after,
+        server_close=session.server_close, peer=[peer[0], peer[1]], pid=os.getpid(),
+        request=[head.method.decode("latin-1"), head.target.decode("latin-1"), head.version],
+        times=None if times is None else [getattr(times, name) for name in Times.__slots__],
+    )
+    fds = [take_socket(session.transport).detach(), take_socket(conn.transport).detach()]
+    session.conn = conn.session = None
+    session.server.closed()
+    session.slot = None  # it goes with the response: the master gives it to the next owner
+    session.times = None  # its log line is written where it ends
+    session.let_go()
+    frontend.worker.send_away({"fe": frontend.name, "fds": 2, "tunnel": state}, fds)
+    frontend.closed(session)
+
+
+def times_from(values: list[Any]) -> Times:
+    """The log timings a moved response carried (`send_stream`)."""
+    times = Times(values[1])
+    for name, value in zip(Times.__slots__, values, strict=True):
+        setattr(times, name, value)
+    return times

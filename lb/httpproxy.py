@@ -22,7 +22,7 @@ from lb.errors import PAGES
 from lb.retry import CONN_FAILURE, EMPTY_RESPONSE, JUNK_RESPONSE, RESPONSE_TIMEOUT
 from lb.serverconn import ServerConnection
 from lb.timer import clock
-from lb.tunnel import Tunnel, drained, take_socket
+from lb.tunnel import Held, Tunnel, drained, take_socket
 
 if TYPE_CHECKING:
     from lb.backend import Backend, Server
@@ -96,6 +96,8 @@ class HttpSession(asyncio.Protocol):
         "tracked",
         "adopted",
         "stays",
+        "moving",
+        "resp_left",
     )
 
     def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
@@ -116,6 +118,7 @@ class HttpSession(asyncio.Protocol):
         self.resume: list[int] | None = None  # a queue place held in an older generation
         self.tunnel: Tunnel | None = None
         self.stays = ""  # why this connection cannot move to the next generation
+        self.moving: dict[str, Any] | None = None  # on its way there (lb.handover)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -140,6 +143,7 @@ class HttpSession(asyncio.Protocol):
         self.resp_started = False
         self.resp_done = False
         self.resp_framing = h1.NO_BODY
+        self.resp_left = -1  # body bytes still to come from the server (LENGTH framing)
         self.interim = False
         self.server_keep_alive = False
         self.server_until_close = False
@@ -157,6 +161,8 @@ class HttpSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.phase == EXCHANGE:
+            return  # a response moving in from an older generation: admitted there
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
         frontend = self.frontend
@@ -249,6 +255,9 @@ class HttpSession(asyncio.Protocol):
             conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.moving is not None:  # the client has all we wrote: the rest moves
+            handover.send_stream(self)
+            return
         conn = self.conn
         if conn is not None and self.server_paused:
             self.server_paused = False
@@ -700,6 +709,7 @@ class HttpSession(asyncio.Protocol):
         for kind, value in events:
             if kind == h1.DATA:
                 out.append(h1.chunk(value) if self.resp_framing == h1.CHUNKED else value)  # type: ignore[arg-type]
+                self.resp_left -= len(value)  # type: ignore[arg-type]
             elif kind == h1.HEAD:
                 status = value.status  # type: ignore[attr-defined]
                 if status in self.backend.retry.statuses and self._retry(status):  # type: ignore[union-attr]
@@ -732,6 +742,8 @@ class HttpSession(asyncio.Protocol):
             self._send(b"".join(out))
         if self.resp_started:
             self.deadline = clock.now + self.frontend.timeouts.client
+            if self.frontend.stopping:
+                self.close_if_idle()  # a response still streaming may move now
 
     def _send(self, data: bytes) -> None:
         """Answer bytes to the client, counted."""
@@ -758,6 +770,7 @@ class HttpSession(asyncio.Protocol):
                 return h1.response_head_bytes(head, h1.NO_BODY, True, "1.1")
             return b""  # HTTP/1.0 clients get no interim answers
         self.resp_started = True
+        self.resp_left = head.length if head.framing == h1.LENGTH else -1
         self.server_keep_alive = head.keep_alive
         status = head.status
         kind = status // 100 if status < 600 else 0
@@ -882,6 +895,9 @@ class HttpSession(asyncio.Protocol):
             if self.tunnel is not None and not self.tunnel.closed:
                 handover.leave(self, "http", {"peer": self.tunnel.peer_address()})
             return
+        if self.phase == EXCHANGE and self.resp_started and self.frontend.worker.handing_over:
+            handover.leave_stream(self)  # a response being relayed: now, or at a simple point
+            return
         if self.held is not None:
             self._leave()
         elif self.phase == IDLE and self.pending is None and not self.reader.in_head:
@@ -924,10 +940,65 @@ class HttpSession(asyncio.Protocol):
             return
         if self.held is not None:
             data = b"".join(self.held)
-        self.phase = CLOSED
-        clock.watched.discard(self)
+        self.let_go()
         frontend.worker.hand_over(frontend.name, self.transport, data, ticket)  # before the worker
         frontend.closed(self)  # may see it has nothing left and exit
+
+    def let_go(self) -> None:
+        """This process is done with the connection: another one serves it now."""
+        self.phase = CLOSED
+        clock.watched.discard(self)
+
+    def resume_stream(self, state: dict[str, Any], backend: Backend, server: Server) -> None:
+        """Take up a response an older generation was relaying (lb.handover.send_stream),
+        before the connections are attached (`attach_moved`)."""
+        self.phase = EXCHANGE
+        self.backend, self.server = backend, server
+        self.client_ip = state["peer"][0].encode()
+        self.begin = state["begin"]
+        self.slot = server if state["slot"] else None
+        self.req_done = self.resp_started = True
+        self.kept = None  # never replayed: the client has part of the answer
+        self.resp_framing, self.resp_left = state["client_framing"], state["left"]
+        self.server_keep_alive, self.server_until_close = state["keep_alive"], state["until_close"]
+        self.close_after, self.server_close = state["close_after"], state["server_close"]
+        head = self.head = h1.RequestHead()
+        method, target, head.version = state["request"]
+        head.method, head.target = method.encode("latin-1"), target.encode("latin-1")
+        if state["times"] is not None and self.frontend.request_log is not None:
+            self.times = handover.times_from(state["times"])
+
+    def attach_moved(
+        self, server_transport: asyncio.Transport, held: Held, state: dict[str, Any]
+    ) -> None:
+        """The server connection of a moved response, its client connection made: the
+        body goes on from where the older generation left it."""
+        if self.phase != EXCHANGE:  # the client left meanwhile
+            server_transport.close()
+            return
+        server = self.server
+        assert server is not None
+        frontend = self.frontend
+        conn = ServerConnection(server, frontend.worker.pool, frontend.max_head)
+        conn.transport = server_transport
+        conn.reader.resume_body(state["framing"], state["left"])
+        conn.session, conn.received, self.conn = self, True, conn
+        server.opened()
+        server_transport.set_protocol(conn)
+        if frontend.connection_rules is not None:
+            frontend.connected(self, state["peer"][0], True)  # its stick counters, again
+        self.deadline = clock.now + frontend.timeouts.client
+        clock.watched.add(self)
+        if held.early:
+            conn.data_received(b"".join(held.early))
+        if held.eof:
+            conn.eof_received()
+        # Read on (also when the answer ended: an idle pooled connection reads, to see
+        # the server close it), unless the client is the one that cannot keep up.
+        if not server_transport.is_closing() and not (self.conn is conn and self.server_paused):
+            server_transport.resume_reading()
+        if frontend.stopping:
+            self.close_if_idle()
 
     def _start_tunnel(self, server_bytes: bytes) -> None:
         """The server switched protocols: from here on pylb relays bytes (lb.tunnel), on

@@ -10,35 +10,12 @@ from lb import handover, httplog
 from lb.balance import Context
 from lb.retry import redispatch_now
 from lb.timer import clock
-from lb.tunnel import Tunnel, take_socket
+from lb.tunnel import Held, Tunnel, take_socket
 
 if TYPE_CHECKING:
     from lb.backend import Server
     from lb.frontend import Frontend
     from lb.rules import StickCounters
-
-
-class _Held(asyncio.Protocol):
-    """A new server connection, read from no more until the relay takes it over; what
-    arrives before (a server that speaks first) is kept for the relay."""
-
-    def __init__(self) -> None:
-        self.early: list[bytes] = []
-        self.eof = False
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        # uvloop starts reading after connection_made whatever it was told there, so
-        # reading stops here, at the first read: at most one read waits.
-        self.early.append(data)
-        self.transport.pause_reading()  # type: ignore[union-attr]
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
 
 
 class TcpSession(asyncio.Protocol):
@@ -153,7 +130,7 @@ class TcpSession(asyncio.Protocol):
     async def _open(self, server: Server) -> None:
         try:
             transport, held = await asyncio.get_running_loop().create_connection(
-                _Held, server.host, server.port
+                Held, server.host, server.port
             )
         except OSError:
             self.task = None

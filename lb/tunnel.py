@@ -276,6 +276,29 @@ def reset_on_close(sock: Any) -> None:
         pass
 
 
+class Held(asyncio.Protocol):
+    """A connection read from no more until its user takes it over (the relay, or a
+    response moving in); what arrives before (a server that speaks first) is kept."""
+
+    def __init__(self) -> None:
+        self.early: list[bytes] = []
+        self.eof = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        # uvloop starts reading after connection_made whatever it was told there, so
+        # reading stops here, at the first read: at most one read waits.
+        self.early.append(data)
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+
 class _Detached(asyncio.Protocol):
     """What a transport talks to once its socket has left it: nothing listens."""
 

@@ -84,6 +84,7 @@ class Worker:
         self.handing_over = False  # soft-stopping with a newer generation to take over
         self.accepts: handover.Accepts | None = None  # ... and what it can take over
         self._leaving: list[tuple[dict[str, Any], list[int]]] = []  # connections to hand over
+        self.handed: dict[str, int] = {}  # what went to the next generation, by kind
         self._exit_check: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[None] | None = None
 
@@ -252,6 +253,8 @@ class Worker:
         if not self._leaving:
             asyncio.get_running_loop().call_soon(self._send_leaving)
         self._leaving.append((conn, fds))
+        kind = conn["tunnel"].get("kind", "tunnel") if "tunnel" in conn else "connection"
+        self.handed[kind] = self.handed.get(kind, 0) + 1
 
     def _send_leaving(self) -> None:
         leaving, self._leaving = self._leaving, []
@@ -352,6 +355,10 @@ class Worker:
 
     def _finish(self) -> None:
         if self._done is not None and not self._done.done():
+            if self.handed:
+                log.info("handed over to the next generation: %s", ", ".join(
+                    f"{count} {kind}{'s' if count > 1 else ''}"
+                    for kind, count in sorted(self.handed.items())))
             self._done.set_result(None)
 
 

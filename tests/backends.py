@@ -5,9 +5,11 @@ Every server runs on 127.0.0.1 on its own asyncio loop in a daemon thread:
 - EchoBackend: HTTP/1.1 server answering every request with a JSON description of what it
   received. Behaviour per request through the query string: ``delay`` (seconds before
   answering), ``size`` (stream that many pattern bytes instead of JSON), ``chunked=1``
-  (send the response chunked), ``status``, ``setcookie`` (``NAME=VALUE...``: a
-  ``Set-Cookie`` header in the response). A request with ``Upgrade: websocket`` gets a
-  ``101`` and the connection becomes a byte echo (the server first sends ``WS_GREETING``).
+  (send the response chunked), ``events=N`` (Server-Sent Events: ``data: 0`` to
+  ``data: N-1``, one chunk each, ``every`` seconds apart), ``status``, ``setcookie``
+  (``NAME=VALUE...``: a ``Set-Cookie`` header in the response). A request with
+  ``Upgrade: websocket`` gets a ``101`` and the connection becomes a byte echo (the
+  server first sends ``WS_GREETING``).
 - RawBackend: records every byte of every connection, parses it one byte at a time with
   httptools (so it knows exactly where each request ends) and answers each complete
   request with a tiny 200 (405 for CONNECT, so that no tunnel is ever legitimate).
@@ -353,7 +355,16 @@ class EchoBackend(_LoopThread):
             head.append(f"Set-Cookie: {query['setcookie']}")
         if not req.keep_alive:
             head.append("Connection: close")
-        if "size" in query:
+        if "events" in query:  # Server-Sent Events: `data: N` every `every` seconds, chunked
+            head += ["Content-Type: text/event-stream", "Transfer-Encoding: chunked"]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+            for number in range(int(query["events"])):
+                event = b"data: %d\n\n" % number
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(float(query.get("every", "0.01")))
+            writer.write(b"0\r\n\r\n")
+        elif "size" in query:
             size = int(query["size"])
             chunked = query.get("chunked") == "1"
             head.append("Content-Type: application/octet-stream")

@@ -14,7 +14,17 @@ from typing import Any
 
 import psutil
 import yaml
-from backends import TCP_BANNER, WS_GREETING, free_port, recv_exact, wait_until, workers_of
+from backends import (
+    TCP_BANNER,
+    WS_GREETING,
+    HttpConn,
+    build_request,
+    free_port,
+    pattern_sha256,
+    recv_exact,
+    wait_until,
+    workers_of,
+)
 from test_reload import METHODS, cli, generations, start, worker_pids
 from test_takeover import start_daemon
 
@@ -165,8 +175,15 @@ def test_tunnels_move_on_a_takeover(tmp_path: Path, backends):
 
 
 def _alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if psutil.pid_exists(pid)
-            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+    """Those of `pids` still running (zombies are gone in all but name)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 class LateAnswer:
@@ -294,3 +311,73 @@ def test_a_tunnel_the_new_configuration_cannot_take_stays_and_says_why(pylb, bac
     assert recv_exact(sock, 11) == b"still here\n"
     sock.close()
     assert wait_until(lambda: not worker_pids(lb) & old, 5, 0.01), cli(lb, "show proc")
+
+
+# -- responses being relayed ------------------------------------------------------------
+
+
+class Stream(threading.Thread):
+    """One GET on a keep-alive connection, its body read at a bounded pace; then a
+    second request on the same connection, which must be answered too."""
+
+    def __init__(self, port: int, target: str, pace: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.target, self.pace = port, target, pace
+        self.digest = hashlib.sha256()
+        self.body = bytearray()
+        self.size = 0
+        self.error = ""
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with HttpConn(self.port, timeout=20, rcvbuf=65536) as conn:
+                conn.send(build_request("GET", self.target))
+                response = conn.read_response("GET", sink=self._take)
+                assert response.status == 200, response.status
+                assert conn.request("GET", "/after").status == 200  # keep-alive kept
+        except Exception as exc:  # reported by the test
+            self.error = f"{self.target}: {type(exc).__name__}: {exc}"
+        self.done.set()
+
+    def _take(self, data: bytes) -> None:
+        self.size += len(data)
+        if "events" in self.target:
+            self.body += data
+        else:
+            self.digest.update(data)
+        time.sleep(self.pace)
+
+
+def test_streams_and_downloads_move_through_reloads(pylb, backends):
+    """Server-Sent Events (chunked) and downloads (Content-Length), read slowly while
+    the proxy reloads: every byte arrives once and in order, and each reload's old
+    generation is gone within OLD_GONE (the responses moved)."""
+    web, tcp = backends.echo("web"), backends.tcp("echo")
+    lb, reload = start(pylb, tunnel_config(web.address, tcp.address))
+    port, size = lb.port("ws"), 16 << 20
+    streams = [Stream(port, "/sse?events=150&every=0.02", 0) for _ in range(10)]
+    streams += [Stream(port, f"/file?size={size}", 0.01) for _ in range(10)]
+    for stream in streams:
+        stream.start()
+    assert wait_until(lambda: all(s.size > 0 for s in streams), 10)
+    running = []
+    for method in METHODS:
+        old = worker_pids(lb)
+        reload(method)
+        assert wait_until(lambda old=old: not worker_pids(lb) & old, OLD_GONE, 0.01), (
+            f"old workers still alive {OLD_GONE}s after the reload ({method}): "
+            + cli(lb, "show proc"))
+        running.append(sum(not s.done.is_set() for s in streams))
+    for stream in streams:
+        assert stream.done.wait(60), f"{stream.target} stalled at {stream.size} bytes"
+    assert [s.error for s in streams if s.error] == []
+    expected_events = b"".join(b"data: %d\n\n" % n for n in range(150))
+    for stream in streams:
+        if "events" in stream.target:
+            assert bytes(stream.body) == expected_events
+        else:
+            assert stream.digest.hexdigest() == pattern_sha256(size)
+    assert running[0] == len(streams) and running[-1] >= 10, running  # they did move
+    moved = [line for line in lb.lines if "handed over to the next generation" in line]
+    assert len(moved) >= 2 * len(METHODS), moved
