@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,22 @@ def test_a_stalled_template_costs_one_slow_reload_and_is_replaced(pylb, backends
     lb.wait_log(r"worker template restarted", start=mark)
     reload_until_forked(lb, tmp_path)
     assert answers(port)
+
+
+def test_a_worker_forked_from_an_old_template_keeps_its_timeouts(pylb, backends, tmp_path):
+    """The template was made long before the worker it forks (here: longer ago than
+    `timeout http-request`). A keep-alive connection handed over to that worker at a
+    reload gets its full timeout there, not one counted from the template's start."""
+    echo = backends.echo("s1")
+    port = free_port()
+    cfg = config(port, echo.address, tmp_path / "lb.sock")
+    cfg["defaults"] = {"timeout": {"http-request": "1s", "http-keep-alive": "1s"}}
+    pylb(cfg)
+    started = time.monotonic()
+    with HttpConn(port, timeout=5) as conn:
+        while time.monotonic() < started + 1.2:  # the template ages; the connection lives
+            assert conn.request("GET", "/meanwhile").status == 200
+            time.sleep(0.2)
+        assert cli(tmp_path, "reload").startswith("Success=1")
+        time.sleep(0.3)  # past the new worker's first sweeps, well within its timeout
+        assert conn.request("GET", "/after").status == 200
