@@ -109,6 +109,7 @@ class Channel:
         self._outbox: deque[tuple[bytes, list[int]]] = deque()
         self._progress = 0.0  # when the peer last took a message we had queued
         self.closed = False
+        self.on_drained: Callable[[], None] | None = None  # called when the outbox empties
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock, self._readable)
@@ -164,6 +165,31 @@ class Channel:
                 self._outbox.popleft()
         if not self.closed:
             self._loop.remove_writer(self.sock)
+            if self.on_drained is not None:
+                self.on_drained()
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for the peer to take them (with their descriptors: a process
+        must not exit before they are sent)."""
+        return len(self._outbox)
+
+    def drain(self) -> None:
+        """Take every message the peer sent and we have not read yet (a worker that
+        exited may have left some: connections it handed over)."""
+        while not self.closed:
+            try:
+                message, fds = receive(self.sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            except ValueError as err:
+                log.warning("control channel: a malformed message was dropped (%s)", err)
+                continue
+            if message is None:
+                return
+            self._on_message(message, fds)
 
     def _readable(self) -> None:
         try:

@@ -403,6 +403,7 @@ class Generations:
 
     def reap(self, handle: WorkerHandle) -> None:
         status = handle.proc.wait()
+        handle.channel.drain()  # what it sent before exiting (connections handed over)
         del self.workers[handle.pid]
         handle.channel.close()
         os.close(handle.pidfd)

@@ -175,8 +175,21 @@ class Master:
         self.generations.stop_template()
         if self.stats_socket is not None:
             self.stats_socket.close()
+        await self._flush_heirs()
         log.info("exiting")
         return 0
+
+    async def _flush_heirs(self) -> None:
+        """What we still have to send to a pylb taking over holds the only copies of the
+        connections it hands over: wait until it has them (a stalled one, at most its
+        writer's STALL_TIMEOUT)."""
+        deadline = time.monotonic() + takeover.LineWriter.STALL_TIMEOUT
+        while waiting := [heir for heir in self.heirs if heir.pending and not heir.closed]:
+            if time.monotonic() > deadline:
+                for heir in waiting:
+                    heir.drop("it does not read what we send")
+                return
+            await asyncio.sleep(0.01)
 
     def _act(self, kind: str, value: Any) -> None:
         if kind == "signal":
@@ -345,7 +358,7 @@ class Master:
                 heir.channel.send({"op": "adopt", "conns": [conn]}, mine)
                 tunnel = conn.get("tunnel")
                 if tunnel is not None and tunnel["slot"]:
-                    old = self.workers.get(tunnel["pid"]) or self._elder(tunnel["pid"])
+                    old = self.workers.get(tunnel["pid"]) or self.elders.get(tunnel["pid"])
                     self.keeper.transfer(old, heir, tunnel["be"], tunnel["srv"])
         finally:
             for fd in fds:

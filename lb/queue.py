@@ -273,14 +273,15 @@ class Keeper:
             slots.used -= 1
             self.dispatch(message["be"])
 
-    def transfer(self, old: Any, new: Any, backend: str, server: str) -> None:
+    def transfer(self, old: Any | None, new: Any, backend: str, server: str) -> None:
         """A slot moves from worker `old` to worker `new` with the tunnel that holds it
-        (lb.handover): still busy, never free in between."""
+        (lb.handover): still busy, never free in between. With `old` gone (its slots
+        freed) or unknown, the slot is counted again."""
         key = (backend, server)
-        held = self.held.get(old, {})
+        held = self.held.get(old, {}) if old is not None else {}
         if held.get(key, 0) > 0:
             held[key] -= 1
-        elif key in self.servers:  # not counted here (its owner was not known): now it is
+        elif key in self.servers:
             self.servers[key].used += 1
         mine = self.held.setdefault(new, {})
         mine[key] = mine.get(key, 0) + 1

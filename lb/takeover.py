@@ -138,7 +138,7 @@ class LineWriter:
     lets more than MAX_PENDING bytes pile up, or takes nothing for STALL_TIMEOUT, is
     dropped (and logged): a stalled peer must not hold up the master."""
 
-    MAX_PENDING = 16 << 20
+    MAX_PENDING = 256 << 20  # tunnels carry what they buffered: up to ~1.4 MB each
     STALL_TIMEOUT = 10.0
 
     def __init__(self, sock: socket.socket, on_drop: Callable[[LineWriter], None]) -> None:
@@ -176,6 +176,11 @@ class LineWriter:
             time.monotonic() - self._stalled_since > self.STALL_TIMEOUT
         ):
             self.drop("it does not read what we send")
+
+    @property
+    def pending(self) -> int:
+        """Lines not yet written."""
+        return len(self._pending)
 
     def _writable(self) -> None:
         while self._pending:

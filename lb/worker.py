@@ -120,6 +120,7 @@ class Worker:
             await frontend.start()
             clock.on_tick.append(frontend.check_limits)  # places freed by other workers
         self.channel = control.Channel(self._sock, self._on_control, self._master_gone)
+        self.channel.on_drained = self.maybe_exit  # connections handed over are sent
         # SIGUSR1: a soft stop, or, as the parent-death signal, the master is gone
         loop.add_signal_handler(signal.SIGUSR1, self._on_sigusr1)
         loop.add_signal_handler(signal.SIGTERM, self._finish)
@@ -344,8 +345,14 @@ class Worker:
             )
 
     def _idle(self) -> bool:
-        return self.stopping and not self._leaving and not any(
-            f.sessions for f in self.frontends.values()
+        """Stopping, with nothing left: no connection, none waiting to be handed over,
+        and every handover message sent (those waiting hold the only copies of their
+        connections: exiting would close them)."""
+        channel = self.channel
+        return (
+            self.stopping and not self._leaving
+            and not (channel is not None and not channel.closed and channel.pending)
+            and not any(f.sessions for f in self.frontends.values())
         )
 
     def _exit_if_idle(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import signal
 import socket
 import threading
@@ -29,6 +30,7 @@ from test_reload import METHODS, cli, generations, start, worker_pids
 from test_takeover import start_daemon
 
 OLD_GONE = 1.0  # seconds after a reload by which only the new generation may remain
+TUNNELS = 500  # of each kind
 HOST = "127.0.0.1"
 
 
@@ -92,15 +94,16 @@ class Chatter(threading.Thread):
         while not self.halt.is_set() and not self.errors:
             seq += 1
             lines = [b"%d:%d:%s\n" % (i, seq, b"x" * (seq % 97)) for i in range(len(self.socks))]
+            i = 0
             try:
-                for sock, line in zip(self.socks, lines, strict=True):
-                    sock.sendall(line)
+                for i in range(len(self.socks)):
+                    self.socks[i].sendall(lines[i])
                 for i, (sock, line) in enumerate(zip(self.socks, lines, strict=True)):
                     got = recv_exact(sock, len(line))
                     if got != line:
                         self.errors.append(f"tunnel {i} round {seq}: {got!r} != {line!r}")
             except OSError as err:
-                self.errors.append(f"round {seq}: {err!r}")
+                self.errors.append(f"tunnel {i} round {seq}: {err!r}")
             self.rounds += 1
 
     def wait_rounds(self, more: int, timeout: float = 10.0) -> None:
@@ -115,16 +118,25 @@ class Chatter(threading.Thread):
         assert not self.errors, self.errors[:3]
 
 
+def enough_descriptors(needed: int) -> None:
+    """Raise our soft limit on open files (pylb inherits it) to `needed`, if allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+
 def test_tunnels_move_through_reloads_by_every_method(pylb, backends):
+    """500 WebSocket tunnels and 500 TCP-mode sessions talking all along, 21 reloads."""
+    enough_descriptors(8192)  # clients and servers here, both sides of 1000 tunnels in pylb
     ws, tcp = backends.echo("ws"), backends.tcp("echo")
     lb, reload = start(pylb, tunnel_config(ws.address, tcp.address))
-    socks = [open_ws(lb.port("ws")) for _ in range(40)]
-    socks += [open_tcp(lb.port("db")) for _ in range(40)]
+    socks = [open_ws(lb.port("ws")) for _ in range(TUNNELS)]
+    socks += [open_tcp(lb.port("db")) for _ in range(TUNNELS)]
     chatter = Chatter(socks)
     chatter.start()
     try:
         chatter.wait_rounds(3)
-        for method in METHODS * 2:
+        for method in METHODS * 7:
             old = worker_pids(lb)
             generation = reload(method)
             began = time.monotonic()
@@ -136,7 +148,7 @@ def test_tunnels_move_through_reloads_by_every_method(pylb, backends):
             chatter.wait_rounds(3)  # every tunnel talks through the new generation
     finally:
         chatter.stop()
-    assert tcp.connections == 40 and ws.connections == 40  # no tunnel was opened again
+    assert tcp.connections == TUNNELS and ws.connections == TUNNELS  # none opened again
     for sock in socks:
         sock.close()
 
