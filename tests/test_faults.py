@@ -96,7 +96,8 @@ def test_a_reload_that_removes_a_limited_server_under_load_loses_nothing(
             mark = len(lb.lines)
             lb.signal(signal.SIGUSR2)
             lb.wait_log(rf"reload {round_ + 1} done", 20, start=mark)
-            time.sleep(0.3)  # under load on the new generation
+            served = len(load.statuses)  # then under load on the new generation:
+            assert wait_until(lambda n=served: len(load.statuses) >= n + 40, 20)
     finally:
         load.stop()
     assert lb.proc.poll() is None, "the master died:\n" + lb.output()

@@ -154,20 +154,23 @@ def test_tunnels_move_through_reloads_by_every_method(pylb, backends):
 
 
 def test_tunnels_move_on_a_takeover(tmp_path: Path, backends):
-    """`pylb -sf OLDPID`: the tunnels go over the _handover connection to the new pylb,
-    and the old one exits at once."""
+    """`pylb -sf OLDPID`, three times: the tunnels and the streamed answers go over the
+    _handover connection to the new pylb, and the old one exits at once."""
     ws, tcp = backends.echo("ws"), backends.tcp("echo")
     cfg = tunnel_config(ws.address, tcp.address)
     (tmp_path / "lb.cfg").write_text(yaml.safe_dump(cfg))
     ports = [int(cfg["frontends"][name]["bind"].rsplit(":", 1)[1]) for name in ("ws", "db")]
     first = start_daemon(tmp_path)
-    socks = [open_ws(ports[0]) for _ in range(10)] + [open_tcp(ports[1]) for _ in range(10)]
+    socks = [open_ws(ports[0]) for _ in range(100)] + [open_tcp(ports[1]) for _ in range(100)]
     chatter = Chatter(socks)
     chatter.start()
+    streams = [Stream(ports[0], "/sse?events=100&every=0.02", 0) for _ in range(5)]
+    for stream in streams:
+        stream.start()
     masters = [first]
     try:
         chatter.wait_rounds(3)
-        for _ in range(2):
+        for _ in range(3):
             old_workers = {p.pid for p in workers_of(masters[-1])}
             masters.append(start_daemon(tmp_path, "-sf", str(masters[-1])))
             leaving = old_workers | {masters[-2]}
@@ -183,7 +186,12 @@ def test_tunnels_move_on_a_takeover(tmp_path: Path, backends):
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    assert tcp.connections == 10 and ws.connections == 10
+    for stream in streams:
+        assert stream.done.wait(30), f"{stream.target} stalled at {stream.size} bytes"
+        assert not stream.error, stream.error
+        assert bytes(stream.body) == b"".join(b"data: %d\n\n" % n for n in range(100))
+    assert tcp.connections == 100  # no tunnel was opened again (the answers' /after
+    assert 100 + len(streams) <= ws.connections <= 100 + 2 * len(streams)  # may need one)
 
 
 def _alive(pids: set[int]) -> set[int]:

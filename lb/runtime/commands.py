@@ -405,6 +405,11 @@ async def show_proc(master: Master, args: list[str], session: Session) -> str:
     with what keeps each of those alive (tunnels the new generation cannot take, requests
     still waiting for their answer)."""
     held = await master.ask_each("connections")
+    if any(h.generation != master.generation for h in master.workers.values()):
+        staying = await master.ask_each("staying")
+    else:
+        staying = {}
+    # The tables are read after the answers: a worker that exited meanwhile is not listed.
     now = time.monotonic()
     line = "{:<8} {:<8} {:<12} {:<12} {:<13} {}"
     lines = [
@@ -414,7 +419,6 @@ async def show_proc(master: Master, args: list[str], session: Session) -> str:
     ]
     current = [h for h in master.workers.values() if h.generation == master.generation]
     old = [h for h in master.workers.values() if h.generation != master.generation]
-    staying = await master.ask_each("staying") if old else {}
     for title, handles in (("# workers", current), ("# old workers", old)):
         lines.append(title)
         for handle in sorted(handles, key=lambda h: (h.generation, h.index)):
