@@ -1,4 +1,5 @@
-"""Tunnels moving to the next generation: what the next one accepts, what a tunnel carries.
+"""Tunnels and streamed answers moving to the next generation: what the next one accepts,
+what each carries.
 
 When a stopping worker hands over, each of its tunnels (TCP-mode sessions, HTTP after an
 Upgrade) goes to a worker of the next generation with both descriptors and a state (a
@@ -9,6 +10,11 @@ plain dict, sent as JSON):
 - `mode`, `fe`, `be`, `srv` and `addr`: where it belongs; `slot`: whether it holds one of
   the server's `maxconn` slots (the master moves that slot with it); `pid`: who held it;
 - `peer`, `begin` and the timings of its TCP log line.
+
+An HTTP answer being relayed moves the same way (`leave_stream`, `send_stream`), once its
+body can be taken up by a fresh parser: with the bytes left of a Content-Length, at a
+chunk boundary, or up to the server's close; with it go the client's keep-alive state and
+the request's log timings.
 
 The next generation takes a tunnel only if its configuration still serves it the same
 way: the frontend with the same mode (and, in TCP mode, the same default backend), and
