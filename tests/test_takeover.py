@@ -59,6 +59,15 @@ def start_daemon(workdir: Path, *extra: str) -> int:
     return pid
 
 
+def terminate(pids: list[int]) -> None:
+    """SIGTERM to each of these pylb masters still running."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 def _answers(workdir: Path) -> bool:
     try:
         return command(workdir, "show info").startswith("Name: pylb")
@@ -112,11 +121,7 @@ def test_takeover_under_load_loses_nothing(tmp_path: Path, backends):
         assert len(workers_of(pids[-1])) == 2
     finally:
         stop.set()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        terminate(pids)
 
 
 def test_server_maxconn_holds_across_old_and_new_process(tmp_path: Path):
@@ -157,8 +162,4 @@ def test_server_maxconn_holds_across_old_and_new_process(tmp_path: Path):
         assert server.max_seen == 2
     finally:
         server.stop()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        terminate(pids)

@@ -4,9 +4,7 @@ TCP-mode sessions keep talking, in order, and the old generation exits at once."
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
-import signal
 import socket
 import threading
 import time
@@ -27,7 +25,7 @@ from backends import (
     workers_of,
 )
 from test_reload import METHODS, cli, generations, start, worker_pids
-from test_takeover import start_daemon
+from test_takeover import start_daemon, terminate
 
 OLD_GONE = 1.0  # seconds after a reload by which only the new generation may remain
 TUNNELS = 500  # of each kind
@@ -181,11 +179,7 @@ def test_tunnels_move_on_a_takeover(tmp_path: Path, backends):
         chatter.stop()
         for sock in socks:
             sock.close()
-        for pid in masters:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        terminate(masters)
     for stream in streams:
         assert stream.done.wait(30), f"{stream.target} stalled at {stream.size} bytes"
         assert not stream.error, stream.error
