@@ -65,6 +65,7 @@ class WorkerHandle:
     pidfd: int
     slot: int
     servers: frozenset[tuple[str, str]]  # (backend, server) of its configuration
+    accepts: handover.Accepts  # the tunnels its configuration can take (lb.handover)
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     stopping: bool = False
@@ -243,7 +244,8 @@ class Generations:
             for server in backend.servers
         )
         handle = WorkerHandle(
-            index, self.number, cfg.global_.workers, proc, channel, pidfd, slot, servers
+            index, self.number, cfg.global_.workers, proc, channel, pidfd, slot, servers,
+            handover.accepts(cfg),
         )
         channel._on_message = functools.partial(master.received, handle)
         channel._on_close = functools.partial(self._unreachable, handle)
@@ -389,11 +391,13 @@ class Generations:
             _kill(handle.pid, signal.SIGKILL)
 
     def _retire_older(self) -> None:
+        accepts = handover.accepts(self.master.config)
         for handle in self.older():
             if not handle.stopping:
                 handle.stopping = True
-                handle.channel.send({"op": "soft-stop", "handover": True,
-                                     "accepts": handover.accepts(self.master.config)})
+                handle.channel.send({"op": "soft-stop", "handover": True, "accepts": accepts})
+            else:  # stopping already: its tunnels now go to this generation, if it takes them
+                handle.channel.send({"op": "accepts", "accepts": accepts})
 
     # -- exits ------------------------------------------------------------------------
 

@@ -355,14 +355,34 @@ class Master:
                 self._heir += 1
                 count = conn.get("fds", 1)
                 mine, position = fds[position : position + count], position + count
-                heir.channel.send({"op": "adopt", "conns": [conn]}, mine)
                 tunnel = conn.get("tunnel")
+                if tunnel is not None and handover.refusal(heir.accepts, tunnel) is not None:
+                    self._send_back(conn, mine, heir.accepts)
+                    continue
+                heir.channel.send({"op": "adopt", "conns": [conn]}, mine)
                 if tunnel is not None and tunnel["slot"]:
                     old = self.workers.get(tunnel["pid"]) or self.elders.get(tunnel["pid"])
                     self.keeper.transfer(old, heir, tunnel["be"], tunnel["srv"])
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _send_back(self, conn: dict[str, Any], fds: list[int], accepts: Any) -> None:
+        """A tunnel the newest generation cannot take (its worker decided on what an
+        older generation took): back to where it was, told what the newest takes, so
+        that it stays there; or, that worker gone, to another that can take it."""
+        tunnel = conn["tunnel"]
+        owner = self.workers.get(tunnel["pid"])
+        if owner is None:
+            owner = next((h for h in sorted(self.workers.values(), key=lambda h: -h.generation)
+                          if h.ready and handover.refusal(h.accepts, tunnel) is None), None)
+            if owner is None:
+                log.warning("no worker can take a tunnel of %s/%s: closing it",
+                            tunnel["be"], tunnel["srv"])
+                return
+            if tunnel["slot"]:
+                self.keeper.transfer(None, owner, tunnel["be"], tunnel["srv"])
+        owner.channel.send({"op": "adopt", "conns": [conn], "accepts": accepts}, fds)
 
     def _pass_on(self, message: dict[str, Any], fds: list[int]) -> None:
         for heir in self.heirs:

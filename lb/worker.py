@@ -148,8 +148,13 @@ class Worker:
         elif op == "ask":
             self._send({"op": "reply", "req": message["req"], "data": self._answer(message)})
         elif op == "adopt":
+            if "accepts" in message:  # one of ours, back: the newest generation refused it
+                self.accepts = message["accepts"]
             self._adopt(message["conns"], fds)
             return
+        elif op == "accepts":
+            self.accepts = message["accepts"]  # a newer generation: what it takes over
+            self._move_again()
         elif op == "soft-stop":
             self.soft_stop(message.get("handover", False), message.get("accepts"))
         elif op == "stop":
@@ -301,6 +306,15 @@ class Worker:
             loop.create_task(frontend.adopt(
                 socket.socket(fileno=mine[0]), base64.b64decode(conn["data"]), conn.get("ticket")
             ))
+
+    def _move_again(self) -> None:
+        """Offer the tunnels and answers that stayed to the newest generation."""
+        if self.handing_over:
+            for frontend in self.frontends.values():
+                for session in list(frontend.sessions):
+                    if session.stays:
+                        session.stays = ""
+                        session.close_if_idle()
 
     def _staying(self) -> str:
         """Why this worker is still alive, for `show proc` ("" when it is not stopping)."""
