@@ -1,16 +1,28 @@
 """The chaos world: real pylb processes, real backends and real clients on loopback.
 
 A `World` owns a working directory, three echo backends (tests/backends.py), one counting
-server behind a `maxconn` (tests/test_limits.py), a pylb master (started in the
-foreground, replaced by `-sf` daemons and restarted after a `kill -9`), the background
-clients and the ledger of every request that failed. Its `step_*` methods are the steps the
-state machine draws (they can be called one by one, as tests/chaos/test_regressions.py
-does), and `check()` is the invariant after each of them:
+server behind a `maxconn` (tests/test_limits.py), an echo backend for WebSocket tunnels and
+a TCP echo server for TCP-mode sessions (each behind its own frontend and backend, which
+the mutations leave alone), a pylb master (started in the foreground, replaced by `-sf`
+daemons and restarted after a `kill -9`), the background clients and the ledger of every
+request that failed. Its `step_*` methods are the steps the state machine draws (they can
+be called one by one, as tests/chaos/test_regressions.py does), and `check()` is the
+invariant after each of them:
 
 - the master is alive (after its `kill -9`: the ports were free within 1 s and the
   restarted pylb serves) and `show proc` answers;
 - no request failed, except those that may: in flight on a worker killed with -9, or begun
-  while the master was down (killed, not yet restarted);
+  while the master was down (killed, not yet restarted), or pylb's known losses
+  (`in-handover`: see where it is allowed);
+- no long-lived tunnel (WebSocket or TCP mode, open across the whole run) lost a message,
+  got one twice or out of order, or was closed by pylb, unless a step that kills
+  processes (a worker's or the master's `kill -9`) happened while it was open: those
+  tunnels are opened again once the step is over, and their losses do not count. Reloads
+  by every method, `-sf` takeovers and configuration changes must move them whole;
+- after a reload (any method, `-sf` too), within 1 s only the current generation's
+  workers, the master and its worker template remain, but for an old worker whose row in
+  `show proc` says why it stays (the reason goes in the step's detail). After `-sf`, the
+  old pylb goes whole: no `show proc` speaks for it;
 - the counting server never saw more requests at once than its `maxconn`;
 - every kind of client made progress since the step.
 
@@ -28,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -46,11 +59,14 @@ from typing import Any
 import psutil
 import yaml
 from backends import (
+    TCP_BANNER,
     WS_GREETING,
     EchoBackend,
     HttpConn,
     IncompleteResponse,
+    TcpBackend,
     free_port,
+    recv_exact,
     wait_until,
 )
 from test_limits import CountingServer
@@ -67,6 +83,11 @@ PORT_FREE_WITHIN = 1.0  # after a master's kill -9
 PROGRESS_TIMEOUT = 10.0
 KILL_GRACE = 0.5  # after a killed worker's replacement accepts, its failures may still show
 OLD_MASTER_EXIT = 20.0  # after -sf, the old master must be gone by then
+OLD_GONE_WITHIN = 1.0  # after a reload, only the current generation by then (or a reason)
+EXIT_SLACK = 0.3  # an old worker with nothing left (no reason to stay) is gone by then
+LONG_TUNNELS = {"long-ws": 3, "long-tcp": 3}  # tunnels open across the whole run
+LONG_BURST = 3  # numbered messages sent at once on a long-lived tunnel, then read back
+LONG_PAUSE = 0.05  # seconds between two bursts
 ALGORITHMS = ("roundrobin", "static-rr", "leastconn", "source", "uri", "random",
               "hdr(X-User)")
 MAP_TEXT = "/probe hit\n/ka root\n# a comment\n"
@@ -247,6 +268,7 @@ class Failure:
     begun: int = -1  # index of the step during which it began
     failed: int = -1  # index of the step during which it failed
     allowed: str | None = None  # why it may fail, or None: a real failure
+    decided: bool = False  # `allowed` was decided when it was recorded: no step's window
 
     def describe(self, t0: float) -> str:
         return (f"{self.client} request begun at +{self.start - t0:.3f}s failed at"
@@ -269,16 +291,18 @@ HANDOVER_WINDOW = 3.0  # seconds an older generation may still be handing over
 @dataclass
 class Allow:
     """Failures that may happen: those from `begin` to `end` of requests begun from
-    `begun_after` on."""
+    `begun_after` on (and before `begun_before`)."""
 
     begin: float
     end: float
     label: str
     begun_after: float = float("-inf")
     reason: str = ""  # only failures whose reason says this
+    begun_before: float = float("inf")
 
     def covers(self, failure: Failure) -> bool:
-        return (self.begin <= failure.end <= self.end and failure.start >= self.begun_after
+        return (self.begin <= failure.end <= self.end
+                and self.begun_after <= failure.start < self.begun_before
                 and self.reason in failure.reason)
 
 
@@ -310,9 +334,11 @@ class Ledger:
             self.ok[client] += 1
             self.stats.ok[client] += 1
 
-    def fail(self, client: str, start: float, reason: str) -> None:
+    def fail(self, client: str, start: float, reason: str, *, allowed: str | None = None,
+             decided: bool = False) -> None:
         with self.lock:
-            self.failures.append(Failure(client, start, time.monotonic(), reason))
+            self.failures.append(Failure(client, start, time.monotonic(), reason,
+                                         allowed=allowed, decided=decided))
 
     def successes(self, client: str) -> int:
         with self.lock:
@@ -341,8 +367,8 @@ class Ledger:
                                  default=-1)
             waited = "timed out" in failure.reason or "status 5" in failure.reason
             failure.step = failure.begun if waited else failure.failed
-            for step in reversed(steps):  # the latest step's window says why first
-                for allow in step.allow:
+            for step in [] if failure.decided else reversed(steps):
+                for allow in step.allow:  # the latest step's window says why first
                     if failure.allowed is None and allow.covers(failure):
                         failure.allowed = allow.label
             kind = steps[failure.step].kind if failure.step >= 0 else "start"
@@ -355,7 +381,7 @@ class Ledger:
 
 def _reason_class(reason: str) -> str:
     for word in ("refused", "reset", "timed out", "timeout", "end of stream", "Broken pipe",
-                 "status", "body", "101", "echo"):
+                 "status", "body", "101", "echo", "server got"):
         if word in reason:
             return reason.split(":")[0] if word == "status" else word
     return reason[:40]
@@ -371,7 +397,9 @@ class Clients:
     - `per-request`: a connection per request, every other one with `Connection: close`;
     - `slow`: `?delay=0.2` requests on a keep-alive connection;
     - `queued`: requests to the counting server, more clients than its `maxconn`;
-    - `tunnel`: a WebSocket-style upgrade, then bytes echoed through the tunnel.
+    - `tunnel`: a WebSocket-style upgrade, then bytes echoed through the tunnel;
+    - `long-ws`, `long-tcp` (LONG_TUNNELS): a WebSocket tunnel or a TCP-mode session each,
+      open across the whole run, numbered messages echoed back in bursts (see `_long`).
     """
 
     KINDS = {"keepalive": 2, "per-request": 2, "slow": 1, "queued": 3, "tunnel": 1}
@@ -380,10 +408,15 @@ class Clients:
         self.world = world
         self.ledger = world.ledger
         self.stop_event = threading.Event()
+        self.rounds: Counter[str] = Counter()  # bursts echoed, by long-lived tunnel
         self.threads = [
             threading.Thread(target=self._run, args=(kind, i), daemon=True,
                              name=f"chaos-{kind}-{i}")
             for kind, count in self.KINDS.items() for i in range(count)
+        ] + [
+            threading.Thread(target=self._long, args=(kind, i), daemon=True,
+                             name=f"chaos-{kind}-{i}")
+            for kind, count in LONG_TUNNELS.items() for i in range(count)
         ]
         for thread in self.threads:
             thread.start()
@@ -471,6 +504,115 @@ class Clients:
                     raise AssertionError("echo through the tunnel differs")
                 time.sleep(0.05)
 
+    # -- the long-lived tunnels ---------------------------------------------------------
+
+    def long_names(self) -> list[str]:
+        return [f"{kind}/{i}" for kind, count in LONG_TUNNELS.items() for i in range(count)]
+
+    def _long(self, kind: str, index: int) -> None:
+        """One long-lived tunnel: bursts of LONG_BURST numbered messages, each burst read
+        back before the next; every one must come back once and in order. A tunnel pylb
+        closes (end of stream, reset), an echo that differs (lost, doubled, reordered
+        bytes) or one that never comes is a failure, and the tunnel is opened again.
+
+        The exception: a step that kills processes (`World.fault`) while the tunnel was
+        open. Its failures are allowed ("killed-tunnel"), and once the step is over the
+        tunnel is closed and opened again, so that the next one counts in full. At the
+        stop, a TCP-mode session half-closes and the server says how many bytes it got:
+        every byte sent, once."""
+        name = f"{kind}/{index}"
+        world = self.world
+        sock: socket.socket | None = None
+        opened = 0.0  # when the tunnel's opening began
+        seq = sent = 0  # messages and bytes sent on this tunnel
+        try:
+            while not self.stop_event.is_set():
+                start = time.monotonic()
+                try:
+                    if sock is None:
+                        opened, seq, sent = start, 0, 0
+                        sock = self._open_long(kind)
+                    burst = b"".join(b"%s %d %s\n" % (name.encode(), n, b"x" * (n % 53))
+                                     for n in range(seq, seq + LONG_BURST))
+                    sock.sendall(burst)
+                    sent += len(burst)
+                    got = recv_exact(sock, len(burst))
+                    if len(got) < len(burst) and burst.startswith(got):
+                        echoed = seq + got.count(b"\n")
+                        raise ConnectionError(
+                            f"end of stream: the tunnel was closed, {echoed} messages"
+                            f" echoed (opened +{opened - self.ledger.t0:.3f}s)")
+                    if got != burst:
+                        raise AssertionError(f"echo differs after message {seq - 1}:"
+                                             f" sent {burst[:80]!r}, got {got[:80]!r}")
+                    seq += LONG_BURST
+                    self.ledger.success(kind)
+                    self.rounds[name] += 1
+                except Exception as exc:  # recorded; the tunnel is opened again
+                    faulted = world.faulted(opened, time.monotonic())
+                    self.ledger.fail(kind, start, f"{name}: {type(exc).__name__}: {exc}",
+                                     allowed="killed-tunnel" if faulted else None,
+                                     decided=True)
+                    if sock is not None:
+                        sock.close()
+                        sock = None
+                    self.stop_event.wait(0.05)
+                    continue
+                if world.fault_over(opened):  # it may be a killed master's orphan's
+                    sock.close()
+                    sock = None
+                    continue
+                self.stop_event.wait(LONG_PAUSE)
+        finally:
+            if sock is not None:
+                self._close_long(kind, name, sock, sent, opened)
+
+    def _open_long(self, kind: str) -> socket.socket:
+        port = self.world.ws_port if kind == "long-ws" else self.world.tcp_port
+        sock = socket.create_connection((HOST, port), timeout=CLIENT_TIMEOUT)
+        try:
+            if kind == "long-tcp":
+                if (banner := recv_exact(sock, len(TCP_BANNER))) != TCP_BANNER:
+                    raise AssertionError(f"banner {banner!r}")
+                return sock
+            sock.sendall(b"GET /long HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n\r\n")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                if not (byte := sock.recv(1)):
+                    raise ConnectionError(f"end of stream in the answer: {head!r}")
+                head += byte
+            if not head.startswith(b"HTTP/1.1 101 "):
+                raise AssertionError(f"status {head[9:12].decode(errors='replace')}"
+                                     f" instead of 101")
+            if (greeting := recv_exact(sock, len(WS_GREETING))) != WS_GREETING:
+                raise AssertionError(f"greeting {greeting!r}")
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def _close_long(self, kind: str, name: str, sock: socket.socket, sent: int,
+                    opened: float) -> None:
+        """Half-close: the server got every byte once (TCP mode: it says how many), and
+        then closes."""
+        start = time.monotonic()
+        expected = b"BYE %d\n" % sent if kind == "long-tcp" else b""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            got = bytearray()
+            while data := sock.recv(4096):
+                got += data
+            if got != expected:
+                raise AssertionError(f"at the end, the server got {bytes(got)!r} instead of"
+                                     f" {expected!r}")
+        except Exception as exc:
+            faulted = self.world.faulted(opened, time.monotonic())
+            self.ledger.fail(kind, start, f"{name}: {type(exc).__name__}: {exc}",
+                             allowed="killed-tunnel" if faulted else None, decided=True)
+        finally:
+            sock.close()
+
 
 # -- processes ---------------------------------------------------------------------------------
 
@@ -526,8 +668,11 @@ class World:
         self.sock_path = workdir / "lb.sock"
         self.pidfile = workdir / "pylb.pid"
         self.port, self.port2, self.port3, self.lim_port = (free_port() for _ in range(4))
+        self.ws_port, self.tcp_port = free_port(), free_port()
         self.echos = [EchoBackend(f"e{i}") for i in range(3)]
         self.echo_names = {e.name for e in self.echos}
+        self.ws_echo = EchoBackend("ws")  # the long-lived tunnels' servers
+        self.tcp_echo = TcpBackend("echo")
         self.lim = CountingServer("q1", delay=0.05)
         self.lim.httpd.handle_error = lambda *_: None  # type: ignore[method-assign]
         self.spec = Spec()
@@ -540,6 +685,12 @@ class World:
         self.orphans: set[int] = set()  # workers of a master killed with -9
         self.takeovers = 0
         self.master_kills = 0
+        # [start, end] of the steps that kill processes (end: inf while under way); a
+        # long-lived tunnel open meanwhile may be cut
+        self.faults: list[list[float]] = []
+        self.retiring: list[tuple[threading.Thread, list[str]]] = []  # see _watch_retire
+        # the long-lived tunnels' echoes at the last wait_progress: (after what, when, ...)
+        self.tunnel_marks: tuple[str, float, dict[str, int]] | None = None
         self.closed = False
 
     # -- start, stop --------------------------------------------------------------------
@@ -585,6 +736,9 @@ class World:
         }
         if spec.second_frontend:
             frontends["extra"] = {"bind": f"{HOST}:{self.port3}", "default_backend": "app"}
+        frontends["ws"] = {"bind": f"{HOST}:{self.ws_port}", "default_backend": "wsb"}
+        frontends["tcp"] = {"bind": f"{HOST}:{self.tcp_port}", "mode": "tcp",
+                            "default_backend": "tcpb"}
         cfg: dict[str, Any] = {
             "global": {"workers": WORKERS, "log": str(self.workdir / "pylb.log"),
                        "hard-stop-after": "20s",
@@ -598,6 +752,9 @@ class World:
                 "app": app,
                 "lim": {"servers": {"q1": {"address": self.lim.address,
                                            "maxconn": LIM_MAXCONN}}},
+                "wsb": {"servers": {"w1": {"address": self.ws_echo.address}}},
+                "tcpb": {"mode": "tcp",
+                         "servers": {"t1": {"address": self.tcp_echo.address}}},
             },
         }
         if spec.map_rule:
@@ -651,12 +808,14 @@ class World:
         problems: list[str] = []
         try:
             if self.clients is not None:
+                problems += self._tunnels_moved()
                 self.clients.stop()
                 if hung := self.clients.hung():
                     problems.append(f"clients still running after the stop: {hung}")
             for sock in self.stalled:
                 sock.close()
             self.stalled.clear()
+            problems += self._retired(wait=True)
             problems += self._violations(self.ledger.classify())
             live = [m for m in self.masters if m.alive()]  # a takeover's too, if it hung
             for master in live:
@@ -675,7 +834,7 @@ class World:
                 if ref.popen is not None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         ref.popen.wait(5)
-            for echo in self.echos:
+            for echo in (*self.echos, self.ws_echo, self.tcp_echo):
                 echo.stop()
             self.lim.stop()
         if self.stats.echo:
@@ -740,6 +899,20 @@ class World:
                 workers[int(pid)] = (int(gen), conns)
         return int(master[2]), int(master[3]), workers
 
+    def old_workers(self, answer: str | None = None) -> dict[int, str]:
+        """The old workers `show proc` (or its `answer`) lists: pid -> why it stays ("" when
+        it says nothing)."""
+        old = False
+        found = {}
+        answer = self.cli("show proc") if answer is None else answer
+        for line in answer.splitlines():
+            if line.startswith("#"):
+                old = line == "# old workers"
+            elif old and line.strip():
+                fields = line.split(None, 6)
+                found[int(fields[0])] = fields[6].strip() if len(fields) > 6 else ""
+        return found
+
     @property
     def master_pid(self) -> int:
         assert self.master is not None
@@ -803,6 +976,8 @@ class World:
             self.show_proc()
         except (OSError, StatsAnswer) as exc:
             self.problem(f"show proc does not answer: {exc!r}")
+        for message in self._retired(wait=False):
+            self.problem(message)
         self._settle_limits()
         for message in self._violations(self.ledger.classify()):
             self.problem(message)
@@ -819,26 +994,47 @@ class World:
 
     def _recover(self) -> None:
         """Not strict, the master gone: a new one, so that the run goes on."""
-        for process in self.processes():
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        wait_until(lambda: port_free(self.port), 5)
-        self.write_config()
-        mark = self.log.mark()
-        self.master = self._start_foreground()
-        self.log.wait(rf"pylb\[{self.master.pid}\] master: generation 1 ready", START_TIMEOUT,
-                      mark)
+        with self.fault():
+            for process in self.processes():
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            wait_until(lambda: port_free(self.port), 5)
+            self.write_config()
+            mark = self.log.mark()
+            self.master = self._start_foreground()
+            self.log.wait(rf"pylb\[{self.master.pid}\] master: generation 1 ready",
+                          START_TIMEOUT, mark)
 
     def wait_progress(self, what: str, kinds: tuple[str, ...] = ("keepalive", "per-request",
                                                                    "queued")) -> None:
-        """Every kind of client gets at least one answer after `what`."""
+        """Every kind of client gets at least one answer after `what`, and every
+        long-lived tunnel an echo (that one is checked at the next step's end, or at the
+        close: by then it has come, and nobody waits for it)."""
         if self.clients is None:
             return
+        clients = self.clients
         before = {kind: self.ledger.successes(kind) for kind in kinds}
         stuck = [k for k in kinds if not wait_until(
             lambda k=k: self.ledger.successes(k) > before[k], PROGRESS_TIMEOUT)]
         if stuck:
             self.problem(f"no progress of {stuck} within {PROGRESS_TIMEOUT}s after {what}")
+        for message in self._tunnels_moved():
+            self.problem(message)
+        self.tunnel_marks = (what, time.monotonic(),
+                             {name: clients.rounds[name] for name in clients.long_names()})
+
+    def _tunnels_moved(self) -> list[str]:
+        """Every long-lived tunnel had an echo after the last `wait_progress`."""
+        if self.clients is None or self.tunnel_marks is None:
+            return []
+        clients = self.clients
+        what, since, rounds = self.tunnel_marks
+        self.tunnel_marks = None
+        stuck = [name for name in rounds if not wait_until(
+            lambda name=name: clients.rounds[name] > rounds[name],
+            max(0.0, since + PROGRESS_TIMEOUT - time.monotonic()))]
+        return [f"no echo on the long-lived tunnels {stuck} within {PROGRESS_TIMEOUT}s"
+                f" after {what}"] if stuck else []
 
     def probe(self, what: str) -> None:
         """A request on a new connection sees the configuration in force."""
@@ -882,6 +1078,123 @@ class World:
         step.end = time.monotonic()
         self.stats.step_time[step.kind] += step.end - step.start
 
+    # -- faults: steps that may cut the long-lived tunnels ------------------------------
+
+    @contextlib.contextmanager
+    def fault(self) -> Iterator[None]:
+        """A step that kills processes is under way: the long-lived tunnels open meanwhile
+        may be cut, and are opened again once it is over."""
+        span = [time.monotonic(), math.inf]
+        self.faults.append(span)
+        try:
+            yield
+        finally:
+            span[1] = time.monotonic()
+
+    def faulted(self, opened: float, now: float) -> bool:
+        """Whether a fault step overlaps from `opened` to `now` (a tunnel's life)."""
+        return any(start <= now and end >= opened for start, end in self.faults)
+
+    def fault_over(self, opened: float) -> bool:
+        """Whether a fault step that overlaps a tunnel opened at `opened` is over."""
+        now = time.monotonic()
+        return any(start <= now and opened <= end <= now for start, end in self.faults)
+
+    # -- after a reload: only the current generation remains ----------------------------
+
+    def _watch_retire(self, step: Step, since: float) -> None:
+        """A reload of the current master was done at `since`: within OLD_GONE_WITHIN,
+        only its current generation's workers, itself and its worker template remain
+        (and the orphans of a killed master), but for old workers whose row in `show
+        proc` says why they stay. Watched in a thread, the run going on: `check` reports
+        what a finished watch found, `close` waits for them all."""
+        master = self.master_pid
+        generation = self.show_proc()[0]
+        leaving = self._lingering(master, generation)  # what must go
+        problems: list[str] = []
+        thread = threading.Thread(target=self._retire_watch, daemon=True,
+                                  args=(step, master, leaving, since, problems),
+                                  name=f"chaos-retire-{step.index}")
+        thread.start()
+        self.retiring.append((thread, problems))
+
+    def _retired(self, wait: bool) -> list[str]:
+        """What the finished watches of old generations found (`wait`: all of them)."""
+        problems = []
+        for thread, found in list(self.retiring):
+            if wait:
+                thread.join(OLD_GONE_WITHIN + 10)
+            if not thread.is_alive():
+                problems += found
+                self.retiring.remove((thread, found))
+            elif wait:
+                problems.append(f"{thread.name}: still watching")
+        return problems
+
+    def _lingering(self, master: int, generation: int) -> dict[int, str]:
+        """This world's pylb processes other than `master`, its template, its workers of
+        `generation` on and the orphans: pid -> title."""
+        found = {}
+        for process in self.processes():
+            try:
+                title = " ".join(process.cmdline()).strip()
+                ppid = process.ppid()
+            except psutil.Error:
+                continue
+            if process.pid == master or process.pid in self.orphans:
+                continue
+            if ppid == master:
+                if title == "pylb: worker template":
+                    continue
+                m = re.fullmatch(r"pylb: worker \d+/\d+ \[gen (\d+)\]", title)
+                if m and int(m.group(1)) >= generation:
+                    continue
+            found[process.pid] = title
+        return found
+
+    def _retire_watch(self, step: Step, master: int, leaving: dict[int, str], since: float,
+                      problems: list[str]) -> None:
+        def left() -> dict[int, str]:
+            return {pid: title for pid, title in leaving.items()
+                    if pid not in self.orphans and _not_zombie(pid)}
+
+        deadline = since + OLD_GONE_WITHIN
+        try:
+            while (lingering := left()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not lingering:
+                return
+            # Past the deadline: an old worker that says why it stays may, one that says
+            # nothing must be on its way out (what kept it just ended: it exits after
+            # EXIT_GRACE, 50 ms).
+            # (A takeover or a master's kill -9 since: the old pylb is the watch of that
+            # step, or orphans.)
+            staying: dict[int, str] = {}
+            slack = time.monotonic() + EXIT_SLACK
+            answer = ""
+            while lingering:
+                with contextlib.suppress(OSError):
+                    answer = self.cli("show proc")
+                if self.master_pid != master or f"\n{master} " not in answer:
+                    return  # whose answer?
+                staying |= {p: why for p, why in self.old_workers(answer).items() if why}
+                if all(p in staying for p in lingering) or time.monotonic() >= slack:
+                    break
+                time.sleep(0.02)
+                lingering = left()
+            late = time.monotonic() - since
+            for pid in sorted(lingering):
+                if pid in staying:
+                    step.detail += f"; old worker {pid} stays: {staying[pid]}"
+                else:
+                    problems.append(
+                        f"{lingering[pid]!r} (pid {pid}) still runs {late:.2f}s after step"
+                        f" {step.index} {step.kind} ({step.detail}), and show proc says"
+                        f" nothing of why:\n{answer}")
+        except Exception as exc:  # a watch that breaks says so
+            problems.append(f"after step {step.index} {step.kind}: the watch of the old"
+                            f" generation failed: {exc!r}")
+
     # -- steps ------------------------------------------------------------------------
 
     def step_reload(self, method: str, mutation: str = "none", choice: int = 0) -> None:
@@ -901,6 +1214,7 @@ class World:
             os.kill(pid, getattr(signal, method))
         found = self.log.wait(rf"pylb\[{pid}\] master: (reload \d+ done|reload failed.*)",
                               RELOAD_TIMEOUT, mark)
+        done = time.monotonic()
         self._finish(step)
         if method == "socket" and not answer.startswith("Success=1\n"):
             self.spec = old_spec
@@ -913,6 +1227,7 @@ class World:
             self.problem(f"reload by {method} ({detail}): "
                          f"{found.group(1) if found else 'no answer in the log'}")
             return
+        self._watch_retire(step, done)
         new_gen, new_reloads, _ = self.show_proc()
         if (new_gen, new_reloads) != (gen + 1, reloads + 1):
             self.problem(f"after a reload: generation {new_gen}, reloads {new_reloads};"
@@ -980,16 +1295,17 @@ class World:
         step = self.ledger.begin("kill-worker", f"pid {victim} (worker {windex},"
                                                f" up {uptime:.1f}s)")
         mark = self.log.mark()
-        killed = time.monotonic()
-        self.lim_allowance = LIM_MAXCONN  # its requests at the server run on, slots freed
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
-        started = self.log.wait(
-            rf"pylb\[{self.master_pid}\] master: worker {windex}/\d+ gen {gen} started"
-            rf" \(pid (\d+)[,)]", 10, mark)
-        new = int(started.group(1)) if started else 0
-        ready = started is not None and wait_until(
-            lambda: self.show_proc()[2].get(new, (0, "?"))[1] != "?", 10, 0.05)
+        with self.fault():  # its tunnels are cut
+            killed = time.monotonic()
+            self.lim_allowance = LIM_MAXCONN  # its requests at the server run on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+            started = self.log.wait(
+                rf"pylb\[{self.master_pid}\] master: worker {windex}/\d+ gen {gen} started"
+                rf" \(pid (\d+)[,)]", 10, mark)
+            new = int(started.group(1)) if started else 0
+            ready = started is not None and wait_until(
+                lambda: self.show_proc()[2].get(new, (0, "?"))[1] != "?", 10, 0.05)
         step.allow.append(Allow(killed, time.monotonic() + KILL_GRACE, "killed-worker"))
         self.lim_allow_until = time.monotonic() + 1.0
         self._finish(step)
@@ -1012,26 +1328,28 @@ class World:
         ports = [self.port, self.lim_port]
         ports += [self.port2] if self.spec.second_bind else []
         ports += [self.port3] if self.spec.second_frontend else []
-        # the killed master's keeper may have granted every slot: its orphaned workers
-        # finish those requests while the new pylb grants its own
-        self.lim_allowance = LIM_MAXCONN
-        killed = time.monotonic()
-        os.kill(old.pid, signal.SIGKILL)
-        # pylb's one known loss: an idle keep-alive connection that an older generation
-        # was handing to the master for the new one, in the instant the master dies (the
-        # descriptor is in flight in the master's socket and closes with it)
-        if any(s.kind.startswith(("reload", "takeover")) and s.start > killed - HANDOVER_WINDOW
-               for s in self.ledger.steps):
-            step.allow.append(Allow(killed, killed + 0.1, "in-handover",
-                                    reason="end of stream"))
-        freed = wait_until(lambda: all(port_free(p) for p in ports), PORT_FREE_WITHIN, 0.005)
-        took = time.monotonic() - killed
-        mark = self.log.mark()
-        self.master = self._start_foreground()
-        ready = self.log.wait(rf"pylb\[{self.master.pid}\] master: generation 1 ready",
-                              START_TIMEOUT, mark)
-        # begun while nobody accepted: may fail (refused, or closed unanswered)
-        step.allow.append(Allow(killed, time.monotonic(), "master-down", begun_after=killed))
+        ports += [self.ws_port, self.tcp_port]
+        with self.fault():  # its tunnels stay with the orphans: opened again after
+            # the killed master's keeper may have granted every slot: its orphaned workers
+            # finish those requests while the new pylb grants its own
+            self.lim_allowance = LIM_MAXCONN
+            killed = time.monotonic()
+            os.kill(old.pid, signal.SIGKILL)
+            # pylb's one known loss: an idle keep-alive connection that an older generation
+            # was handing to the master for the new one, in the instant the master dies (the
+            # descriptor is in flight in the master's socket and closes with it)
+            if any(s.kind.startswith(("reload", "takeover")) and s.start > killed - HANDOVER_WINDOW
+                   for s in self.ledger.steps):
+                step.allow.append(Allow(killed, killed + 0.1, "in-handover",
+                                        reason="end of stream"))
+            freed = wait_until(lambda: all(port_free(p) for p in ports), PORT_FREE_WITHIN, 0.005)
+            took = time.monotonic() - killed
+            mark = self.log.mark()
+            self.master = self._start_foreground()
+            ready = self.log.wait(rf"pylb\[{self.master.pid}\] master: generation 1 ready",
+                                  START_TIMEOUT, mark)
+            # begun while nobody accepted: may fail (refused, or closed unanswered)
+            step.allow.append(Allow(killed, time.monotonic(), "master-down", begun_after=killed))
         self._finish(step)
         if old.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1081,8 +1399,11 @@ class World:
             return
         self.master = MasterRef(int(sent.group(1)))
         self.masters.append(self.master)
+        told = time.monotonic()
+        self._watch_retire(step, told)  # the old pylb goes whole
         gone = wait_until(lambda: not old.alive(), OLD_MASTER_EXIT, 0.02)
         self._finish(step)
+        step.detail += f", the old master gone in {(time.monotonic() - told) * 1000:.0f} ms"
         if old.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 old.popen.wait(1)
@@ -1175,7 +1496,9 @@ class World:
                 answer = self.cli("reload", timeout=RELOAD_TIMEOUT)
                 if not answer.startswith("Success=1"):
                     problems.append(f"reload while paused: {answer!r}")
-                self.log.wait(rf"pylb\[{self.master_pid}\] master: reload \d+ done", 5, mark)
+                if self.log.wait(rf"pylb\[{self.master_pid}\] master: reload \d+ done", 5,
+                                 mark):
+                    self._watch_retire(step, time.monotonic())
             else:
                 time.sleep(0.2)
             waiting.sock.settimeout(0.2)

@@ -2,7 +2,8 @@
 
 Each test says which run found it (the short run of test_chaos.py, or `bench/chaos.py
 --seed S`), then replays the smallest sequence that shows the bug, with fixed inputs. All
-were fixed (554f5d6, 3679664, effc7e9) and stay as regression tests.
+were fixed (554f5d6, 3679664, effc7e9, and the last one with the move of tunnels) and
+stay as regression tests.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
-from backends import HttpConn, build_request, free_port
+from backends import WS_GREETING, HttpConn, build_request, free_port
 from conftest import REPO
 from test_limits import CountingServer
 
@@ -260,3 +262,117 @@ def test_a_takeover_that_drops_a_map_starts(tmp_path: Path) -> None:
         world.check()
     finally:
         world.close()
+
+
+class LateServer:
+    """One connection: reads a request head, answers `parts` only once `release` is set
+    (0.2 s between two), then echoes whatever comes (a tunnel's other end)."""
+
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.got_request = threading.Event()
+        self.release = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                if not (data := conn.recv(4096)):
+                    return
+                head += data
+            self.got_request.set()
+            self.release.wait(20)
+            for i, part in enumerate(self.parts):
+                if i:
+                    time.sleep(0.2)
+                conn.sendall(part)
+            with contextlib.suppress(OSError):
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _cli(path: Path, line: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(path))
+        sock.sendall(line.encode() + b"\n")
+        out = bytearray()
+        while data := sock.recv(65536):
+            out += data
+    return out.decode()
+
+
+@pytest.mark.parametrize("kind", ["upgrade", "response"])
+def test_an_answer_that_comes_after_a_second_reload_reaches_its_client(
+    pylb, tmp_path: Path, kind: str
+) -> None:
+    """Found by the short run (the `slow` client's `?delay=0.2` request, `end of stream`
+    at a `reload (remove server s2)` or `(rename server s1 -> s4)` 0.1 s after another
+    reload; also with the harness of 87b42ff), reduced to: a request waits for its answer
+    in generation 1; a reload (2); a reload (3) whose configuration renames the request's
+    server; then the answer comes: a 101 (a WebSocket tunnel begins) or a response head.
+
+    Generation 1 stays for the request, and was told at reload 2 what generation 2 takes
+    (lb.handover.accepts, then sent once with the soft stop). When the answer came it
+    handed the tunnel (or the response being relayed) over by that, the master gave it to
+    the newest generation (3), which has no server app/s1: "tunnel for app/s1 not taken by
+    frontend www: closed", and the client saw the end of the stream. Now it stays in
+    generation 1 (`show proc`: "server app/s1 is gone") and goes on there: stopping
+    workers hear of every newer generation, and the master sends back what the newest
+    one cannot take."""
+    if kind == "upgrade":
+        request = (b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\n\r\n")
+        parts = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\n\r\n" + WS_GREETING]
+        expected = WS_GREETING + b"ping\n"  # after the head
+    else:  # the head and the body's first bytes, the rest 0.2 s later
+        request = b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n"
+        parts = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe", b"llo"]
+        expected = b"hello"
+    late = LateServer(*parts)
+    sock_path = tmp_path / "lb.sock"
+    port = free_port()
+    cfg: dict[str, Any] = {
+        "global": {"workers": 1, "stats": {"socket": str(sock_path), "level": "admin"}},
+        "defaults": {"timeout": {"connect": "2s", "client": "20s", "server": "20s",
+                                 "tunnel": "20s"}},
+        "frontends": {"www": {"bind": f"127.0.0.1:{port}", "default_backend": "app"}},
+        "backends": {"app": {"servers": {"s1": {"address": late.address}}}},
+    }
+    lb = pylb(cfg)
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(request)
+        assert late.got_request.wait(10)
+        assert _cli(sock_path, "reload").startswith("Success=1"), lb.output()
+        cfg["backends"]["app"]["servers"] = {"s9": {"address": late.address}}
+        lb.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        assert _cli(sock_path, "reload").startswith("Success=1"), lb.output()
+        late.release.set()
+        got = bytearray()
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in got and (data := client.recv(65536)):
+                got += data
+            head, _, rest = bytes(got).partition(b"\r\n\r\n")
+            while len(rest) < len(expected) - len(b"ping\n" * (kind == "upgrade")) and (
+                    data := client.recv(65536)):
+                rest += data
+            if kind == "upgrade" and rest == WS_GREETING:
+                client.sendall(b"ping\n")
+                while len(rest) < len(expected) and (data := client.recv(65536)):
+                    rest += data
+        client.close()
+        assert head.split(b" ")[1:2] == [parts[0].split(b" ")[1]] and rest == expected, (
+            f"got {head!r}, then {rest!r} instead of {expected!r}; pylb said:\n"
+            + lb.output())
+    finally:
+        late.release.set()
+        late.close()
