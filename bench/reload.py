@@ -17,6 +17,16 @@ socket, answer awaited), `sf` (a new `bin/pylb -f CFG -p PIDFILE -sf OLDPID` eac
 HAProxy, for comparison: `usr2` (`haproxy -W`, SIGUSR2 to the master) and `sf` (the classic
 `haproxy -f CFG -p PIDFILE -D -sf OLDPID -x STATS_SOCKET`).
 
+`--tunnels N` runs the tunnel scenario instead of wrk: N long-lived tunnels (N/2 WebSocket
+through an HTTP frontend, N/2 sessions through a TCP frontend of the same proxy, to the echo
+backends of bench/tunnels_echo.py) talk numbered messages while the proxy is reloaded
+`--tunnel-reloads` times, a second apart; after each reload the script records how many
+worker processes are alive, the RSS of all the proxy's processes and how long the old
+generation took to exit (pylb hands its tunnels over and exits; HAProxy keeps an old worker
+as long as a tunnel it holds is open). pylb and HAProxy runs alternate. Its code is
+bench/tunnels.py; this file parses its options and has what both scenarios share (the
+proxies and their reload methods, process counting, the frame of a run and of the report).
+
 The helpers (nginx, ports, process handling, wrk parsing) are bench/bench.py's. See
 bench/README.md for how to run it and how to read the output.
 """
@@ -38,10 +48,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bench import (
     EXIT_FAILED,
@@ -77,6 +87,9 @@ from bench import (
 )
 from bench import Options as BenchOptions
 
+if TYPE_CHECKING:
+    from tunnels import TunnelLayout
+
 PROXIES = ("pylb", "haproxy")
 PYLB_METHODS = ("usr2", "hup", "socket", "sf")
 HAPROXY_METHODS = ("usr2", "sf")
@@ -104,6 +117,14 @@ RESPAWN_SPACING = 1.0  # seconds at least between two kills (start to start)
 RESPAWN_FIRST = 0.5  # seconds of wrk before the first kill
 RESPAWN_WAIT = 10.0  # a replacement not accepting by then is a failed respawn
 MIB = 1024 * 1024
+
+# the tunnel scenario (--tunnels, bench/tunnels.py): its defaults and what the help names
+TUNNELS_DEFAULT = 200  # --tunnels without a number
+TUNNEL_RELOADS = 10
+TUNNEL_CHURN = 0.1  # share of the tunnels replaced by new ones after each reload
+TUNNEL_INTERVAL = 0.5  # seconds between two bursts of one tunnel (x 0.5 to 1.5, at random)
+TUNNEL_BURST = 4  # numbered lines per burst
+TUNNEL_SETTLE = 1.0  # after a reload: watch the old generation this long, then sample
 
 # pylb's process titles (setproctitle pads them with spaces) and module names before them
 TEMPLATE_TITLE = "pylb: worker template"
@@ -145,6 +166,11 @@ class Options:
     seed: int | None
     rate: float | None  # reloads a second, start to start; None: random INTERVAL
     respawn: int  # kill -9 of a pylb worker this many times after each pylb run
+    tunnels: int | None = None  # the tunnel scenario: this many tunnels (None: wrk)
+    tunnel_reloads: int = TUNNEL_RELOADS
+    tunnel_rounds: int = 1
+    tunnel_churn: float = TUNNEL_CHURN
+    tunnel_interval: float = TUNNEL_INTERVAL
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -167,6 +193,23 @@ def positive_float(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def even_tunnels(text: str) -> int:
+    value = positive_int(text)
+    if value < 2 or value % 2:
+        raise argparse.ArgumentTypeError(f"expected an even number >= 2, got {text!r}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -182,8 +225,8 @@ def parse_args(argv: list[str] | None) -> Options:
         description="Reload pylb (and HAProxy) every 100-250 ms (or --rate a second) under wrk "
         "and count failures.",
     )
-    p.add_argument("--duration", type=positive_int, default=30, help="seconds per method")
-    p.add_argument("--connections", type=positive_int, default=50, help="wrk connections")
+    p.add_argument("--duration", type=positive_int, help="seconds per method (default 30)")
+    p.add_argument("--connections", type=positive_int, help="wrk connections (default 50)")
     p.add_argument(
         "--methods",
         type=parse_methods,
@@ -202,21 +245,73 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument(
         "--respawn",
         type=non_negative_int,
-        default=RESPAWN_DEFAULT,
         help=f"after each pylb run, kill -9 a worker N times under wrk and time its "
         f"replacement (default {RESPAWN_DEFAULT}; 0: skip)",
     )
+    t = p.add_argument_group(
+        "tunnel scenario",
+        "long-lived WebSocket and TCP tunnels through reloads, instead of wrk",
+    )
+    t.add_argument(
+        "--tunnels",
+        type=even_tunnels,
+        nargs="?",
+        const=TUNNELS_DEFAULT,
+        metavar="N",
+        help=f"run the tunnel scenario with N tunnels, N/2 WebSocket + N/2 TCP "
+        f"(N even; {TUNNELS_DEFAULT} without a number)",
+    )
+    t.add_argument(
+        "--tunnel-reloads",
+        type=positive_int,
+        metavar="M",
+        help=f"reloads per run, one every ~{TUNNEL_SETTLE:g} s (default {TUNNEL_RELOADS})",
+    )
+    t.add_argument(
+        "--tunnel-rounds",
+        type=positive_int,
+        metavar="R",
+        help="runs of each proxy and method, interleaved (default 1)",
+    )
+    t.add_argument(
+        "--tunnel-churn",
+        type=share,
+        metavar="F",
+        help=f"share of the tunnels closed and opened anew after each reload "
+        f"(default {TUNNEL_CHURN:g})",
+    )
+    t.add_argument(
+        "--tunnel-interval",
+        type=positive_float,
+        metavar="S",
+        help=f"seconds between two bursts of {TUNNEL_BURST} messages on a tunnel "
+        f"(default {TUNNEL_INTERVAL:g})",
+    )
     a = p.parse_args(argv)
+    tunnel_only = ("tunnel_reloads", "tunnel_rounds", "tunnel_churn", "tunnel_interval")
+    wrk_only = ("duration", "connections", "rate", "respawn")
+    if a.tunnels is None:
+        given = [n for n in tunnel_only if getattr(a, n) is not None]
+    else:
+        given = [n for n in wrk_only if getattr(a, n) is not None]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-") for n in given)
+        p.error(f"{names}: only {'with' if a.tunnels is None else 'without'} --tunnels")
     return Options(
-        duration=a.duration,
-        connections=a.connections,
+        duration=30 if a.duration is None else a.duration,
+        connections=50 if a.connections is None else a.connections,
         methods=a.methods,
         only=(a.only,) if a.only else PROXIES,
         json_path=a.json_path,
         keep_tmp=a.keep_tmp,
         seed=a.seed,
         rate=a.rate,
-        respawn=a.respawn,
+        respawn=RESPAWN_DEFAULT if a.respawn is None else a.respawn,
+        tunnels=a.tunnels,
+        tunnel_reloads=a.tunnel_reloads or TUNNEL_RELOADS,
+        tunnel_rounds=a.tunnel_rounds or 1,
+        tunnel_churn=TUNNEL_CHURN if a.tunnel_churn is None else a.tunnel_churn,
+        tunnel_interval=a.tunnel_interval or TUNNEL_INTERVAL,
     )
 
 
@@ -501,11 +596,19 @@ class Subject:
     proxy = ""
     method = ""
 
-    def __init__(self, tools: Tools, tmp: Path, port: int, backends: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        tools: Tools,
+        tmp: Path,
+        port: int,
+        backends: tuple[int, int],
+        tunnel: TunnelLayout | None = None,
+    ) -> None:
         self.tools = tools
         self.tmp = tmp
         self.port = port
         self.backends = backends
+        self.tunnel = tunnel  # the tunnel scenario's configuration instead of bench.py's
         self.log_path = tmp / f"{self.proxy}.log"
         self.watch = LogWatch(self.log_path)
         self.seen: dict[tuple[int, float], str] = {}  # every process of this run
@@ -536,6 +639,15 @@ class Subject:
     def census(self) -> list[Census]:
         """pylb: the processes of each live master by role (HAProxy: none)."""
         return []
+
+    def workers(self) -> list[psutil.Process]:
+        """The live worker processes of every generation (pylb: not the masters nor the
+        template; `haproxy -W`: the master's children; `haproxy -D`: the daemons)."""
+        raise NotImplementedError
+
+    def current_root(self) -> int:
+        """The pid of the master (or daemon) the last reload made current."""
+        raise NotImplementedError
 
     # -- common
     def signal_reload(
@@ -635,9 +747,9 @@ class PylbInPlace(Subject):
     proxy = "pylb"
     done_re = re.compile(r"master: reload (\d+) done|master: reload failed")
 
-    def __init__(self, method: str, *args: Any) -> None:
+    def __init__(self, method: str, *args: Any, **kw: Any) -> None:
         self.method = method
-        super().__init__(*args)
+        super().__init__(*args, **kw)
         self.cfg = self.tmp / "pylb.yaml"
         self.sock = self.tmp / "pylb.sock"
         self.pidfile = self.tmp / "pylb.pid"
@@ -656,7 +768,10 @@ class PylbInPlace(Subject):
             warmup=0,
             keep_tmp=False,
         )
-        cfg = pylb_config(opts, self.port, self.backends)
+        if self.tunnel is not None:
+            cfg = self.tunnel.pylb_config(self.port, self.backends)
+        else:
+            cfg = pylb_config(opts, self.port, self.backends)
         cfg["global"]["stats"] = {
             "socket": str(self.sock),
             "level": "admin",
@@ -738,6 +853,12 @@ class PylbInPlace(Subject):
     def census(self) -> list[Census]:
         return [c for pid in self.roots() if (c := pylb_census(pid)) is not None]
 
+    def workers(self) -> list[psutil.Process]:
+        return [proc for c in self.census() for _, _, proc in c.workers]
+
+    def current_root(self) -> int:
+        return self.master.pid if self.master is not None else 0
+
     def usage(self) -> Usage | None:
         """The current master, its template and its newest generation's workers."""
         if self.master is None or (c := pylb_census(self.master.pid)) is None:
@@ -752,8 +873,8 @@ class PylbInPlace(Subject):
 class PylbTakeover(PylbInPlace):
     """pylb replaced by a new process each time: `pylb -f CFG -p PIDFILE -sf OLDPID`."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__("sf", *args)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__("sf", *args, **kw)
         self.procs: list[Managed] = []  # every pylb started, in order
 
     def start(self) -> None:
@@ -824,8 +945,8 @@ class HaproxyMasterWorker(Subject):
     loaded_re = re.compile(r"Loading (success|failure)")
     reloading_re = re.compile(r"Reloading HAProxy")
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.cfg = self.tmp / "haproxy.cfg"
         self.sock = self.tmp / "haproxy.sock"
         self.pidfile = self.tmp / "haproxy.pid"
@@ -844,7 +965,11 @@ class HaproxyMasterWorker(Subject):
             warmup=0,
             keep_tmp=False,
         )
-        text = haproxy_config(opts, self.port, self.backends).replace(
+        if self.tunnel is not None:
+            base = self.tunnel.haproxy_config(self.port, self.backends)
+        else:
+            base = haproxy_config(opts, self.port, self.backends)
+        text = base.replace(
             "global\n",
             f"global\n    stats socket {self.sock} mode 600 level admin expose-fd listeners\n",
             1,
@@ -892,6 +1017,16 @@ class HaproxyMasterWorker(Subject):
         if self.master is not None:
             self.outlived += stop_checked(self.master)
 
+    def workers(self) -> list[psutil.Process]:
+        if self.master is None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            return [c for c in psutil.Process(self.master.pid).children() if _alive(c.pid)]
+        return []
+
+    def current_root(self) -> int:
+        return self.master.pid if self.master is not None else 0
+
     def usage(self) -> Usage | None:
         """The master and its newest worker."""
         if self.master is None:
@@ -913,8 +1048,8 @@ class HaproxyClassic(HaproxyMasterWorker):
 
     method = "sf"
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.daemons: list[int] = []  # pids read from the pidfile, in order
         self.current = 0
 
@@ -962,6 +1097,16 @@ class HaproxyClassic(HaproxyMasterWorker):
     def expected(self) -> int:
         return 1
 
+    def workers(self) -> list[psutil.Process]:
+        found = []
+        for pid in self.roots():
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(pid))
+        return found
+
+    def current_root(self) -> int:
+        return self.current
+
     def usage(self) -> Usage | None:
         """The current daemon."""
         if not self.current:
@@ -996,12 +1141,22 @@ def _alive(pid: int) -> bool:
 
 
 def make_subject(
-    proxy: str, method: str, tools: Tools, tmp: Path, port: int, backends: tuple[int, int]
+    proxy: str,
+    method: str,
+    tools: Tools,
+    tmp: Path,
+    port: int,
+    backends: tuple[int, int],
+    tunnel: TunnelLayout | None = None,
 ) -> Subject:
     args = (tools, tmp, port, backends)
     if proxy == "pylb":
-        return PylbTakeover(*args) if method == "sf" else PylbInPlace(method, *args)
-    return HaproxyClassic(*args) if method == "sf" else HaproxyMasterWorker(*args)
+        if method == "sf":
+            return PylbTakeover(*args, tunnel=tunnel)
+        return PylbInPlace(method, *args, tunnel=tunnel)
+    if method == "sf":
+        return HaproxyClassic(*args, tunnel=tunnel)
+    return HaproxyMasterWorker(*args, tunnel=tunnel)
 
 
 # --------------------------------------------------------------------------- wrk
@@ -1058,6 +1213,40 @@ def wrk_running(
 
 
 # --------------------------------------------------------------------------- one run
+
+
+class Record(Protocol):
+    """What a run's result keeps in both scenarios (RunResult here, TunnelResult in
+    bench/tunnels.py)."""
+
+    reloads: int  # reloads done (confirmed by the proxy)
+    reload_failures: int  # reloads refused or failed (the proxy said so)
+    reload_errors: list[str]
+    signals_resent: int
+    left_after_stop: list[str]
+    outlived_stop: list[str]
+    processes_seen: int
+
+    @property
+    def ok(self) -> bool:
+        """The run passed: it counts for the exit status."""
+        ...
+
+
+ResultT = TypeVar("ResultT", bound=Record)
+
+
+def count_reload(result: Record, outcome: Outcome, label: str) -> None:
+    """Count one reload as done or failed; a note named `label` if the proxy said more."""
+    result.signals_resent += outcome.resent
+    if outcome.ok:
+        result.reloads += 1
+    else:
+        result.reload_failures += 1
+    if outcome.detail:
+        result.reload_errors.append(
+            f"{label} ({'ok' if outcome.ok else 'FAILED'}): {outcome.detail}"
+        )
 
 
 @dataclass
@@ -1138,6 +1327,11 @@ class RunResult:
     def respawn_ok(self) -> bool:
         return not self.respawn_errors and len(self.respawn_ms) == self.respawn_asked
 
+    @property
+    def ok(self) -> bool:
+        """No run error, no hung reload, nothing leaked, every respawn measured."""
+        return not (self.error or self.hung or not self.leak_ok or not self.respawn_ok)
+
 
 def reload_loop(
     subject: Subject,
@@ -1165,16 +1359,7 @@ def reload_loop(
         outcome = subject.reload()
         subject.reap()
         result.reload_s.append(outcome.seconds)
-        result.signals_resent += outcome.resent
-        if outcome.ok:
-            result.reloads += 1
-        else:
-            result.reload_failures += 1
-        if outcome.detail:
-            result.reload_errors.append(
-                f"reload #{len(result.reload_s)} at {started - began:.2f}s "
-                f"({'ok' if outcome.ok else 'FAILED'}): {outcome.detail}"
-            )
+        count_reload(result, outcome, f"reload #{len(result.reload_s)} at {started - began:.2f}s")
         result.peak_processes = max(result.peak_processes, subject.sample())
         count_roles(subject, result)
         use = subject.usage()
@@ -1260,6 +1445,14 @@ def after_stop(subject: Subject) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def stop_subject(subject: Subject, result: Record) -> None:
+    """Stop the proxy; note what outlived it, what is left and how many processes it had."""
+    subject.stop()
+    result.outlived_stop = subject.outlived
+    result.left_after_stop = after_stop(subject)
+    result.processes_seen = len(subject.seen)
 
 
 def count_started(lines: list[str]) -> dict[str, int]:
@@ -1413,10 +1606,7 @@ def run_one(
             elif isinstance(subject, PylbInPlace) and opts.respawn:
                 log(f"{proxy} {method}: respawn skipped (a reload hung or the drain did not end)")
         finally:
-            subject.stop()
-            result.outlived_stop = subject.outlived
-            result.left_after_stop = after_stop(subject)
-            result.processes_seen = len(subject.seen)
+            stop_subject(subject, result)
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
         result.error = str(exc)
         log(f"{proxy} {method}: FAILED: {exc}")
@@ -1712,16 +1902,30 @@ def report(opts: Options, tools: Tools, results: list[RunResult], subreaper: boo
         if not r.notable_log:
             print(f"\n{r.proxy} {r.method}: no notable lines in {r.log_path}")
             continue
-        print(f"\n{r.proxy} {r.method}: notable lines of {r.log_path} ({len(r.notable_log)}):")
-        for line in r.notable_log[:NOTABLE_SHOWN]:
-            print(f"    {line}")
-        if len(r.notable_log) > NOTABLE_SHOWN:
-            print(f"    ... {len(r.notable_log) - NOTABLE_SHOWN} more")
+        print_notable(f"{r.proxy} {r.method}", r.log_path, r.notable_log)
+    report_end(
+        opts,
+        subreaper,
+        lambda: {"meta": meta(opts, tools), "results": [result_json(r) for r in results]},
+    )
+
+
+def print_notable(name: str, log_path: str, lines: list[str]) -> None:
+    """The first NOTABLE_SHOWN notable lines of a run's proxy log."""
+    print(f"\n{name}: notable lines of {log_path} ({len(lines)}):")
+    for line in lines[:NOTABLE_SHOWN]:
+        print(f"    {line}")
+    if len(lines) > NOTABLE_SHOWN:
+        print(f"    ... {len(lines) - NOTABLE_SHOWN} more")
+
+
+def report_end(opts: Options, subreaper: bool, doc: Callable[[], dict[str, Any]]) -> None:
+    """The end of either report: a note without the subreaper, and with --json, `doc()`
+    written to the file."""
     if not subreaper:
         print("\nnote: PR_SET_CHILD_SUBREAPER unavailable: orphans are only found by pid")
     if opts.json_path:
-        doc = {"meta": meta(opts, tools), "results": [result_json(r) for r in results]}
-        opts.json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        opts.json_path.write_text(json.dumps(doc(), indent=2) + "\n")
         print(f"\nJSON written to {opts.json_path}")
 
 
@@ -1814,33 +2018,59 @@ def run_all(opts: Options, tools: Tools, tmp: Path, runs: list[tuple[str, str]])
         return [run_one(proxy, method, opts, tools, tmp, (a, b), rng) for proxy, method in runs]
 
 
-def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, raise_interrupt)
-    runs = plan(opts)
-    if not runs:
+def run_scenario(
+    opts: Options,
+    proxies: Iterable[str],
+    run: Callable[[Tools, Path], list[ResultT]],
+    report: Callable[[Tools, list[ResultT], bool], None],
+    prepare: Callable[[], None] | None = None,
+) -> int:
+    """The frame of either scenario: find the tools of `proxies` (none: nothing to run),
+    `prepare()`, become a subreaper, `run(tools, tmp)` in a temporary directory,
+    `report(tools, results, subreaper)`; the exit status (EXIT_OK if every result is ok)."""
+    names = tuple(sorted(set(proxies)))
+    if not names:
         print("reload: nothing to run (HAProxy has only usr2 and sf)", file=sys.stderr)
         return EXIT_FAILED
     try:
-        tools = find_tools(tuple(sorted({proxy for proxy, _ in runs})))
+        tools = find_tools(names)
     except MissingDependency as exc:
         print(f"reload: {exc}", file=sys.stderr)
         return EXIT_MISSING
+    if prepare is not None:
+        prepare()
     subreaper = become_subreaper()
     try:
         with temp_dir(opts.keep_tmp) as tmp:
-            results = run_all(opts, tools, tmp, runs)
+            results = run(tools, tmp)
     except KeyboardInterrupt:
         print("\nreload: interrupted; all started processes stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BenchError as exc:
         print(f"reload: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    report(opts, tools, results, subreaper)
-    bad = any(r.error or r.hung or not r.leak_ok or not r.respawn_ok for r in results)
-    return EXIT_FAILED if bad else EXIT_OK
+    report(tools, results, subreaper)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupt)
+    if opts.tunnels is not None:
+        import tunnels  # here, not above: it imports this module
+
+        return tunnels.main(opts)
+    runs = plan(opts)
+    return run_scenario(
+        opts,
+        (proxy for proxy, _ in runs),
+        lambda tools, tmp: run_all(opts, tools, tmp, runs),
+        lambda tools, results, subreaper: report(opts, tools, results, subreaper),
+    )
 
 
 if __name__ == "__main__":
+    # bench/tunnels.py imports this module as `reload`: let it find this one, not a copy
+    sys.modules.setdefault("reload", sys.modules[__name__])
     sys.exit(main())
