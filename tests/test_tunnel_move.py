@@ -162,10 +162,11 @@ def test_tunnels_move_on_a_takeover(tmp_path: Path, backends):
     socks = [open_ws(ports[0]) for _ in range(100)] + [open_tcp(ports[1]) for _ in range(100)]
     chatter = Chatter(socks)
     chatter.start()
-    streams = [Stream(ports[0], "/sse?events=100&every=0.02", 0) for _ in range(5)]
+    streams = [Stream(ports[0], "/sse?events=150&every=0.04", 0) for _ in range(5)]
     for stream in streams:
         stream.start()
     masters = [first]
+    running = []
     try:
         chatter.wait_rounds(3)
         for _ in range(3):
@@ -175,15 +176,18 @@ def test_tunnels_move_on_a_takeover(tmp_path: Path, backends):
             assert wait_until(lambda leaving=leaving: not _alive(leaving), 5), \
                 "the old pylb did not exit"
             chatter.wait_rounds(3)
+            running.append(sum(not stream.done.is_set() for stream in streams))
+        assert running[0] == len(streams), running  # the answers moved at least once
+        for stream in streams:  # before the pylb is stopped
+            assert stream.done.wait(30), f"{stream.target} stalled at {stream.size} bytes"
     finally:
         chatter.stop()
         for sock in socks:
             sock.close()
         terminate(masters)
     for stream in streams:
-        assert stream.done.wait(30), f"{stream.target} stalled at {stream.size} bytes"
         assert not stream.error, stream.error
-        assert bytes(stream.body) == b"".join(b"data: %d\n\n" % n for n in range(100))
+        assert bytes(stream.body) == b"".join(b"data: %d\n\n" % n for n in range(150))
     assert tcp.connections == 100  # no tunnel was opened again (the answers' /after
     assert 100 + len(streams) <= ws.connections <= 100 + 2 * len(streams)  # may need one)
 
