@@ -166,7 +166,11 @@ def send_stream(session: Any) -> None:
         state is None or conn is None
         or session.transport.is_closing() or conn.transport.is_closing()
     ):
-        return  # ended meanwhile
+        # It ended meanwhile (the server closed an until-close body): the connection
+        # goes on here, so it reads its client again.
+        if not session.transport.is_closing() and not session.paused:
+            session.transport.resume_reading()
+        return
     frontend = session.frontend
     head = session.head
     peer = session.transport.get_extra_info("peername") or ("", 0)
