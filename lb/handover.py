@@ -29,7 +29,7 @@ from typing import Any
 
 from lb import config, h1
 from lb.httplog import Times
-from lb.tunnel import take_socket
+from lb.tunnel import Tunnel, take_socket
 
 Accepts = dict[str, Any]
 
@@ -80,10 +80,9 @@ def describe(state: dict[str, Any], session: Any) -> None:
     )
 
 
-def count_bytes(session: Any) -> None:
-    """Add to the proxy's byte counters what the tunnel relayed since they were last
-    told (bytes in: from the client; out: from the server)."""
-    tunnel = session.tunnel
+def count_bytes(session: Any, tunnel: Tunnel) -> None:
+    """Add to the proxy's byte counters what `session`'s tunnel relayed since they were
+    last told (bytes in: from the client; out: from the server)."""
     client, server_end = tunnel.ends
     bytes_in, bytes_out = client.received - client.counted, server_end.received - server_end.counted
     client.counted, server_end.counted = client.received, server_end.received
@@ -106,7 +105,7 @@ def leave(session: Any, mode: str, extra: dict[str, Any]) -> bool:
     if why is not None:
         session.stays = why
         return False
-    count_bytes(session)
+    count_bytes(session, session.tunnel)
     relay, fds = session.tunnel.detach()
     state.update(relay, pid=os.getpid())
     session.server.closed()

@@ -1075,10 +1075,10 @@ class HttpSession(asyncio.Protocol):
         if frontend.stopping:
             self.close_if_idle()
 
-    def _tunnel_closed(self, _tunnel: Tunnel | None) -> None:
+    def _tunnel_closed(self, tunnel: Tunnel | None) -> None:
         self._release_slot()
-        if self.tunnel is not None:
-            handover.count_bytes(self)
+        if tunnel is not None:
+            handover.count_bytes(self, tunnel)
         self.server.closed()  # type: ignore[union-attr]
         self.frontend.closed(self)
 

@@ -190,7 +190,7 @@ class TcpSession(asyncio.Protocol):
         self._release_slot()
         server = self.server
         server.closed()  # type: ignore[union-attr]
-        handover.count_bytes(self)
+        handover.count_bytes(self, tunnel)
         self._log(tunnel.ends[1].received, "--")
         self.frontend.closed(self)
 

@@ -60,6 +60,9 @@ class Tunnel:
         clock.watched.add(self)
         for end in self.ends:
             end.start()
+        # A tunnel taken over with both directions ended ends now (not within __init__:
+        # its owner holds it only once this returns).
+        self._loop.call_soon(self._check_done)
 
     @classmethod
     def resume(

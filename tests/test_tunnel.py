@@ -220,3 +220,28 @@ def test_detach_leaves_no_descriptor_behind() -> None:
         assert len(os.listdir("/proc/self/fd")) == before
 
     run(test)
+
+
+def test_a_tunnel_taken_over_with_both_directions_ended_ends_after_its_last_bytes() -> None:
+    """Both sides sent their EOF, bytes still wait for the client: the tunnel taken over
+    writes them, passes the EOF on, and ends (its owner hears of it once)."""
+
+    async def test() -> None:
+        pair = Pair()
+        pair.sides[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # a slow client
+        loop = asyncio.get_running_loop()
+        tunnel = pair.tunnel()
+        blob = pattern_bytes(256 * 1024)
+        await loop.sock_sendall(pair.server, blob)
+        pair.server.shutdown(socket.SHUT_WR)
+        pair.client.shutdown(socket.SHUT_WR)
+        assert await read_to_eof(pair.server) == b""  # the client's EOF went through
+        await asyncio.sleep(0.05)
+        state, fds = tunnel.detach()
+        assert state["out"][0] and all(state["eof"]), state["eof"]
+        resumed = Tunnel.resume(fds, 30.0, pair.closed.append, state)
+        assert await read_to_eof(pair.client) == blob
+        await asyncio.sleep(0.01)
+        assert pair.closed == [resumed]
+
+    run(test)
