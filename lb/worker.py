@@ -34,6 +34,7 @@ from lb.serverconn import ConnectionPool
 from lb.shared import GLOBAL_FIELDS, Shared
 from lb.sticktable import StickTable
 from lb.timer import clock
+from lb.tunnel import take_socket
 
 EXIT_GRACE = 0.05  # seconds a stopping worker waits for connections already accepted
 ORPHAN_GRACE = 30.0  # how long a worker whose master died finishes what is in flight
@@ -246,10 +247,7 @@ class Worker:
     ) -> None:
         """Give a client connection, and bytes already read from it, to the master for the
         next generation. The connection itself stays open: only our handle on it goes."""
-        raw = transport.get_extra_info("socket")
-        fd = os.dup(raw.fileno())
-        transport.pause_reading()  # type: ignore[attr-defined]
-        transport.abort()  # closes our descriptor, not the connection: the dup holds it
+        fd = take_socket(transport).detach()
         conn = {"fe": frontend, "data": base64.b64encode(data).decode(), "ticket": ticket}
         self.send_away(conn, [fd])
 
