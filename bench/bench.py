@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark pylb against HAProxy and against the bare backend.
 
-One run starts an nginx backend (two server blocks on two free loopback ports), then drives
-wrk against it three ways: directly, through HAProxy and through pylb. For each proxy it
-measures the CPU time (user + system, whole process tree) spent per request. Figures are
-printed and optionally written as JSON; nothing is asserted.
+An nginx backend (two server blocks on two free loopback ports) stays up for the whole run.
+wrk drives it directly, through HAProxy and through pylb (and through other pylb checkouts,
+`--pylb-tree`) in interleaved rounds: in every round each proxy is started afresh, warmed up,
+measured and stopped, one at a time. For each proxy it measures the CPU time (user and system,
+whole process tree) spent per request. The report gives every figure's median and range over
+the rounds, and ratios computed round by round from the paired runs; `--profile` adds a
+py-spy profile of pylb's workers. Figures are printed and optionally written as JSON; nothing
+is asserted.
 
 See bench/README.md for how to run it and how to read the output.
 """
@@ -19,11 +23,13 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,15 @@ BODY = b"hello\n"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 WRK_GRACE = 30.0
+WRK_TIMEOUT = "10s"  # wrk's --timeout for bench.py's own runs (its default, 2s, is short for 1m)
+MIB = 1 << 20
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+PROFILE_RATE = 250
+PROFILE_TOP_SELF = 25
+PROFILE_TOP_TOTAL = 15
+PROFILE_COMMON = 0.95  # functions on at least this share of the stacks: startup and event loop
+PYSPY_START_TIMEOUT = 15.0
+PYSPY_STOP_TIMEOUT = 60.0
 
 EXIT_OK, EXIT_FAILED, EXIT_MISSING, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -59,7 +74,23 @@ class MissingDependency(Exception):
     """A program or module the benchmark needs is not installed (exit 2)."""
 
 
+def log(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class PylbTree:
+    """Another pylb checkout: run as `root`/bin/pylb with `root` as cwd and first on PYTHONPATH."""
+
+    label: str
+    root: Path
+
+    @property
+    def target(self) -> str:
+        return f"pylb@{self.label}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,26 @@ class Options:
     only: tuple[str, ...]
     warmup: int
     keep_tmp: bool
+    # bench.py's own options; the other scripts build Options with the fields above only
+    rounds: int = 1
+    size: int | None = None
+    pylb_trees: tuple[PylbTree, ...] = ()
+    profile: Path | None = None
+    wrk_timeout: str | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every target of a round, in the order they run."""
+        return self.only + tuple(t.target for t in self.pylb_trees)
+
+    @property
+    def profile_target(self) -> str | None:
+        pylbs = [t for t in self.targets if is_pylb(t)]
+        return pylbs[0] if pylbs else None
+
+
+def is_pylb(target: str) -> bool:
+    return target == "pylb" or target.startswith("pylb@")
 
 
 def parse_only(text: str) -> tuple[str, ...]:
@@ -90,6 +141,41 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def parse_size(text: str) -> int:
+    """BYTES with an optional k, m or g suffix (1024-based): `100`, `64k`, `1m`, `1MB`."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text.lower())
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--size takes a number of bytes >= 1 with an optional k/m/g suffix "
+            f"(1024-based), e.g. 1m; got {text!r}"
+        )
+    return int(m.group(1)) * SIZE_UNITS[m.group(2)]
+
+
+def size_text(size: int | None) -> str:
+    """`hello (6 B)` for the default body, else `1m (1048576 B)` and the like."""
+    if size is None:
+        return f"hello ({len(BODY)} B)"
+    for suffix, unit in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix} ({size} B)"
+    return f"{size} B"
+
+
+def parse_tree(text: str) -> PylbTree:
+    label, sep, path = text.partition("=")
+    if not sep or not path or not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+        raise argparse.ArgumentTypeError(
+            f"--pylb-tree takes LABEL=DIR (LABEL of letters, digits, _ . -); got {text!r}"
+        )
+    root = Path(path).expanduser().resolve()
+    if not os.access(root / "bin" / "pylb", os.X_OK) or not (root / "lb" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(
+            f"--pylb-tree {text!r}: {root} has no executable bin/pylb and lb/ package"
+        )
+    return PylbTree(label, root)
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -111,8 +197,34 @@ def parse_args(argv: list[str] | None) -> Options:
         "--warmup", type=int, default=1, help="seconds of unmeasured wrk before each run (0: none)"
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--rounds", type=positive_int, default=5, help="interleaved rounds of all targets"
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        help="response body size in bytes, suffix k/m allowed (default: 'hello\\n')",
+    )
+    p.add_argument(
+        "--pylb-tree",
+        dest="pylb_trees",
+        type=parse_tree,
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="extra target pylb@LABEL running DIR/bin/pylb with DIR's lb package (repeatable)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="PATH",
+        help="after the rounds, one unmeasured pylb run under py-spy; raw samples to PATH",
+    )
     a = p.parse_args(argv)
-    return Options(
+    labels = [t.label for t in a.pylb_trees]
+    if len(set(labels)) != len(labels):
+        p.error(f"--pylb-tree labels must differ; got {', '.join(labels)}")
+    opts = Options(
         duration=a.duration,
         connections=a.connections,
         workers=a.workers,
@@ -122,7 +234,15 @@ def parse_args(argv: list[str] | None) -> Options:
         only=a.only,
         warmup=max(0, a.warmup),
         keep_tmp=a.keep_tmp,
+        rounds=a.rounds,
+        size=a.size,
+        pylb_trees=tuple(a.pylb_trees),
+        profile=a.profile,
+        wrk_timeout=WRK_TIMEOUT,
     )
+    if opts.profile is not None and opts.profile_target is None:
+        p.error("--profile needs a pylb target (--only ...,pylb or --pylb-tree)")
+    return opts
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -134,6 +254,7 @@ class Tools:
     wrk: str
     haproxy: str | None
     pylb: str | None
+    pyspy: str | None = None
 
 
 def find_program(name: str) -> str:
@@ -146,7 +267,15 @@ def find_program(name: str) -> str:
     return found
 
 
-def find_tools(only: tuple[str, ...]) -> Tools:
+def find_pyspy() -> str | None:
+    """py-spy next to this interpreter (the venv) or on PATH; None if there is none."""
+    local = Path(sys.executable).parent / "py-spy"
+    if os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("py-spy")
+
+
+def find_tools(only: tuple[str, ...], profile: bool = False) -> Tools:
     if psutil is None:
         raise MissingDependency(
             "python module psutil not found; run with the project venv "
@@ -162,11 +291,18 @@ def find_tools(only: tuple[str, ...]) -> Tools:
                 "run without pylb: --only direct,haproxy"
             )
         pylb = str(PYLB_BIN)
+    pyspy = find_pyspy()
+    if profile and pyspy is None:
+        raise MissingDependency(
+            "py-spy not found (--profile needs it); install it into the venv: "
+            ".venv/bin/pip install py-spy"
+        )
     return Tools(
         nginx=find_program("nginx"),
         wrk=find_program("wrk"),
         haproxy=find_program("haproxy") if "haproxy" in only else None,
         pylb=pylb,
+        pyspy=pyspy,
     )
 
 
@@ -208,22 +344,52 @@ def pick_ports() -> Ports:
     return Ports(nginx=(a, b), haproxy=c, pylb=d)
 
 
+def pick_target_ports(targets: tuple[str, ...]) -> tuple[Ports, dict[str, int]]:
+    """Ports of nginx and of every target (`direct` is nginx's first port)."""
+    free = free_ports(2 + len(targets))
+    nginx = (free[0], free[1])
+    port = {t: nginx[0] if t == "direct" else p for t, p in zip(targets, free[2:], strict=True)}
+    return Ports(nginx, port.get("haproxy", 0), port.get("pylb", 0)), port
+
+
 # --------------------------------------------------------------------------- processes
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its descendants (reaped children included)."""
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU of a process and all its descendants (reaped children included)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return 0.0, 0.0
+    user = system = 0.0
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
+            user += t.user + t.children_user
+            system += t.system + t.children_system
+    return user, system
+
+
+def tree_process_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (title, user + system CPU seconds) of a process and each of its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out: dict[int, tuple[str, float]] = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = proc.cpu_times()
+            title = " ".join(" ".join(proc.cmdline()).split()) or proc.name()
+            out[proc.pid] = (title, t.user + t.system)
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (reaped children included)."""
+    return sum(tree_cpu_times(pid))
 
 
 class Managed:
@@ -236,11 +402,11 @@ class Managed:
         self.name = name
         self.argv = argv
         self.log_path = log_path
-        with open(log_path, "ab" if append else "wb") as log:
+        with open(log_path, "ab" if append else "wb") as log_file:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 **popen,
@@ -255,6 +421,9 @@ class Managed:
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.proc.pid)
+
+    def cpu_times(self) -> tuple[float, float]:
+        return tree_cpu_times(self.proc.pid)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -291,12 +460,12 @@ def start(stack: contextlib.ExitStack, name: str, argv: list[str], tmp: Path, **
     return proc
 
 
-def http_ok(port: int) -> bool:
+def http_ok(port: int, body: bytes = BODY) -> bool:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/")
         resp = conn.getresponse()
-        return resp.status == 200 and resp.read() == BODY
+        return resp.status == 200 and resp.read() == body
     except (OSError, http.client.HTTPException):
         return False
     finally:
@@ -311,7 +480,9 @@ def port_accepts(port: int) -> bool:
         return False
 
 
-def wait_ready(proc: Managed, ports: list[int], timeout: float = READY_TIMEOUT) -> None:
+def wait_ready(
+    proc: Managed, ports: list[int], timeout: float = READY_TIMEOUT, body: bytes = BODY
+) -> None:
     """Wait until every port accepts and an HTTP request through it returns the backend body."""
     deadline = time.monotonic() + timeout
     pending = list(ports)
@@ -321,7 +492,7 @@ def wait_ready(proc: Managed, ports: list[int], timeout: float = READY_TIMEOUT) 
                 f"{proc.name} exited with status {proc.proc.returncode} during startup; "
                 f"log {proc.log_path}:\n{proc.log_tail()}"
             )
-        if port_accepts(pending[0]) and http_ok(pending[0]):
+        if port_accepts(pending[0]) and http_ok(pending[0], body):
             pending.pop(0)
             continue
         if time.monotonic() > deadline:
@@ -335,11 +506,30 @@ def wait_ready(proc: Managed, ports: list[int], timeout: float = READY_TIMEOUT) 
 # --------------------------------------------------------------------------- configs
 
 
-def nginx_config(tmp: Path, ports: tuple[int, ...]) -> str:
+def body_bytes(size: int | None) -> bytes:
+    """The body nginx answers: `hello\\n`, or `size` bytes of printable lines."""
+    if size is None:
+        return BODY
+    line = b"pylb bench body 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOP\n"
+    return (line * (size // len(line) + 1))[:size]
+
+
+def nginx_config(tmp: Path, ports: tuple[int, ...], size: int | None = None) -> str:
+    """Without `size`: `return 200 "hello\\n"`; with it: the file www/body.bin (sendfile)."""
+    if size is None:
+        location = 'location / { return 200 "hello\\n"; }'
+        static = ""
+    else:
+        location = f"location / {{ root {tmp}/www; try_files /body.bin =404; }}"
+        static = (
+            "    sendfile on;\n"
+            "    open_file_cache max=16 inactive=1h;\n"
+            "    open_file_cache_valid 1h;\n"
+        )
     servers = "\n".join(
         f"""    server {{
         listen 127.0.0.1:{port};
-        location / {{ return 200 "hello\\n"; }}
+        {location}
     }}"""
         for port in ports
     )
@@ -353,7 +543,7 @@ http {{
     default_type text/plain;
     keepalive_requests 100000000;
     keepalive_timeout 300s;
-    client_body_temp_path {tmp}/nginx-body;
+{static}    client_body_temp_path {tmp}/nginx-body;
     proxy_temp_path {tmp}/nginx-proxy;
     fastcgi_temp_path {tmp}/nginx-fastcgi;
     uwsgi_temp_path {tmp}/nginx-uwsgi;
@@ -448,6 +638,7 @@ def write(path: Path, text: str) -> Path:
 # --------------------------------------------------------------------------- wrk
 
 WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+WRK_BYTES = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
 @dataclass
@@ -458,6 +649,7 @@ class WrkResult:
     non2xx: int
     socket_errors: dict[str, int]
     latency_ms: dict[str, float]
+    transfer_bytes_per_s: float | None = None
 
     @property
     def errors(self) -> int:
@@ -476,6 +668,7 @@ def parse_wrk(text: str) -> WrkResult:
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     kinds = ("connect", "read", "write", "timeout")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)([KMGT]?B)\b", text)
     latency = {
         f"p{m.group(1)}": to_ms(m.group(2), m.group(3))
         for m in re.finditer(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.MULTILINE)
@@ -487,18 +680,20 @@ def parse_wrk(text: str) -> WrkResult:
         non2xx=int(non2xx.group(1)) if non2xx else 0,
         socket_errors={k: int(sock.group(i)) if sock else 0 for i, k in enumerate(kinds, 1)},
         latency_ms=latency,
+        transfer_bytes_per_s=(
+            float(transfer.group(1)) * WRK_BYTES[transfer.group(2)] if transfer else None
+        ),
     )
 
 
-def run_wrk(wrk: str, port: int, connections: int, duration: int) -> WrkResult:
-    argv = [
-        wrk,
-        "-t1",
-        f"-c{connections}",
-        f"-d{duration}s",
-        "--latency",
-        f"http://127.0.0.1:{port}/",
-    ]
+def run_wrk(
+    wrk: str, port: int, connections: int, duration: int, timeout: str | None = None
+) -> WrkResult:
+    """One wrk run; `timeout` is wrk's --timeout (wrk's own default when None)."""
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if timeout:
+        argv.append(f"--timeout={timeout}")
+    argv.append(f"http://127.0.0.1:{port}/")
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -532,6 +727,10 @@ class TargetResult:
     backend_cpu_s: float | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    round: int = 1
+    proxy_user_s: float | None = None
+    proxy_sys_s: float | None = None
+    size: int | None = None
 
     def per_request_us(self, cpu_s: float | None) -> float | None:
         if cpu_s is None or self.wrk is None or self.wrk.requests == 0:
@@ -543,6 +742,14 @@ class TargetResult:
         return self.per_request_us(self.proxy_cpu_s)
 
     @property
+    def proxy_user_us_per_req(self) -> float | None:
+        return self.per_request_us(self.proxy_user_s)
+
+    @property
+    def proxy_sys_us_per_req(self) -> float | None:
+        return self.per_request_us(self.proxy_sys_s)
+
+    @property
     def backend_us_per_req(self) -> float | None:
         return self.per_request_us(self.backend_cpu_s)
 
@@ -552,27 +759,61 @@ class TargetResult:
             return None
         return self.proxy_cpu_s / self.wrk.seconds * 100
 
+    @property
+    def body_mib(self) -> float | None:
+        """Response bodies moved in the measured run, in MiB (requests x size)."""
+        if self.size is None or self.wrk is None:
+            return None
+        return self.wrk.requests * self.size / MIB
+
+    @property
+    def proxy_ms_per_mib(self) -> float | None:
+        mib = self.body_mib
+        if self.proxy_cpu_s is None or not mib:
+            return None
+        return self.proxy_cpu_s * 1000 / mib
+
 
 def measure(
     target: str, port: int, opts: Options, tools: Tools, nginx: Managed, proxy: Managed | None
 ) -> TargetResult:
     """Warm up, then one measured wrk run with CPU samples of proxy and backend around it."""
     if opts.warmup:
-        run_wrk(tools.wrk, port, opts.connections, opts.warmup)
-    proxy_before = proxy.cpu_seconds() if proxy else None
+        run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout)
+    procs_before = tree_process_cpu(proxy.pid) if proxy else {}
+    proxy_before = proxy.cpu_times() if proxy else None
     nginx_before = nginx.cpu_seconds()
-    result = run_wrk(tools.wrk, port, opts.connections, opts.duration)
+    result = run_wrk(tools.wrk, port, opts.connections, opts.duration, opts.wrk_timeout)
     nginx_after = nginx.cpu_seconds()
-    proxy_after = proxy.cpu_seconds() if proxy else None
-    res = TargetResult(target, port, wrk=result, backend_cpu_s=nginx_after - nginx_before)
+    proxy_after = proxy.cpu_times() if proxy else None
+    procs_after = tree_process_cpu(proxy.pid) if proxy else {}
+    res = TargetResult(
+        target, port, wrk=result, backend_cpu_s=nginx_after - nginx_before, size=opts.size
+    )
     if proxy is not None and proxy_before is not None and proxy_after is not None:
-        res.proxy_cpu_s = proxy_after - proxy_before
+        res.proxy_user_s = proxy_after[0] - proxy_before[0]
+        res.proxy_sys_s = proxy_after[1] - proxy_before[1]
+        res.proxy_cpu_s = res.proxy_user_s + res.proxy_sys_s
         res.extra["proxy_processes"] = 1 + len(psutil.Process(proxy.pid).children(recursive=True))
+        # each process's own CPU (children's not included), for the processes seen both times
+        res.extra["process_cpu_s"] = {
+            f"{pid} {title}": cpu - procs_before[pid][1]
+            for pid, (title, cpu) in procs_after.items()
+            if pid in procs_before
+        }
     return res
 
 
-def start_nginx(stack: contextlib.ExitStack, tools: Tools, tmp: Path, ports: Ports) -> Managed:
-    conf = write(tmp / "nginx.conf", nginx_config(tmp, ports.nginx))
+def start_nginx(
+    stack: contextlib.ExitStack, tools: Tools, tmp: Path, ports: Ports, size: int | None = None
+) -> Managed:
+    if size is not None:
+        # nginx's worker runs as an unprivileged user when we are root: let it reach the file
+        tmp.chmod(tmp.stat().st_mode | 0o111)
+        (tmp / "www").mkdir(mode=0o755, exist_ok=True)
+        (tmp / "www" / "body.bin").write_bytes(body_bytes(size))
+        (tmp / "www" / "body.bin").chmod(0o644)
+    conf = write(tmp / "nginx.conf", nginx_config(tmp, ports.nginx, size))
     argv = [
         tools.nginx,
         "-p",
@@ -585,7 +826,7 @@ def start_nginx(stack: contextlib.ExitStack, tools: Tools, tmp: Path, ports: Por
         "daemon off;",
     ]
     nginx = start(stack, "nginx", argv, tmp)
-    wait_ready(nginx, list(ports.nginx))
+    wait_ready(nginx, list(ports.nginx), body=body_bytes(size))
     return nginx
 
 
@@ -599,8 +840,8 @@ def start_haproxy(
     )
     if check.returncode != 0:
         raise BenchError(f"haproxy -c rejected {cfg}:\n{check.stdout}{check.stderr}")
-    proxy = start(stack, "haproxy", [tools.haproxy, "-f", str(cfg), "-db"], tmp)
-    wait_ready(proxy, [ports.haproxy])
+    proxy = start(stack, "haproxy", [tools.haproxy, "-f", str(cfg), "-db"], tmp, append=True)
+    wait_ready(proxy, [ports.haproxy], body=body_bytes(opts.size))
     return proxy
 
 
@@ -611,51 +852,536 @@ def pylb_env() -> dict[str, str]:
     return env
 
 
+def pylb_launch(target: str, opts: Options) -> tuple[str, Path, dict[str, str]]:
+    """(program, cwd, env) of a pylb target.
+
+    `pylb` is this checkout's bin/pylb, run from the repository as before. `pylb@LABEL` is
+    DIR/bin/pylb, which puts DIR first on its own sys.path; its template and workers are
+    `python -m lb.template` / `lb.worker`, which import from the cwd first, then PYTHONPATH:
+    both are DIR, so every process of the variant runs DIR's lb package.
+    """
+    if target == "pylb":
+        return str(PYLB_BIN), REPO, pylb_env()
+    tree = next(t for t in opts.pylb_trees if t.target == target)
+    env = pylb_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree.root), env.get("PYTHONPATH")]))
+    return str(tree.root / "bin" / "pylb"), tree.root, env
+
+
+def start_pylb_target(
+    stack: contextlib.ExitStack,
+    opts: Options,
+    tmp: Path,
+    target: str,
+    port: int,
+    backends: tuple[int, ...],
+) -> Managed:
+    program, cwd, env = pylb_launch(target, opts)
+    cfg = write(tmp / f"{target}.yaml", pylb_yaml(pylb_config(opts, port, backends)))
+    check = subprocess.run(
+        [program, "-c", "-f", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env=env,
+    )
+    if check.returncode != 0:
+        raise BenchError(f"{target} -c rejected {cfg}:\n{check.stdout}{check.stderr}")
+    proxy = start(stack, target, [program, "-f", str(cfg)], tmp, cwd=cwd, env=env, append=True)
+    wait_ready(proxy, [port], body=body_bytes(opts.size))
+    return proxy
+
+
 def start_pylb(
     stack: contextlib.ExitStack, opts: Options, tools: Tools, tmp: Path, ports: Ports
 ) -> Managed:
     assert tools.pylb is not None
-    cfg = write(tmp / "pylb.yaml", pylb_yaml(pylb_config(opts, ports.pylb, ports.nginx)))
-    check = subprocess.run(
-        [tools.pylb, "-c", "-f", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO,
-        env=pylb_env(),
-    )
-    if check.returncode != 0:
-        raise BenchError(f"pylb -c rejected {cfg}:\n{check.stdout}{check.stderr}")
-    proxy = start(stack, "pylb", [tools.pylb, "-f", str(cfg)], tmp, cwd=REPO, env=pylb_env())
-    wait_ready(proxy, [ports.pylb])
-    return proxy
+    return start_pylb_target(stack, opts, tmp, "pylb", ports.pylb, ports.nginx)
+
+
+def lb_import_path(target: str, opts: Options) -> str:
+    """lb.__file__ as a process started like the target's template and workers sees it."""
+    _, cwd, env = pylb_launch(target, opts)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import lb; print(lb.__file__)"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=cwd,
+            env=env,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
+
+
+LB_FRAME = re.compile(r"\((/[^():]*?)/lb/[^/():]+\.py:\d+\)")
+
+
+def running_lb_roots(pyspy: str | None, pid: int, workers: int) -> dict[str, Any]:
+    """Which lb package the processes of a running pylb execute, from `py-spy dump`.
+
+    Waits (up to 10 s) for `workers` workers first: pylb answers as soon as one accepts.
+    Returns {"roots": [directories holding the lb/ of the frames seen], "processes": [titles
+    of the processes dumped], "error": None or why not}.
+    """
+    if pyspy is None:
+        return {"roots": [], "processes": [], "error": "not checked (no py-spy)"}
+    deadline = time.monotonic() + 10
+    while len(pylb_workers(pid)) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {"roots": [], "processes": [], "error": "pylb exited"}
+    roots: set[str] = set()
+    titles: list[str] = []
+    errors: list[str] = []
+    for proc in procs:
+        try:
+            title = " ".join(" ".join(proc.cmdline()).split()) or proc.name()
+            done = subprocess.run(
+                [pyspy, "dump", "--full-filenames", "--nonblocking", "--pid", str(proc.pid)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except psutil.NoSuchProcess:
+            continue  # a short-lived process (a fork on its way to becoming a worker)
+        except (psutil.Error, OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(f"{proc.pid}: {exc}")
+            continue
+        found = set(LB_FRAME.findall(done.stdout))
+        if done.returncode != 0 and not proc.is_running():
+            continue  # a short-lived process (a fork on its way to becoming a worker)
+        if done.returncode != 0 or not found:
+            errors.append(f"{proc.pid}: {(done.stderr or done.stdout).strip()[-200:]}")
+            continue
+        roots |= found
+        titles.append(title)
+    return {
+        "roots": sorted(roots),
+        "processes": titles,
+        "error": "; ".join(errors) or None,
+    }
 
 
 def run_target(
-    target: str, opts: Options, tools: Tools, tmp: Path, ports: Ports, nginx: Managed
+    target: str,
+    opts: Options,
+    tools: Tools,
+    tmp: Path,
+    ports: Ports,
+    port: int,
+    nginx: Managed,
+    rnd: int,
+    check_lb: bool = False,
 ) -> TargetResult:
     """Start the proxy for `target` (none for direct), measure, stop it again."""
-    port = {"direct": ports.nginx[0], "haproxy": ports.haproxy, "pylb": ports.pylb}[target]
-    starters: dict[str, Callable[..., Managed]] = {"haproxy": start_haproxy, "pylb": start_pylb}
     print(
-        f"bench: {target}: wrk -c{opts.connections} -d{opts.duration}s -> 127.0.0.1:{port}",
+        f"bench: round {rnd}/{opts.rounds}: {target}: wrk -c{opts.connections} "
+        f"-d{opts.duration}s -> 127.0.0.1:{port}",
         file=sys.stderr,
         flush=True,
     )
     try:
         with contextlib.ExitStack() as stack:
-            proxy = starters[target](stack, opts, tools, tmp, ports) if target in starters else None
-            return measure(target, port, opts, tools, nginx, proxy)
+            proxy = None
+            lb_check = None
+            if target == "haproxy":
+                proxy = start_haproxy(stack, opts, tools, tmp, ports)
+            elif is_pylb(target):
+                proxy = start_pylb_target(stack, opts, tmp, target, port, ports.nginx)
+                if check_lb:
+                    lb_check = running_lb_roots(tools.pyspy, proxy.pid, opts.workers)
+            res = measure(target, port, opts, tools, nginx, proxy)
+            if lb_check is not None:
+                res.extra["lb_running"] = lb_check
     except BenchError as exc:
-        print(f"bench: {target}: FAILED: {exc}", file=sys.stderr, flush=True)
-        return TargetResult(target, port, error=str(exc).splitlines()[0])
+        log(f"round {rnd}/{opts.rounds}: {target}: FAILED: {exc}")
+        return TargetResult(target, port, error=str(exc).splitlines()[0], round=rnd)
+    res.round = rnd
+    assert res.wrk is not None
+    cpu = f", {res.proxy_us_per_req:.1f} us/req" if res.proxy_us_per_req is not None else ""
+    log(f"round {rnd}/{opts.rounds}: {target}: {res.wrk.rps:.0f} req/s{cpu}")
+    return res
 
 
-def run_all(opts: Options, tools: Tools, tmp: Path) -> list[TargetResult]:
-    ports = pick_ports()
+# --------------------------------------------------------------------------- profile
+
+PROCESS_FRAME = re.compile(r'process (\d+):"(.*)"', re.DOTALL)
+RAW_FRAMES = re.compile(r'process \d+:"[^"]*"|[^;]+')
+CODE_FRAME = re.compile(r"(?P<func>.*) \((?P<file>.*?)(?::\d+)?\)", re.DOTALL)
+NO_FRAME = "(no Python frame)"
+
+
+def parse_raw_stack(line: str) -> tuple[list[str], int] | None:
+    """One line of py-spy's raw (collapsed) output: `frame;frame;... COUNT`, root first."""
+    stack, sep, count = line.rstrip("\r\n").rpartition(" ")
+    if not sep or not count.isdigit() or not stack:
+        return None
+    return RAW_FRAMES.findall(stack), int(count)
+
+
+def function_key(frame: str) -> str:
+    """`func (file:line)` -> `func (file)`: samples are aggregated by function and file."""
+    m = CODE_FRAME.fullmatch(frame)
+    return f"{m.group('func')} ({m.group('file')})" if m else frame
+
+
+@dataclass
+class StackProfile:
+    samples: int = 0
+    self_samples: Counter = field(default_factory=Counter)
+    total_samples: Counter = field(default_factory=Counter)
+    processes: Counter = field(default_factory=Counter)  # (pid, title) -> samples
+
+
+def aggregate_raw(
+    lines: Iterable[str], keep: Callable[[int, str], bool] | None = None
+) -> StackProfile:
+    """Aggregate py-spy raw output by function (self = last frame; total = inclusive).
+
+    With --subprocesses every stack starts with `process PID:"cmdline"` frames (the
+    process's ancestors first); the innermost one is the process sampled, and only stacks
+    whose process `keep(pid, title)` accepts are counted (all of them without `keep`).
+    """
+    prof = StackProfile()
+    for line in lines:
+        parsed = parse_raw_stack(line)
+        if parsed is None:
+            continue
+        frames, count = parsed
+        proc: tuple[int, str] | None = None
+        code: list[str] = []
+        for frame in frames:
+            m = PROCESS_FRAME.fullmatch(frame)
+            if m:
+                proc, code = (int(m.group(1)), m.group(2)), []
+            else:
+                code.append(frame)
+        if keep is not None and (proc is None or not keep(*proc)):
+            continue
+        prof.samples += count
+        if proc is not None:
+            prof.processes[proc] += count
+        keys = [function_key(f) for f in code]
+        prof.self_samples[keys[-1] if keys else NO_FRAME] += count
+        for key in set(keys):
+            prof.total_samples[key] += count
+    return prof
+
+
+def format_profile(
+    prof: StackProfile, top_self: int = PROFILE_TOP_SELF, top_total: int = PROFILE_TOP_TOTAL
+) -> str:
+    if not prof.samples:
+        return "no samples"
+
+    def pct(n: int) -> str:
+        return f"{n * 100 / prof.samples:6.1f}"
+
+    lines = [f"top {top_self} functions by self samples (% of {prof.samples} worker samples)"]
+    lines.append("self %  total %  function (file)")
+    for key, n in prof.self_samples.most_common(top_self):
+        lines.append(f"{pct(n)}   {pct(prof.total_samples.get(key, 0))}  {key}")
+    lines.append("")
+    ranked = prof.total_samples.most_common()
+    common = [k for k, n in ranked if n >= PROFILE_COMMON * prof.samples]
+    lines.append(
+        f"top {top_total} functions by total (inclusive) samples, leaving out the "
+        f"{len(common)} on >= {PROFILE_COMMON:.0%} of the stacks"
+    )
+    lines.append("total %  self %  function (file)")
+    for key, n in [(k, n) for k, n in ranked if k not in common][:top_total]:
+        lines.append(f" {pct(n)}  {pct(prof.self_samples.get(key, 0))}  {key}")
+    if common:
+        lines.append(f"on >= {PROFILE_COMMON:.0%} of the stacks: " + "; ".join(common))
+    return "\n".join(lines)
+
+
+def is_worker_title(title: str) -> bool:
+    return title.startswith("pylb: worker") and "template" not in title
+
+
+def pylb_workers(pid: int) -> dict[int, str]:
+    """pid -> title of the workers below a pylb master (the template is not a worker)."""
+    out: dict[int, str] = {}
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(proc.cmdline())
+            if is_worker_title(title):
+                out[proc.pid] = title
+    return out
+
+
+@dataclass
+class ProfileResult:
+    path: Path
+    target: str
+    error: str | None = None
+    wrk: WrkResult | None = None
+    workers: dict[int, str] = field(default_factory=dict)
+    pyspy_summary: str = ""
+    all_samples: int = 0
+    prof: StackProfile | None = None
+
+
+def wait_for_log(proc: Managed, needle: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if needle in proc.log_path.read_text(errors="replace"):
+                return
+        if not proc.alive():
+            raise BenchError(
+                f"{proc.name} exited with status {proc.proc.returncode}; "
+                f"log {proc.log_path}:\n{proc.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise BenchError(f"{proc.name}: no {needle!r} after {timeout:.0f}s:\n{proc.log_tail()}")
+        time.sleep(0.05)
+
+
+def profile_run(
+    opts: Options, tools: Tools, tmp: Path, ports: Ports, port: int, nginx: Managed
+) -> ProfileResult:
+    """One unmeasured pylb run with py-spy recording the master's whole tree."""
+    assert opts.profile is not None and opts.profile_target is not None and tools.pyspy
+    target = opts.profile_target
+    res = ProfileResult(path=opts.profile, target=target)
+    argv = [
+        tools.pyspy,
+        "record",
+        "--format",
+        "raw",
+        "--rate",
+        str(PROFILE_RATE),
+        "--subprocesses",
+        "--nonblocking",
+        "-o",
+        str(opts.profile),
+    ]
+    log(f"profile: {target}: wrk -c{opts.connections} -d{opts.duration}s under py-spy (unmeasured)")
+    try:
+        with contextlib.ExitStack() as stack:
+            proxy = start_pylb_target(stack, opts, tmp, target, port, ports.nginx)
+            if opts.warmup:
+                run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout)
+            res.workers = pylb_workers(proxy.pid)
+            if not res.workers:
+                raise BenchError(f"no pylb worker found below pid {proxy.pid}")
+            with contextlib.suppress(FileNotFoundError):
+                opts.profile.unlink()
+            spy = start(stack, "py-spy", [*argv, "--pid", str(proxy.pid)], tmp)
+            try:
+                wait_for_log(spy, "Sampling process", PYSPY_START_TIMEOUT)
+            except BenchError as exc:
+                raise BenchError(
+                    f"py-spy did not start sampling (it needs ptrace: root or CAP_SYS_PTRACE, "
+                    f"see kernel.yama.ptrace_scope): {exc}"
+                ) from exc
+            time.sleep(0.5)  # let py-spy find the subprocesses before the load starts
+            res.wrk = run_wrk(tools.wrk, port, opts.connections, opts.duration, opts.wrk_timeout)
+            res.workers.update(pylb_workers(proxy.pid))
+            spy.proc.send_signal(signal.SIGINT)
+            try:
+                spy.proc.wait(PYSPY_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError(f"py-spy did not stop within {PYSPY_STOP_TIMEOUT:.0f}s") from exc
+            res.pyspy_summary = next(
+                (ln for ln in spy.log_tail(40).splitlines() if "Samples:" in ln), ""
+            ).removeprefix("py-spy> ")
+            if not opts.profile.is_file():
+                raise BenchError(
+                    f"py-spy wrote no {opts.profile} (status {spy.proc.returncode}):\n"
+                    f"{spy.log_tail()}"
+                )
+    except (BenchError, OSError) as exc:
+        log(f"profile: FAILED: {exc}")
+        res.error = str(exc).splitlines()[0]
+        return res
+    lines = opts.profile.read_text(errors="replace").splitlines()
+    res.all_samples = aggregate_raw(lines).samples
+
+    def keep(pid: int, title: str) -> bool:
+        return pid in res.workers or is_worker_title(title)
+
+    res.prof = aggregate_raw(lines, keep)
+    if not res.prof.samples:
+        res.error = f"py-spy recorded no worker samples ({res.all_samples} samples in all)"
+        log(f"profile: FAILED: {res.error}")
+    return res
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Run:
+    results: list[TargetResult] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    profile: ProfileResult | None = None
+
+
+def run_all(opts: Options, tools: Tools, tmp: Path) -> Run:
+    ports, port_of = pick_target_ports(opts.targets)
+    run = Run(ports=port_of)
     with contextlib.ExitStack() as stack:
-        nginx = start_nginx(stack, tools, tmp, ports)
-        return [run_target(t, opts, tools, tmp, ports, nginx) for t in opts.only]
+        nginx = start_nginx(stack, tools, tmp, ports, opts.size)
+        for rnd in range(1, opts.rounds + 1):
+            for target in opts.targets:
+                run.results.append(
+                    run_target(
+                        target, opts, tools, tmp, ports, port_of[target], nginx, rnd, rnd == 1
+                    )
+                )
+        if opts.profile is not None and opts.profile_target is not None:
+            target = opts.profile_target
+            run.profile = profile_run(opts, tools, tmp, ports, port_of[target], nginx)
+    return run
+
+
+# --------------------------------------------------------------------------- figures
+
+# key, label, format, how the rounds combine ("median" or "sum"), needs --size
+FIGURES: tuple[tuple[str, str, str, str, bool], ...] = (
+    ("rps", "req/s", ".0f", "median", False),
+    ("cpu_us", "CPU us/req", ".1f", "median", False),
+    ("user_us", "  user us/req", ".1f", "median", False),
+    ("sys_us", "  system us/req", ".1f", "median", False),
+    ("cpu_pct", "CPU %", ".0f", "median", False),
+    ("worker_max_pct", "busiest worker %", ".0f", "median", False),
+    ("cpu_ms_per_mb", "CPU ms/MB", ".3f", "median", True),
+    ("mb_per_s", "body MB/s", ".0f", "median", True),
+    ("nginx_us", "nginx us/req", ".1f", "median", False),
+    ("p50_ms", "p50 ms", ".2f", "median", False),
+    ("p99_ms", "p99 ms", ".2f", "median", False),
+    ("non2xx", "non-2xx (sum)", "d", "sum", False),
+    ("sock_err", "sock err (sum)", "d", "sum", False),
+)
+
+
+def figures_of(r: TargetResult) -> dict[str, float]:
+    """The figures of one measured run (empty when it failed)."""
+    if r.wrk is None:
+        return {}
+    f: dict[str, float | None] = {
+        "rps": r.wrk.rps,
+        "cpu_us": r.proxy_us_per_req,
+        "user_us": r.proxy_user_us_per_req,
+        "sys_us": r.proxy_sys_us_per_req,
+        "cpu_pct": r.proxy_cpu_pct,
+        "cpu_ms_per_mb": r.proxy_ms_per_mib,
+        "mb_per_s": r.wrk.rps * r.size / MIB if r.size is not None else None,
+        "nginx_us": r.backend_us_per_req,
+        "p50_ms": r.wrk.latency_ms.get("p50"),
+        "p99_ms": r.wrk.latency_ms.get("p99"),
+        "non2xx": r.wrk.non2xx,
+        "sock_err": sum(r.wrk.socket_errors.values()),
+    }
+    f["worker_max_pct"] = busiest_worker_share(r.extra.get("process_cpu_s", {}))
+    return {k: v for k, v in f.items() if v is not None}
+
+
+def busiest_worker_share(process_cpu: dict[str, float]) -> float | None:
+    """The busiest pylb worker's share (%) of all workers' CPU; None without 2 workers."""
+    workers = [
+        cpu for name, cpu in process_cpu.items() if is_worker_title(name.partition(" ")[2])
+    ]
+    if len(workers) < 2 or sum(workers) <= 0:
+        return None
+    return max(workers) / sum(workers) * 100
+
+
+def median_range(values: list[float]) -> tuple[float, float, float] | None:
+    """(median, min, max), or None without values."""
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def spread(values: list[float], spec: str) -> str:
+    """`median (min–max)`, or the value alone when the range collapses at that precision."""
+    got = median_range(values)
+    if got is None:
+        return "-"
+    med, low, high = (format(v, spec) for v in got)
+    return med if low == high else f"{med} ({low}–{high})"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def round_ratios(
+    by: dict[str, dict[str, float]], targets: tuple[str, ...], size: bool
+) -> dict[str, float | None]:
+    """Ratios of one round's paired runs; a key for every pair whose targets were selected."""
+
+    def r(a: str, b: str, key: str) -> float | None:
+        return ratio(by.get(a, {}).get(key), by.get(b, {}).get(key))
+
+    out: dict[str, float | None] = {}
+    pylbs = [t for t in targets if is_pylb(t)]
+    if "haproxy" in targets:
+        for p in pylbs:
+            out[f"{p}/haproxy cpu_per_request"] = r(p, "haproxy", "cpu_us")
+            out[f"{p}/haproxy user"] = r(p, "haproxy", "user_us")
+            out[f"{p}/haproxy rps"] = r(p, "haproxy", "rps")
+            if size:
+                out[f"{p}/haproxy cpu_ms_per_MB"] = r(p, "haproxy", "cpu_ms_per_mb")
+    if "pylb" in targets:
+        for v in pylbs:
+            if v != "pylb":
+                out[f"pylb/{v} cpu_per_request"] = r("pylb", v, "cpu_us")
+                out[f"pylb/{v} rps"] = r("pylb", v, "rps")
+    if "direct" in targets:
+        for p in [*pylbs, "haproxy"]:
+            if p in targets:
+                out[f"{p}/direct rps"] = r(p, "direct", "rps")
+    return out
+
+
+@dataclass
+class Summary:
+    figures: dict[str, dict[str, dict[str, Any]]]  # target -> figure -> stats
+    ratios_by_round: list[dict[str, float | None]]
+    ratios: dict[str, dict[str, Any]]  # name -> stats
+
+
+def stats(values: list[float | None], how: str = "median") -> dict[str, Any]:
+    got = [v for v in values if v is not None]
+    if how == "sum":
+        return {"sum": sum(got), "values": values}
+    mr = median_range(got)
+    med, low, high = mr if mr else (None, None, None)
+    return {"median": med, "min": low, "max": high, "values": values}
+
+
+def summarize(opts: Options, results: list[TargetResult]) -> Summary:
+    figures: dict[str, dict[str, dict[str, Any]]] = {}
+    for target in opts.targets:
+        runs = [figures_of(r) for r in results if r.target == target]
+        figures[target] = {
+            key: stats([f.get(key) for f in runs], how)
+            for key, _, _, how, _ in FIGURES
+            if any(key in f for f in runs)
+        }
+    by_round: list[dict[str, float | None]] = []
+    for rnd in range(1, opts.rounds + 1):
+        by = {r.target: figures_of(r) for r in results if r.round == rnd}
+        by_round.append(round_ratios(by, opts.targets, opts.size is not None))
+    names = list(by_round[0]) if by_round else []
+    ratios = {name: stats([rr.get(name) for rr in by_round]) for name in names}
+    return Summary(figures, by_round, ratios)
 
 
 # --------------------------------------------------------------------------- report
@@ -663,40 +1389,6 @@ def run_all(opts: Options, tools: Tools, tmp: Path) -> list[TargetResult]:
 
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def table_rows(results: list[TargetResult]) -> list[list[str]]:
-    rows = [
-        [
-            "target",
-            "req/s",
-            "CPU us/req",
-            "CPU %",
-            "nginx us/req",
-            "p50 ms",
-            "p99 ms",
-            "non-2xx",
-            "sock err",
-        ]
-    ]
-    for r in results:
-        if r.wrk is None:
-            rows.append([r.target, f"FAILED: {r.error}"])
-            continue
-        rows.append(
-            [
-                r.target,
-                fmt(r.wrk.rps, ".0f"),
-                fmt(r.proxy_us_per_req, ".1f"),
-                fmt(r.proxy_cpu_pct, ".0f"),
-                fmt(r.backend_us_per_req, ".1f"),
-                fmt(r.wrk.latency_ms.get("p50"), ".2f"),
-                fmt(r.wrk.latency_ms.get("p99"), ".2f"),
-                str(r.wrk.non2xx),
-                str(sum(r.wrk.socket_errors.values())),
-            ]
-        )
-    return rows
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -716,33 +1408,85 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
+def align(rows: list[list[str]]) -> str:
+    """First column left-aligned, the others right-aligned."""
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [c.rjust(w) for c, w in zip(row[1:], width[1:], strict=True)]
+        lines.append("  ".join([row[0].ljust(width[0]), *cells]).rstrip())
+    return "\n".join(lines)
 
 
-def compute_ratios(results: list[TargetResult]) -> dict[str, float | None]:
-    by = {r.target: r for r in results if r.wrk is not None}
+def figure_table(opts: Options, summary: Summary, results: list[TargetResult]) -> str:
+    targets = opts.targets
+    rows = [["figure", *targets]]
+    measured = {t: sum(1 for r in results if r.target == t and r.wrk) for t in targets}
+    rows.append(["rounds measured", *(f"{measured[t]}/{opts.rounds}" for t in targets)])
+    for key, label, spec, how, needs_size in FIGURES:
+        if needs_size and opts.size is None:
+            continue
+        cells = []
+        for t in targets:
+            st = summary.figures[t].get(key)
+            if measured[t] == 0:
+                cells.append("FAILED")
+            elif st is None:
+                cells.append("-")
+            elif how == "sum":
+                cells.append(format(st["sum"], spec))
+            else:
+                cells.append(spread([v for v in st["values"] if v is not None], spec))
+        rows.append([label, *cells])
+    return align(rows)
 
-    def rps(t: str) -> float | None:
-        return by[t].wrk.rps if t in by and by[t].wrk else None
 
-    def cpu(t: str) -> float | None:
-        return by[t].proxy_us_per_req if t in by else None
-
-    return {
-        "pylb/haproxy cpu_per_request": ratio(cpu("pylb"), cpu("haproxy")),
-        "pylb/haproxy rps": ratio(rps("pylb"), rps("haproxy")),
-        "pylb/direct rps": ratio(rps("pylb"), rps("direct")),
-        "haproxy/direct rps": ratio(rps("haproxy"), rps("direct")),
+def ratio_lines(summary: Summary) -> str:
+    shown = {
+        name: [v for v in st["values"] if v is not None]
+        for name, st in summary.ratios.items()
     }
-
-
-def format_ratios(ratios: dict[str, float | None]) -> str:
-    shown = {k: v for k, v in ratios.items() if v is not None}
+    shown = {k: v for k, v in shown.items() if v}
     if not shown:
         return ""
     width = max(len(k) for k in shown)
-    return "\n".join(f"{k:<{width}}  {v:6.2f}" for k, v in shown.items())
+    return "\n".join(f"{k:<{width}}  {spread(v, '.2f')}" for k, v in shown.items())
+
+
+def git_commit(root: Path) -> str:
+    """`abc1234`, plus `+dirty` when `git status --porcelain lb` lists anything."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "lb"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def calibrate() -> str:
+    """One `python -m timeit "sum(range(1000))"` line: a speed reference of the machine."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "timeit", "sum(range(1000))"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return done.stdout.strip() or done.stderr.strip() or "unknown"
 
 
 def run_meta(tools: Tools) -> dict[str, Any]:
@@ -763,28 +1507,109 @@ def run_meta(tools: Tools) -> dict[str, Any]:
 
 
 def meta(opts: Options, tools: Tools) -> dict[str, Any]:
-    return {
+    """Everything about the run but its figures (the calibration at the end is added later)."""
+    info = {
         **run_meta(tools),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python_executable": sys.executable,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": git_commit(REPO),
         "duration": opts.duration,
         "connections": opts.connections,
         "workers": opts.workers,
         "mode": opts.mode,
         "checks": opts.checks,
         "warmup": opts.warmup,
+        "rounds": opts.rounds,
+        "size": opts.size,
+        "body": size_text(opts.size),
+        "wrk_timeout": opts.wrk_timeout,
+        "targets": list(opts.targets),
+        "pylb": {},
     }
+    for target in opts.targets:
+        if not is_pylb(target):
+            continue
+        program, cwd, env = pylb_launch(target, opts)
+        info["pylb"][target] = {
+            "program": program,
+            "cwd": str(cwd),
+            "pythonpath": env.get("PYTHONPATH"),
+            "commit": git_commit(cwd),
+            "lb_imported": lb_import_path(target, opts),
+        }
+    return info
+
+
+def header(opts: Options, info: dict[str, Any]) -> str:
+    v = info["versions"]
+    lines = [
+        f"pylb bench {info['time']} on {info['host']}",
+        f"cores: {info['cpus']} (os.cpu_count), {info['cpus_usable']} usable "
+        f"(sched_getaffinity); load average at start "
+        f"{' '.join(map(str, info['loadavg_at_start']))}",
+        f"python: {info['python']} ({info['python_executable']})",
+        f"kernel: {info['kernel']}",
+    ]
+    if "haproxy" in v:
+        lines.append(f"haproxy: {v['haproxy']}")
+    lines += [
+        f"nginx: {v['nginx']}",
+        f"wrk: {v['wrk']}",
+        f"commit: {info['commit']} ({REPO})",
+    ]
+    for target, p in info["pylb"].items():
+        running = p.get("lb_running")
+        if running is None:
+            seen = "not checked (no run)"
+        elif running["roots"]:
+            seen = f"{', '.join(running['roots'])} ({len(running['processes'])} processes)"
+            if running.get("error"):
+                seen += f"; not seen in some: {running['error']}"
+        else:
+            seen = running.get("error") or "unknown"
+        expected = str(Path(p["cwd"]))
+        warn = ""
+        if running and running["roots"] and running["roots"] != [expected]:
+            warn = f"  WARNING: expected {expected}"
+        lines.append(
+            f"{target}: {p['program']} (commit {p['commit']}); lb imported from "
+            f"{p['lb_imported']}; running processes' lb under: {seen}{warn}"
+        )
+    cal = info.get("calibration", {})
+    lines.append(
+        f'calibration (python -m timeit "sum(range(1000))"): start: {cal.get("start", "-")}; '
+        f"end: {cal.get('end', '-')}"
+    )
+    lines.append(
+        f"run: mode={opts.mode} connections={opts.connections} duration={opts.duration}s "
+        f"warmup={opts.warmup}s rounds={opts.rounds} pylb workers={opts.workers} "
+        f"checks={'on' if opts.checks else 'off'} body={size_text(opts.size)} "
+        f"wrk --timeout={opts.wrk_timeout}"
+    )
+    return "\n".join(lines)
 
 
 def result_json(r: TargetResult) -> dict[str, Any]:
     return {
         "target": r.target,
+        "round": r.round,
         "port": r.port,
         "error": r.error,
         "requests": r.wrk.requests if r.wrk else None,
         "seconds": r.wrk.seconds if r.wrk else None,
         "rps": r.wrk.rps if r.wrk else None,
         "proxy_cpu_s": r.proxy_cpu_s,
+        "proxy_user_s": r.proxy_user_s,
+        "proxy_system_s": r.proxy_sys_s,
         "proxy_cpu_us_per_request": r.proxy_us_per_req,
+        "proxy_user_us_per_request": r.proxy_user_us_per_req,
+        "proxy_system_us_per_request": r.proxy_sys_us_per_req,
         "proxy_cpu_percent": r.proxy_cpu_pct,
+        "body_bytes": r.size,
+        "body_mib": r.body_mib,
+        "proxy_cpu_ms_per_mib": r.proxy_ms_per_mib,
         "backend_cpu_s": r.backend_cpu_s,
         "backend_cpu_us_per_request": r.backend_us_per_req,
         "wrk": asdict(r.wrk) if r.wrk else None,
@@ -792,21 +1617,73 @@ def result_json(r: TargetResult) -> dict[str, Any]:
     }
 
 
-def report(opts: Options, tools: Tools, results: list[TargetResult]) -> None:
-    ratios = compute_ratios(results)
-    print(
-        f"\nmode={opts.mode} connections={opts.connections} duration={opts.duration}s "
-        f"pylb workers={opts.workers} checks={'on' if opts.checks else 'off'}\n"
+def profile_json(p: ProfileResult) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "target": p.target,
+        "path": str(p.path),
+        "error": p.error,
+        "rate": PROFILE_RATE,
+        "pyspy": p.pyspy_summary,
+        "workers": {str(k): v for k, v in p.workers.items()},
+        "all_samples": p.all_samples,
+        "wrk": asdict(p.wrk) if p.wrk else None,
+    }
+    if p.prof is not None:
+        doc["worker_samples"] = p.prof.samples
+        doc["samples_by_process"] = {f"{pid} {t}": n for (pid, t), n in p.prof.processes.items()}
+        doc["top_self"] = p.prof.self_samples.most_common(PROFILE_TOP_SELF)
+        doc["top_total"] = p.prof.total_samples.most_common(PROFILE_TOP_TOTAL)
+    return doc
+
+
+def profile_text(opts: Options, p: ProfileResult) -> str:
+    head = (
+        f"profile: {p.target}, py-spy record --format raw --rate {PROFILE_RATE} --subprocesses "
+        f"--nonblocking (idle samples excluded), wrk -c{opts.connections} -d{opts.duration}s"
     )
-    print(format_table(table_rows(results)))
-    text = format_ratios(ratios)
+    if p.wrk is not None:
+        head += f" at {p.wrk.rps:.0f} req/s under py-spy"
+    head += f"; raw file {p.path}"
+    if p.error:
+        return f"{head}\nprofile FAILED: {p.error}"
+    assert p.prof is not None
+    procs = ", ".join(f"{pid} {n}" for (pid, _), n in sorted(p.prof.processes.items()))
+    lines = [
+        head,
+        f"py-spy: {p.pyspy_summary}; worker samples {p.prof.samples} of {p.all_samples} "
+        f"(by worker pid: {procs})",
+        "",
+        format_profile(p.prof),
+    ]
+    return "\n".join(lines)
+
+
+def report(opts: Options, info: dict[str, Any], run: Run) -> None:
+    summary = summarize(opts, run.results)
+    print()
+    print(header(opts, info))
+    print()
+    print(figure_table(opts, summary, run.results))
+    failed = [r for r in run.results if r.error]
+    if failed:
+        print("\nfailed runs (left out of the medians):")
+        for r in failed:
+            print(f"  round {r.round} {r.target}: {r.error}")
+    text = ratio_lines(summary)
     if text:
-        print("\n" + text)
+        print("\nratios, per round from its paired runs: median (min–max)")
+        print(text)
+    if run.profile is not None:
+        print()
+        print(profile_text(opts, run.profile))
     if opts.json_path:
         doc = {
-            "meta": meta(opts, tools),
-            "results": [result_json(r) for r in results],
-            "ratios": ratios,
+            "meta": info,
+            "results": [result_json(r) for r in run.results],
+            "summary": summary.figures,
+            "ratios_by_round": summary.ratios_by_round,
+            "ratios": summary.ratios,
+            "profile": profile_json(run.profile) if run.profile else None,
         }
         opts.json_path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nJSON written to {opts.json_path}")
@@ -835,22 +1712,32 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, raise_interrupt)
+    needs = opts.only + (("pylb",) if opts.pylb_trees and "pylb" not in opts.only else ())
     try:
-        tools = find_tools(opts.only)
+        tools = find_tools(needs, profile=opts.profile is not None)
     except MissingDependency as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_MISSING
     try:
+        info = meta(opts, tools)
+        info["calibration"] = {"start": calibrate()}
+        log(f"calibration at start: {info['calibration']['start']}")
         with temp_dir(opts.keep_tmp) as tmp:
-            results = run_all(opts, tools, tmp)
+            run = run_all(opts, tools, tmp)
+        info["calibration"]["end"] = calibrate()
+        log(f"calibration at end: {info['calibration']['end']}")
     except KeyboardInterrupt:
         print("\nbench: interrupted; all started processes stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    report(opts, tools, results)
-    return EXIT_FAILED if any(r.error for r in results) else EXIT_OK
+    for r in run.results:
+        if "lb_running" in r.extra and r.target in info["pylb"]:
+            info["pylb"][r.target]["lb_running"] = r.extra["lb_running"]
+    report(opts, info, run)
+    failed = any(r.error for r in run.results) or bool(run.profile and run.profile.error)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

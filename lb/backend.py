@@ -100,7 +100,7 @@ class Server:
 class Backend:
     __slots__ = (
         "name", "cfg", "servers", "timeouts", "by_cookie", "by_name", "_shared", "_base",
-        "_version", "balancer", "stick", "counters", "retry",
+        "_version", "balancer", "stick", "retry",
     )
 
     def __init__(self, cfg: config.Backend, shared: Shared, slot: int) -> None:
@@ -113,7 +113,6 @@ class Backend:
         self.by_cookie = {s.cookie: s for s in self.servers if s.cookie}
         self.by_name = {s.name: s for s in self.servers}
         self.stick: StickTable | None = None  # the worker attaches the stick-on table
-        self.counters = Counters()
         self.retry = RetryPolicy(cfg)
         self._version = -1
         self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
@@ -134,6 +133,15 @@ class Backend:
     def holds(self) -> bool:
         """hold-when-down: do requests wait for a server while none is usable?"""
         return self._shared.words[self._base + BE_HOLD] != 0
+
+    def counters(self) -> list[int]:
+        """The backend's traffic counters (lb.counters order): its servers' added up.
+        Every request a backend counts went to one of its servers, so the request path
+        counts once, on the server."""
+        total = Counters().as_list()
+        for server in self.servers:
+            total = [a + b for a, b in zip(total, server.counters.as_list(), strict=True)]
+        return total
 
     def conns(self) -> int:
         """Connections open to its servers from all of pylb."""

@@ -68,10 +68,7 @@ class _Stop(Exception):
 class Head:
     """What requests and responses share: headers as received, and as forwarded."""
 
-    __slots__ = (
-        "version", "forward", "hop", "options", "keep_alive", "framing", "length"
-    )
-    version: str
+    __slots__ = ("forward", "hop", "options", "keep_alive", "framing", "length")
     forward: list[bytes]  # rendered `Name: value\r\n` lines of end-to-end headers
     hop: Headers  # hop-by-hop headers, names in lower case
     options: bool  # Connection names headers to remove (rare)
@@ -103,7 +100,8 @@ class Head:
 
 
 class RequestHead(Head):
-    __slots__ = ("method", "target", "upgrade", "expect_continue", "forwarded_for")
+    __slots__ = ("method", "target", "version", "upgrade", "expect_continue", "forwarded_for")
+    version: str  # "1.1", "1.0"
     method: bytes
     target: bytes
     upgrade: bool
@@ -165,6 +163,32 @@ def _callback_failure(err: Exception) -> str | None:
     return str(err)
 
 
+# What on_header must tell apart, by lower-case name: hop-by-hop headers (the name is the
+# code), Expect and X-Forwarded-For; every other header is forwarded as it is.
+_PLAIN, _EXPECT, _FORWARDED_FOR = 0, 1, 2
+_SPECIAL: dict[bytes, bytes | int] = {
+    **{name: name for name in HOP_BY_HOP}, b"expect": _EXPECT, b"x-forwarded-for": _FORWARDED_FOR,
+}
+_SPECIAL_LENGTHS = frozenset(map(len, _SPECIAL))
+# Header names as commonly spelt, with their codes: most headers are told apart by one
+# dict lookup, without lower-casing their names.
+_CODES: dict[bytes, bytes | int] = {
+    spelling: code
+    for name, code in _SPECIAL.items()
+    for spelling in (name, name.title(), name.upper(), name.capitalize())
+}
+_CODES.update(
+    (name, _PLAIN)
+    for name in (
+        b"Host", b"User-Agent", b"Accept", b"Accept-Encoding", b"Accept-Language", b"Cookie",
+        b"Referer", b"Origin", b"Authorization", b"Cache-Control", b"Pragma", b"Server", b"Date",
+        b"Content-Type", b"Last-Modified", b"ETag", b"Vary", b"Expires", b"Location",
+        b"Set-Cookie", b"Accept-Ranges", b"If-None-Match", b"If-Modified-Since", b"Range",
+    )
+    if name.lower() not in _SPECIAL
+)
+
+
 class _Reader:
     """What request and response readers share: event list, header intake, size limit."""
 
@@ -178,32 +202,39 @@ class _Reader:
         self.in_head = False
         self.closed = False  # after an error or a final message: read nothing more
         self.upgraded = False  # an Upgrade went through: what follows is not HTTP
+        # At least as many bytes as the head being read has: bytes fed since the read in
+        # which it began (counted generously), so small heads need no exact count.
+        self._head_bound = 0
+        self._fed = 0  # size of the bytes being fed now
+        self._expect: bytes | None = None  # the last Expect value
+        self._forwarded_for = -1  # index in `forward` of the last X-Forwarded-For
 
-    # httptools callbacks (names fixed by httptools)
-    def on_message_begin(self) -> None:
-        self.forward = []
-        self.hop = []
-        self.options = False
-        self.head_size = 0
-        self.in_head = True
-
-    # per header: keep this one lean
+    # per header: keep this one lean (httptools calls it from C)
     def on_header(self, name: bytes, value: bytes) -> None:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            self.hop.append((lower, value))
-            if lower == b"connection" and value.lower() not in _PLAIN_TOKENS:
-                self.options = bool(_connection_options([(lower, value)]))
-        else:
+        code = _CODES.get(name)
+        if code is None:
+            code = _SPECIAL.get(name.lower(), _PLAIN) if len(name) in _SPECIAL_LENGTHS else _PLAIN
+        if code == _PLAIN:
             self.forward.append(b"".join((name, b": ", value, b"\r\n")))
+        elif code == _FORWARDED_FOR:
+            self._forwarded_for = len(self.forward)
+            self.forward.append(b"".join((name, b": ", value, b"\r\n")))
+        elif code == _EXPECT:
+            self._expect = value
+            self.forward.append(b"".join((name, b": ", value, b"\r\n")))
+        else:
+            self.hop.append((code, value))  # type: ignore[arg-type]
+            if code == b"connection" and value.lower() not in _PLAIN_TOKENS:
+                self.options = bool(_connection_options([(code, value)]))  # type: ignore[list-item]
 
     def _new_head(self, head: Head) -> None:
         """Hand the headers read so far to `head`; refuse a head over the size limit."""
-        size = self.head_size + sum(map(len, self.forward))
-        for key, value in self.hop:
-            size += len(key) + len(value) + 4
-        if size > self.max_head:
-            raise HeadTooLarge
+        if self._head_bound + self._fed > self.max_head:
+            size = self.head_size + sum(map(len, self.forward))
+            for key, value in self.hop:
+                size += len(key) + len(value) + 4
+            if size > self.max_head:
+                raise HeadTooLarge
         head.forward = self.forward
         head.hop = self.hop
         head.options = self.options
@@ -230,7 +261,14 @@ class RequestReader(_Reader):
         self.head: RequestHead | None = None
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.forward = []
+        self.hop = []
+        self.options = False
+        self.head_size = 0
+        self.in_head = True
+        self._head_bound = 0
+        self._expect = None
+        self._forwarded_for = -1
         self._url = []
         self._pending_bytes = 0
 
@@ -242,33 +280,34 @@ class RequestReader(_Reader):
         parser = self._parser
         self.in_head = False
         hop = self.hop
-        framing, length = _framing(hop, True) if hop else (NO_BODY, 0)
         upgrade = parser.should_upgrade()
-        if upgrade and framing != NO_BODY:
-            # llhttp does not read the body of an upgrade request: refuse rather than
-            # send a server a head announcing a body it would never get.
-            raise BadFraming("upgrade request with a body")
         version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        if hop:
+            framing, length = _framing(hop, True)
+            if upgrade and framing != NO_BODY:
+                # llhttp does not read the body of an upgrade request: refuse rather than
+                # send a server a head announcing a body it would never get.
+                raise BadFraming("upgrade request with a body")
+            if framing == CHUNKED and (version == "1.0" or length >= 0):
+                keep_alive = False  # RFC 9112 6.1: faulty framing, close after it
+        else:
+            framing, length = NO_BODY, 0
         head = RequestHead()
         self._new_head(head)
         head.method = parser.get_method()
-        head.target = b"".join(self._url)
+        url = self._url
+        head.target = url[0] if len(url) == 1 else b"".join(url)
         head.version = version
-        head.expect_continue = False
-        head.forwarded_for = -1
-        head.keep_alive = parser.should_keep_alive()
-        if framing == CHUNKED and (version == "1.0" or length >= 0):
-            head.keep_alive = False  # RFC 9112 6.1: faulty framing, close after it
+        expect = self._expect
+        head.expect_continue = (
+            expect is not None and version == "1.1" and expect.strip().lower() == b"100-continue"
+        )
+        head.forwarded_for = self._forwarded_for
+        head.keep_alive = keep_alive
         head.framing = framing
         head.length = length
         head.upgrade = upgrade
-        for index, line in enumerate(head.forward):
-            if line[:1] in b"EeXx":  # a cheap pre-check: few headers start so
-                lower = line[:16].lower()
-                if lower.startswith(b"expect:") and version == "1.1":
-                    head.expect_continue = line[7:].strip().lower() == b"100-continue"
-                elif lower == b"x-forwarded-for:":
-                    head.forwarded_for = index
         self.head = head
         self.events.append((HEAD, head))
 
@@ -284,6 +323,7 @@ class RequestReader(_Reader):
         if self.closed:
             return []
         was_in_head = self.in_head
+        self._fed = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -298,12 +338,14 @@ class RequestReader(_Reader):
                 return self._fail(failure)
         except httptools.HttpParserError as err:
             return self._fail(str(err) or type(err).__name__)
-        if self.in_head and was_in_head:
-            # A head still incomplete after several reads: llhttp only reports a header
-            # once it is whole, so count raw bytes too (slow or endless header lines).
-            self._pending_bytes += len(data)
-            if self._pending_bytes > self.max_head:
-                return self._fail("request head too large")
+        if self.in_head:
+            self._head_bound += len(data)
+            if was_in_head:
+                # A head still incomplete after several reads: llhttp only reports a
+                # header once it is whole, so count raw bytes too (slow or endless lines).
+                self._pending_bytes += len(data)
+                if self._pending_bytes > self.max_head:
+                    return self._fail("request head too large")
         events = self.events
         self.events = []
         return events
@@ -319,7 +361,7 @@ class ResponseReader(_Reader):
     def __init__(self, max_head: int = 16384) -> None:
         super().__init__(max_head)
         self._parser = httptools.HttpResponseParser(self)
-        self._reason: list[bytes] = []
+        self._reason = b""
         self._head_only = False
         self._buffer = b""
         self.head: ResponseHead | None = None
@@ -353,11 +395,16 @@ class ResponseReader(_Reader):
         self._head_only = method == b"HEAD"
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reason = []
+        self.forward = []
+        self.hop = []
+        self.options = False
+        self.head_size = 0
+        self.in_head = True
+        self._head_bound = 0
+        self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
-        self._reason.append(reason)
+        self._reason += reason  # once, unless the status line came in pieces
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -372,8 +419,7 @@ class ResponseReader(_Reader):
         head = ResponseHead()
         self._new_head(head)
         head.status = status
-        head.reason = b"".join(self._reason)
-        head.version = parser.get_http_version()
+        head.reason = self._reason
         head.keep_alive = parser.should_keep_alive() and framing != UNTIL_CLOSE
         head.framing = framing
         head.length = length
@@ -389,6 +435,7 @@ class ResponseReader(_Reader):
         if self._head_only:
             return self._feed_head_only(data)
         self._last = data
+        self._fed = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -398,6 +445,8 @@ class ResponseReader(_Reader):
             return self._fail(_callback_failure(err) or "stopped")
         except httptools.HttpParserError as err:
             return self._fail(str(err) or type(err).__name__)
+        if self.in_head:
+            self._head_bound += len(data)
         events = self.events
         self.events = []
         return events
@@ -413,6 +462,7 @@ class ResponseReader(_Reader):
             return []
         self._buffer = b""
         head_bytes, rest = buffer[: end + 4], buffer[end + 4 :]
+        self._fed = len(head_bytes)
         try:
             self._parser.feed_data(head_bytes)
         except httptools.HttpParserCallbackError as err:

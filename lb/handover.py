@@ -87,7 +87,7 @@ def count_bytes(session: Any, tunnel: Tunnel) -> None:
     bytes_in, bytes_out = client.received - client.counted, server_end.received - server_end.counted
     client.counted, server_end.counted = client.received, server_end.received
     server = session.server
-    for counters in (session.frontend.counters, server.counters, server.backend.counters):
+    for counters in (session.frontend.counters, server.counters):
         counters.bin += bytes_in
         counters.bout += bytes_out
 

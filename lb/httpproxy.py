@@ -400,7 +400,6 @@ class HttpSession(asyncio.Protocol):
             self._keep([data])
             server = self.server
             server.counters.bin += len(data)  # type: ignore[union-attr]
-            server.backend.counters.bin += len(data)  # type: ignore[union-attr]
             return
         self.body_buffer.append(data)
         self.buffered += len(data)
@@ -495,7 +494,6 @@ class HttpSession(asyncio.Protocol):
     def _use(self, server: Server) -> None:
         self.server = server
         server.counters.lbtot += 1
-        server.backend.counters.lbtot += 1
         if self.stick_key is not None:
             server.backend.stick.learn(self.stick_key, server.name)  # type: ignore[union-attr]
         conn = self.frontend.worker.pool.take(server)
@@ -535,7 +533,6 @@ class HttpSession(asyncio.Protocol):
             task.cancel()
         server = self.server
         server.counters.econ += 1  # type: ignore[union-attr]
-        self.backend.counters.econ += 1  # type: ignore[union-attr]
         if not self._retry(CONN_FAILURE):
             self._reply(503, "SC")
 
@@ -559,7 +556,6 @@ class HttpSession(asyncio.Protocol):
         if self.times is not None:
             self.times.retries += 1
         server.counters.wretr += 1
-        backend.counters.wretr += 1  # type: ignore[union-attr]
         if self.failed is None:
             self.failed = []
         self.failed.append(server)
@@ -595,7 +591,6 @@ class HttpSession(asyncio.Protocol):
         """The retry goes to `server` (None: none is usable: hold or 503)."""
         failed = self.server
         failed.counters.wredis += 1  # type: ignore[union-attr]
-        self.backend.counters.wredis += 1  # type: ignore[union-attr]
         if self.times is not None:
             self.times.redispatched = True
         self._assign(server)
@@ -651,9 +646,9 @@ class HttpSession(asyncio.Protocol):
         self.phase = EXCHANGE
         server = self.server
         server.opened()  # type: ignore[union-attr]
-        for counters in (server.counters, server.backend.counters):  # type: ignore[union-attr]
-            counters.stot += 1
-            counters.req_tot += 1
+        counters = server.counters  # type: ignore[union-attr]
+        counters.stot += 1
+        counters.req_tot += 1
         if self.body_buffer:
             data = b"".join([self.head_bytes, *self.body_buffer])
             self._keep(self.body_buffer)
@@ -663,8 +658,7 @@ class HttpSession(asyncio.Protocol):
         else:
             data = self.head_bytes
         conn.transport.write(data)
-        server.counters.bin += len(data)  # type: ignore[union-attr]
-        server.backend.counters.bin += len(data)  # type: ignore[union-attr]
+        counters.bin += len(data)
         if self.times is not None:
             self.times.sent = time.monotonic()
             if self.times.connect < 0:
@@ -752,7 +746,6 @@ class HttpSession(asyncio.Protocol):
         self.frontend.counters.bout += size
         server = self.server
         server.counters.bout += size  # type: ignore[union-attr]
-        server.backend.counters.bout += size  # type: ignore[union-attr]
         if self.times is not None:
             self.times.bytes_out += size
 
@@ -778,7 +771,6 @@ class HttpSession(asyncio.Protocol):
             self.tracked.error()  # http_err_cnt / http_err_rate of its stick counters
         self.frontend.counters.hrsp[kind] += 1
         self.server.counters.hrsp[kind] += 1  # type: ignore[union-attr]
-        self.backend.counters.hrsp[kind] += 1  # type: ignore[union-attr]
         if self.times is not None:
             self.times.response = time.monotonic()
             self.times.status = head.status
@@ -813,7 +805,6 @@ class HttpSession(asyncio.Protocol):
 
     def _response_error(self) -> None:
         self.server.counters.eresp += 1  # type: ignore[union-attr]
-        self.backend.counters.eresp += 1  # type: ignore[union-attr]
         if self._retry(JUNK_RESPONSE):
             return
         if self.resp_started:
@@ -1134,10 +1125,8 @@ class HttpSession(asyncio.Protocol):
         if server is not None:
             if termination[0] in "Cc":
                 server.counters.cli_abrt += 1
-                server.backend.counters.cli_abrt += 1
             else:
                 server.counters.srv_abrt += 1
-                server.backend.counters.srv_abrt += 1
         if self.times is not None:
             self._log(self.times.status, termination)
         if self.tracked is not None:

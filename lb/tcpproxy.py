@@ -147,7 +147,6 @@ class TcpSession(asyncio.Protocol):
         server.opened()
         server.counters.stot += 1
         server.counters.lbtot += 1
-        server.backend.counters.stot += 1
         self.transport.pause_reading()
         transport.pause_reading()
         # Neither side was written to yet: the relay takes the sockets as they are.

@@ -167,7 +167,7 @@ class Worker:
         if what == "stats":
             return {
                 "fe": {name: f.counters.as_list() for name, f in self.frontends.items()},
-                "be": {name: b.counters.as_list() for name, b in self.backends.items()},
+                "be": {name: b.counters() for name, b in self.backends.items()},
                 "srv": {
                     f"{b.name}/{s.name}": s.counters.as_list()
                     for b in self.backends.values()
