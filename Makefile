@@ -8,15 +8,34 @@ DEBIAN_TOOLS := curl wrk socat haproxy nginx-light hatop prometheus-haproxy-expo
 # Command names that tell whether each of those is already there.
 TOOL_COMMANDS := curl wrk socat haproxy nginx hatop prometheus-haproxy-exporter
 
-.PHONY: run test venv debian-tools lint bench bench-state bench-upgrade clean
+# The hot path Cython compiles (setup.py, lb/compiled.py): each .pxd and its .py.
+HOT_SOURCES := $(wildcard lb/*.pxd) $(patsubst %.pxd,%.py,$(wildcard lb/*.pxd))
+# Tests run a second time on the pure-Python hot path, the compiled one's fallback.
+PURE_TESTS := tests/test_h1.py tests/test_http.py tests/test_corpus.py tests/test_retry.py \
+  tests/test_persistence.py tests/test_tunnel_move.py tests/test_requestlog.py tests/test_rules.py \
+  tests/test_upgrade.py
+
+.PHONY: run test venv build-tools debian-tools lint bench bench-state bench-upgrade clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# Installing also compiles the hot path, in place; again whenever its sources change.
+$(STAMP): setup.cfg pyproject.toml setup.py $(HOT_SOURCES) | build-tools
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# A C compiler and the Python headers, to compile the hot path: installed when run as
+# root; without them pylb runs as pure Python.
+build-tools:
+	@if ! command -v cc >/dev/null 2>&1 || ! $(PYTHON) -c "import os, sys, sysconfig; \
+	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing gcc and python3-dev (to compile the hot path)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc python3-dev >/dev/null; \
+	  else echo "no C compiler or Python headers: pylb runs as pure Python (apt-get install gcc python3-dev)"; fi; \
+	fi
 
 # Starts the demo backends (127.0.0.1:9001 and :9002), then pylb in the foreground.
 run: venv
@@ -37,11 +56,12 @@ debian-tools:
 	else echo "missing tools:$$missing (install: apt-get install $(DEBIAN_TOOLS))"; exit 1; fi
 
 lint: venv
-	$(VENV)/bin/ruff check lb tests bench bin/pylb bin/demo-backend
+	$(VENV)/bin/ruff check lb tests bench bin/pylb bin/demo-backend setup.py
 
 test: venv debian-tools lint
 	@mkdir -p run
 	PATH="$$PATH:/usr/sbin" $(VENV)/bin/pytest -q
+	PATH="$$PATH:/usr/sbin" PYLB_PURE=1 $(VENV)/bin/pytest -q $(PURE_TESTS)
 
 bench: venv debian-tools
 	PATH="$$PATH:/usr/sbin" $(PY) bench/bench.py
@@ -55,4 +75,5 @@ bench-upgrade: venv debian-tools
 	PATH="$$PATH:/usr/sbin" $(PY) bench/upgrade.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache run/*.pid run/*.sock
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache run/*.pid run/*.sock build \
+	  lb/*.c lb/*.so lb/_compiled.json

@@ -87,6 +87,7 @@ class PylbTree:
 
     label: str
     root: Path
+    env: tuple[tuple[str, str], ...] = ()  # set for its processes (--pylb-pure)
 
     @property
     def target(self) -> str:
@@ -215,6 +216,11 @@ def parse_args(argv: list[str] | None) -> Options:
         help="extra target pylb@LABEL running DIR/bin/pylb with DIR's lb package (repeatable)",
     )
     p.add_argument(
+        "--pylb-pure",
+        action="store_true",
+        help="extra target pylb@pure: this checkout with PYLB_PURE=1 (its hot path as Python)",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         metavar="PATH",
@@ -236,7 +242,8 @@ def parse_args(argv: list[str] | None) -> Options:
         keep_tmp=a.keep_tmp,
         rounds=a.rounds,
         size=a.size,
-        pylb_trees=tuple(a.pylb_trees),
+        pylb_trees=tuple(a.pylb_trees)
+        + ((PylbTree("pure", REPO, (("PYLB_PURE", "1"),)),) if a.pylb_pure else ()),
         profile=a.profile,
         wrk_timeout=WRK_TIMEOUT,
     )
@@ -865,6 +872,7 @@ def pylb_launch(target: str, opts: Options) -> tuple[str, Path, dict[str, str]]:
     tree = next(t for t in opts.pylb_trees if t.target == target)
     env = pylb_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree.root), env.get("PYTHONPATH")]))
+    env.update(tree.env)
     return str(tree.root / "bin" / "pylb"), tree.root, env
 
 
@@ -901,11 +909,21 @@ def start_pylb(
 
 
 def lb_import_path(target: str, opts: Options) -> str:
-    """lb.__file__ as a process started like the target's template and workers sees it."""
+    """lb.__file__ as a process started like the target's template and workers sees it,
+    and how its hot path runs (compiled or pure Python, lb.compiled)."""
     _, cwd, env = pylb_launch(target, opts)
+    code = (
+        "import lb\n"
+        "try:\n"
+        "    from lb import compiled\n"
+        "    how = compiled.status()\n"
+        "except ImportError:\n"
+        "    how = 'pure Python (no lb.compiled)'\n"
+        "print(f'{lb.__file__}; hot path {how}')\n"
+    )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", "import lb; print(lb.__file__)"],
+            [sys.executable, "-c", code],
             capture_output=True,
             text=True,
             timeout=30,

@@ -5,17 +5,31 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import signal
 import sys
 
 import setproctitle
 
-from lb import __version__, config, pidfile, reload, takeover
+from lb import RELEASE_DATE, __version__, compiled, config, pidfile, reload, takeover
 from lb import log as logsetup
 from lb.log import log
 from lb.master import Master
 from lb.sock import Listener
 from lb.takeover import Inheritance
+
+
+class _BuildInfo(argparse.Action):
+    """-vv: the version, as -v, with what it runs on (HAProxy's -vv shows its build)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"pylb {__version__} {RELEASE_DATE}")
+        print(f"Python {platform.python_version()} ({sys.executable})")
+        print(f"Hot path: {compiled.status()}")
+        parser.exit()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-x", dest="socket", metavar="SOCKET", help="old process's stats socket")
     parser.add_argument("-v", "--version", action="version", version=f"pylb {__version__}")
+    parser.add_argument("-vv", action=_BuildInfo, help="show version and build details")
     return parser.parse_args(argv)
 
 
@@ -75,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if pid_path:
         pidfile.write(pid_path)
     setproctitle.setproctitle(f"pylb: master [{cfg.path}]")
+    log.info("pylb %s, hot path %s", __version__, compiled.status())
     old = None
     if args.soft_finish:
         old = (args.soft_finish, signal.SIGUSR1)

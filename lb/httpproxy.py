@@ -46,7 +46,10 @@ class BadResponse(Exception):
     """A server's answer that cannot be passed on."""
 
 
-class HttpSession(asyncio.Protocol):
+class HttpSession:
+    """One client connection in HTTP mode: an asyncio protocol (not derived from
+    asyncio.Protocol, so that the compiled build can make it an extension type)."""
+
     __slots__ = (
         "frontend",
         "transport",

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 MAX_IDLE_PER_SERVER = 256
 
 
-class ServerConnection(asyncio.Protocol):
-    """One HTTP connection to a server; `session` is its user while a request runs."""
+class ServerConnection:
+    """One HTTP connection to a server (an asyncio protocol); `session` is its user while
+    a request runs."""
 
     __slots__ = ("server", "pool", "transport", "reader", "session", "reused", "received")
 

@@ -1,0 +1,85 @@
+# Types for the compiled build of lb/httpproxy.py (see setup.py, lb/compiled.py): the
+# session becomes an extension type with these fields, and the methods of the request
+# path below are called directly. Keep the fields in step with __slots__.
+
+cimport cython
+
+from lb.h1 cimport RequestHead, RequestReader
+from lb.serverconn cimport ServerConnection
+
+
+@cython.final
+cdef class HttpSession:
+    cdef public object frontend
+    cdef public object transport
+    cdef public RequestReader reader
+    cdef public bytes client_ip
+    cdef public double deadline
+    cdef public int phase
+    cdef public Py_ssize_t requests
+    cdef public int paused
+    cdef public list pending
+    cdef public bint close_after
+    cdef public RequestHead head
+    cdef public object backend
+    cdef public object server
+    cdef public ServerConnection conn
+    cdef public object connect_task
+    cdef public Py_ssize_t retries_left
+    cdef public bytes head_bytes
+    cdef public list body_buffer
+    cdef public Py_ssize_t buffered
+    cdef public list kept
+    cdef public Py_ssize_t kept_size
+    cdef public list failed
+    cdef public bint l7_retry
+    cdef public bint server_close
+    cdef public bint touched
+    cdef public bint req_done
+    cdef public bint resp_started
+    cdef public bint resp_done
+    cdef public int resp_framing
+    cdef public bint interim
+    cdef public bint server_keep_alive
+    cdef public bint server_until_close
+    cdef public bint server_paused
+    cdef public bytes tunnel_bytes
+    cdef public object sticky
+    cdef public object cookie_server
+    cdef public object stick_key
+    cdef public Py_ssize_t queue_id
+    cdef public object slot
+    cdef public list held
+    cdef public object times
+    cdef public double begin
+    cdef public object tunnel
+    cdef public list received
+    cdef public list resume
+    cdef public object tracked
+    cdef public bint adopted
+    cdef public str stays
+    cdef public dict moving
+    cdef public object resp_left  # a Content-Length may not fit in 64 bits
+
+    cpdef data_received(self, data)
+    cpdef _pause(self, int reason)
+    cpdef _unpause(self, int reason)
+    cpdef _process(self, list events)
+    cpdef _request_head(self, RequestHead head)
+    cpdef _request_data(self, data)
+    cpdef _send_body(self, data)
+    cpdef _request_end(self)
+    cpdef _dispatch(self, exclude)
+    cpdef _assign(self, server)
+    cpdef _release_slot(self)
+    cpdef _use(self, server)
+    cpdef _keep(self, list sent)
+    cpdef _attach(self, ServerConnection conn)
+    cpdef _drop_server(self, bint reusable)
+    cpdef response_events(self, list events)
+    cpdef _send(self, data)
+    cpdef bytes _response_head(self, head)
+    cpdef _response_end(self)
+    cpdef _finish_exchange(self)
+    cpdef _reset_exchange(self)
+    cpdef _close(self)
