@@ -11,6 +11,7 @@ from lb.counters import Counters
 from lb.retry import RetryPolicy
 from lb.shared import (
     BE_HOLD,
+    BE_TICKET,
     BE_VERSION,
     MAINT,
     READY,
@@ -100,7 +101,7 @@ class Server:
 class Backend:
     __slots__ = (
         "name", "cfg", "servers", "timeouts", "by_cookie", "by_name", "_shared", "_base",
-        "_version", "balancer", "stick", "retry",
+        "_version", "balancer", "stick", "retry", "_words",
     )
 
     def __init__(self, cfg: config.Backend, shared: Shared, slot: int) -> None:
@@ -108,6 +109,7 @@ class Backend:
         self.cfg = cfg
         self.timeouts = cfg.timeouts
         self._shared = shared
+        self._words = shared.words
         self._base = shared.layout.backends[cfg.name]
         self.servers = [Server(s, self, shared, slot) for s in cfg.servers]
         self.by_cookie = {s.cookie: s for s in self.servers if s.cookie}
@@ -118,13 +120,17 @@ class Backend:
         self.balancer = balance.make(cfg.balance, cfg.balance_arg, self)
 
     def ticket(self) -> int:
-        """The next round-robin position, shared by every worker."""
-        return self._shared.ticket(self._base)
+        """The next round-robin position, shared by every worker (see lb.shared: two
+        workers drawing at once may draw the same)."""
+        words = self._words
+        value = words[self._base + BE_TICKET]
+        words[self._base + BE_TICKET] = (value + 1) & 0x7FFFFFFFFFFFFFFF
+        return value
 
     def refresh(self) -> None:
         """Let the balancer rebuild what it derives from weights and states, if they
         changed since it last looked."""
-        version = self._shared.words[self._base + BE_VERSION]
+        version = self._words[self._base + BE_VERSION]
         if version != self._version:
             self._version = version
             self.balancer.rebuild()
@@ -132,7 +138,7 @@ class Backend:
     @property
     def holds(self) -> bool:
         """hold-when-down: do requests wait for a server while none is usable?"""
-        return self._shared.words[self._base + BE_HOLD] != 0
+        return self._words[self._base + BE_HOLD] != 0
 
     def counters(self) -> list[int]:
         """The backend's traffic counters (lb.counters order): its servers' added up.
@@ -156,5 +162,6 @@ class Backend:
 
     def pick(self, context: balance.Context, exclude: Server | None = None) -> Server | None:
         """A server for a new client, by the backend's algorithm; None if none is usable."""
-        self.refresh()
+        if self._words[self._base + BE_VERSION] != self._version:  # refresh(), inline
+            self.refresh()
         return self.balancer.pick(context, exclude)

@@ -174,7 +174,13 @@ class RoundRobin:
         return smooth_order(servers, [s.weight for s in servers])
 
     def pick(self, context: Context, exclude: Server | None) -> Server | None:
-        return self.pick_at(self.backend.ticket(), exclude)
+        position = self.backend.ticket()
+        order = self.orders[0]
+        if order:  # the common case, inline: the next active server is usable
+            server = order[position % len(order)]
+            if server is not exclude and server.selectable:
+                return server
+        return self.pick_at(position, exclude)
 
     def pick_at(self, position: int, exclude: Server | None) -> Server | None:
         for order in self.orders:

@@ -1,6 +1,11 @@
 # Types for the compiled build of lb/h1.py (see setup.py, lb/compiled.py): the classes
 # become extension types with these fields. Keep in step with __slots__ and __init__.
 
+cdef str _PLAIN, _EXPECT, _FORWARDED_FOR
+cdef dict _SPECIAL, _CODES
+cdef frozenset _SPECIAL_LENGTHS
+
+
 cdef class Head:
     cdef public list forward
     cdef public list hop
@@ -41,6 +46,7 @@ cdef class RequestReader(_Reader):
     cdef list _url
     cdef Py_ssize_t _pending_bytes
     cdef public RequestHead head
+    cpdef list feed(self, data)
 
 cdef class ResponseReader(_Reader):
     cdef object _parser
@@ -50,3 +56,10 @@ cdef class ResponseReader(_Reader):
     cdef public ResponseHead head
     cdef bint _chunk_end
     cdef bytes _last
+    cpdef expect(self, method)
+    cpdef list feed(self, data)
+
+
+cpdef bytes request_head_bytes(RequestHead head, forwarded_for=*, bint close=*)
+cpdef bytes response_head_bytes(ResponseHead head, int framing, bint keep_alive, str version)
+cpdef bytes chunk(data)

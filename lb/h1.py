@@ -164,15 +164,16 @@ def _callback_failure(err: Exception) -> str | None:
 
 
 # What on_header must tell apart, by lower-case name: hop-by-hop headers (the name is the
-# code), Expect and X-Forwarded-For; every other header is forwarded as it is.
-_PLAIN, _EXPECT, _FORWARDED_FOR = 0, 1, 2
-_SPECIAL: dict[bytes, bytes | int] = {
+# code), Expect and X-Forwarded-For; every other header is forwarded as it is. Codes are
+# told apart by identity.
+_PLAIN, _EXPECT, _FORWARDED_FOR = "plain", "expect", "x-forwarded-for"
+_SPECIAL: dict[bytes, bytes | str] = {
     **{name: name for name in HOP_BY_HOP}, b"expect": _EXPECT, b"x-forwarded-for": _FORWARDED_FOR,
 }
 _SPECIAL_LENGTHS = frozenset(map(len, _SPECIAL))
 # Header names as commonly spelt, with their codes: most headers are told apart by one
 # dict lookup, without lower-casing their names.
-_CODES: dict[bytes, bytes | int] = {
+_CODES: dict[bytes, bytes | str] = {
     spelling: code
     for name, code in _SPECIAL.items()
     for spelling in (name, name.title(), name.upper(), name.capitalize())
@@ -214,12 +215,12 @@ class _Reader:
         code = _CODES.get(name)
         if code is None:
             code = _SPECIAL.get(name.lower(), _PLAIN) if len(name) in _SPECIAL_LENGTHS else _PLAIN
-        if code == _PLAIN:
+        if code is _PLAIN:
             self.forward.append(b"".join((name, b": ", value, b"\r\n")))
-        elif code == _FORWARDED_FOR:
+        elif code is _FORWARDED_FOR:
             self._forwarded_for = len(self.forward)
             self.forward.append(b"".join((name, b": ", value, b"\r\n")))
-        elif code == _EXPECT:
+        elif code is _EXPECT:
             self._expect = value
             self.forward.append(b"".join((name, b": ", value, b"\r\n")))
         else:

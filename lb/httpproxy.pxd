@@ -4,8 +4,11 @@
 
 cimport cython
 
-from lb.h1 cimport RequestHead, RequestReader
-from lb.serverconn cimport ServerConnection
+from lb.counters cimport Counters
+from lb.h1 cimport (
+    RequestHead, RequestReader, ResponseHead, chunk, request_head_bytes, response_head_bytes,
+)
+from lb.serverconn cimport ConnectionPool, ServerConnection
 
 
 @cython.final
@@ -60,6 +63,8 @@ cdef class HttpSession:
     cdef public str stays
     cdef public dict moving
     cdef public object resp_left  # a Content-Length may not fit in 64 bits
+    cdef public Counters fe_counters
+    cdef public ConnectionPool pool
 
     cpdef data_received(self, data)
     cpdef _pause(self, int reason)
@@ -72,13 +77,17 @@ cdef class HttpSession:
     cpdef _dispatch(self, exclude)
     cpdef _assign(self, server)
     cpdef _release_slot(self)
+    @cython.locals(counters=Counters)
     cpdef _use(self, server)
     cpdef _keep(self, list sent)
+    @cython.locals(counters=Counters)
     cpdef _attach(self, ServerConnection conn)
     cpdef _drop_server(self, bint reusable)
     cpdef response_events(self, list events)
+    @cython.locals(counters=Counters, size=Py_ssize_t)
     cpdef _send(self, data)
-    cpdef bytes _response_head(self, head)
+    @cython.locals(counters=Counters, kind=int)
+    cpdef bytes _response_head(self, ResponseHead head)
     cpdef _response_end(self)
     cpdef _finish_exchange(self)
     cpdef _reset_exchange(self)

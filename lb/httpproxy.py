@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lb import h1, handover, httplog, persist
 from lb.balance import Context
 from lb.errors import PAGES
+from lb.h1 import chunk, request_head_bytes, response_head_bytes
 from lb.retry import CONN_FAILURE, EMPTY_RESPONSE, JUNK_RESPONSE, RESPONSE_TIMEOUT
 from lb.serverconn import ServerConnection
 from lb.timer import clock
@@ -101,10 +102,14 @@ class HttpSession:
         "stays",
         "moving",
         "resp_left",
+        "fe_counters",
+        "pool",
     )
 
     def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
         self.frontend = frontend
+        self.fe_counters = frontend.counters  # the frontend's and the worker's, at hand
+        self.pool = frontend.worker.pool
         self.adopted = adopted  # handed over by an older generation
         self.tracked: StickCounters | None = None  # stick counters (track-sc), if any
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -202,7 +207,7 @@ class HttpSession:
             self.held.append(data)
             self.transport.pause_reading()
             return
-        self.frontend.counters.bin += len(data)
+        self.fe_counters.bin += len(data)
         if self.reader.upgraded:
             # Sent after the Upgrade request, before the server's answer: for the tunnel
             # (a server that refuses the upgrade closes the connection after its answer).
@@ -337,7 +342,7 @@ class HttpSession:
         self.received = head.forward  # edits below replace the list, never change it
         self.requests += 1
         frontend = self.frontend
-        frontend.counters.req_tot += 1
+        self.fe_counters.req_tot += 1
         if frontend.request_log is not None:
             self.times = httplog.Times(self.begin)
             self.times.head = time.monotonic()
@@ -386,14 +391,14 @@ class HttpSession:
                     self.sticky = self.cookie_server = server
         if self.sticky is None and self.stick_key is not None:
             self.sticky = backend.stuck(self.stick_key)
-        self.head_bytes = h1.request_head_bytes(
+        self.head_bytes = request_head_bytes(
             head, self.client_ip if fe_cfg.forwardfor else None, self.server_close
         )
         self._dispatch(None)
 
     def _request_data(self, data: bytes) -> None:
         if self.head.framing == h1.CHUNKED:  # type: ignore[union-attr]
-            data = h1.chunk(data)
+            data = chunk(data)
         self._send_body(data)
         self.deadline = clock.now + self.frontend.timeouts.client
 
@@ -496,10 +501,11 @@ class HttpSession:
 
     def _use(self, server: Server) -> None:
         self.server = server
-        server.counters.lbtot += 1
+        counters = server.counters
+        counters.lbtot += 1
         if self.stick_key is not None:
             server.backend.stick.learn(self.stick_key, server.name)  # type: ignore[union-attr]
-        conn = self.frontend.worker.pool.take(server)
+        conn = self.pool.take(server)
         if conn is not None:
             self._attach(conn)
             return
@@ -694,7 +700,7 @@ class HttpSession:
         if reusable:
             if self.server_paused:
                 conn.transport.resume_reading()
-            self.frontend.worker.pool.give(conn)
+            self.pool.give(conn)
         else:
             conn.transport.close()
 
@@ -705,7 +711,7 @@ class HttpSession:
         out: list[bytes] = []
         for kind, value in events:
             if kind == h1.DATA:
-                out.append(h1.chunk(value) if self.resp_framing == h1.CHUNKED else value)  # type: ignore[arg-type]
+                out.append(chunk(value) if self.resp_framing == h1.CHUNKED else value)  # type: ignore[arg-type]
                 self.resp_left -= len(value)  # type: ignore[arg-type]
             elif kind == h1.HEAD:
                 status = value.status  # type: ignore[attr-defined]
@@ -746,9 +752,9 @@ class HttpSession:
         """Answer bytes to the client, counted."""
         self.transport.write(data)
         size = len(data)
-        self.frontend.counters.bout += size
-        server = self.server
-        server.counters.bout += size  # type: ignore[union-attr]
+        self.fe_counters.bout += size
+        counters = self.server.counters  # type: ignore[union-attr]
+        counters.bout += size
         if self.times is not None:
             self.times.bytes_out += size
 
@@ -763,7 +769,7 @@ class HttpSession:
             self.interim = True
             self.touched = True
             if client_version == "1.1":
-                return h1.response_head_bytes(head, h1.NO_BODY, True, "1.1")
+                return response_head_bytes(head, h1.NO_BODY, True, "1.1")
             return b""  # HTTP/1.0 clients get no interim answers
         self.resp_started = True
         self.resp_left = head.length if head.framing == h1.LENGTH else -1
@@ -772,8 +778,9 @@ class HttpSession:
         kind = status // 100 if status < 600 else 0
         if kind == 4 and self.tracked is not None:
             self.tracked.error()  # http_err_cnt / http_err_rate of its stick counters
-        self.frontend.counters.hrsp[kind] += 1
-        self.server.counters.hrsp[kind] += 1  # type: ignore[union-attr]
+        self.fe_counters.hrsp[kind] += 1
+        counters = self.server.counters  # type: ignore[union-attr]
+        counters.hrsp[kind] += 1
         if self.times is not None:
             self.times.response = time.monotonic()
             self.times.status = head.status
@@ -794,7 +801,7 @@ class HttpSession:
         if not keep_alive:
             self.close_after = True
         self.resp_framing = framing
-        return h1.response_head_bytes(head, framing, keep_alive, client_version)
+        return response_head_bytes(head, framing, keep_alive, client_version)
 
     def _response_end(self) -> None:
         self.resp_done = True

@@ -16,3 +16,10 @@ cdef class ServerConnection:
     cdef public bint reused
     cdef public bint received
     cpdef data_received(self, data)
+
+
+cdef class ConnectionPool:
+    cdef public dict idle
+    cpdef ServerConnection take(self, server)
+    cpdef give(self, ServerConnection conn)
+    cpdef discard(self, ServerConnection conn)

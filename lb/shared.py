@@ -142,10 +142,3 @@ class Shared:
             words[base + FE_FIELDS + slot] = 0
         for base in layout.servers.values():
             words[base + SRV_FIELDS + slot] = 0
-
-    def ticket(self, backend_base: int) -> int:
-        """The next round-robin position of a backend."""
-        words = self.words
-        value = words[backend_base + BE_TICKET]
-        words[backend_base + BE_TICKET] = (value + 1) & 0x7FFFFFFFFFFFFFFF
-        return value
