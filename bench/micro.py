@@ -1,11 +1,12 @@
-"""Python cost of one proxied HTTP request, in process, without sockets.
+"""pylb's own CPU work for one proxied HTTP request, in process, without sockets.
 
 An HttpSession is driven with transports that only collect what is written: a keep-alive
 client sends a request, a pooled server connection answers it, again and again. What is
 left is pylb's own work per request (parsing, choosing a server, heads, counters), the
 part that bench/bench.py cannot separate from the kernel's. The figure is steady to a few
 per cent from run to run, so it can tell two versions of the code apart where a wrk run
-cannot; bench/bench.py stays the judge of the whole.
+cannot (under `valgrind --tool=callgrind`, instruction counts are exact); bench/bench.py
+stays the judge of the whole. PYLB_PURE=1 measures the pure-Python hot path.
 
     .venv/bin/python bench/micro.py [--requests N] [--rounds R] [--profile]
         [--checks] [--log]
@@ -24,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lb import serverconn  # noqa: E402
+from lb import compiled, serverconn  # noqa: E402
 from lb.backend import Backend  # noqa: E402
 from lb.config import loads  # noqa: E402
 from lb.frontend import Frontend  # noqa: E402
@@ -171,9 +172,10 @@ def main() -> int:
         return 0
     figures = [run(session, args.requests, request) * 1e6 for _ in range(args.rounds)]
     print(
-        f"python us/request {statistics.median(figures):.2f} "
+        f"us/request {statistics.median(figures):.2f} "
         f"({min(figures):.2f}-{max(figures):.2f}) over {args.rounds} rounds of "
-        f"{args.requests} requests{' (--checks)' if args.checks else ''}"
+        f"{args.requests} requests{' (--checks)' if args.checks else ''}; "
+        f"hot path {compiled.status()}"
     )
     return 0
 

@@ -20,7 +20,7 @@ import sys
 from types import ModuleType
 
 # In the order they import each other.
-HOT = ("counters", "backend", "h1", "serverconn", "httpproxy")
+HOT = ("counters", "backend", "balance", "h1", "serverconn", "httpproxy")
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORD = os.path.join(HERE, "_compiled.json")
 

@@ -13,6 +13,7 @@ cdef class Head:
     cdef public bint keep_alive
     cdef public int framing
     cdef public object length  # a Content-Length may not fit in 64 bits
+    cpdef list forward_lines(self, list forward, bint upgrade)
 
 cdef class RequestHead(Head):
     cdef public bytes method

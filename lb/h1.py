@@ -87,16 +87,17 @@ class Head:
                 return line[size:-2].strip()
         return None
 
-    def forward_block(self, forward: list[bytes], upgrade: bool) -> bytes:
+    def forward_lines(self, forward: list[bytes], upgrade: bool) -> list[bytes]:
         """The header lines `forward` to pass on, less any that Connection names, plus
-        Upgrade when the connection is being upgraded."""
+        Upgrade when the connection is being upgraded: a new list, to be added to."""
         if self.options:
             named = _connection_options(self.hop)
-            forward = [f for f in forward if f.split(b":", 1)[0].lower() not in named]
-        block = b"".join(forward)
+            lines = [f for f in forward if f.split(b":", 1)[0].lower() not in named]
+        else:
+            lines = forward.copy()
         if upgrade:
-            block += b"".join(b"Upgrade: %s\r\n" % v for k, v in self.hop if k == b"upgrade")
-        return block
+            lines += [b"Upgrade: %s\r\n" % v for k, v in self.hop if k == b"upgrade"]
+        return lines
 
 
 class RequestHead(Head):
@@ -492,10 +493,6 @@ def request_head_bytes(
     """The head pylb sends to a server: HTTP/1.1, hop-by-hop headers replaced, and the
     client's address appended to X-Forwarded-For when `forwarded_for` is given;
     `Connection: close` when `close` (httpclose, http-server-close)."""
-    if head.method in RTSP_ONLY_METHODS:
-        line = b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())
-    else:
-        line = b"%s %s HTTP/1.1\r\n" % (head.method, head.target)
     forward = head.forward
     if forwarded_for is not None:
         index = head.forwarded_for
@@ -504,41 +501,48 @@ def request_head_bytes(
             forward[index] = forward[index][:-2] + b", " + forwarded_for + b"\r\n"
         else:
             forward = [*forward, b"X-Forwarded-For: " + forwarded_for + b"\r\n"]
-    block = head.forward_block(forward, head.upgrade)
+    lines = head.forward_lines(forward, head.upgrade)
+    if head.method in RTSP_ONLY_METHODS:
+        first = b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())
+    else:
+        first = b"%s %s HTTP/1.1\r\n" % (head.method, head.target)
+    lines.insert(0, first)
     framing = head.framing
     if framing == CHUNKED:
-        block += b"Transfer-Encoding: chunked\r\n"
+        lines.append(b"Transfer-Encoding: chunked\r\n")
     elif framing == LENGTH:
-        block += b"Content-Length: %d\r\n" % head.length
+        lines.append(b"Content-Length: %d\r\n" % head.length)
     if head.upgrade:
-        block += b"Connection: upgrade\r\n"
+        lines.append(b"Connection: upgrade\r\n")
     elif close:
-        block += b"Connection: close\r\n"
-    return line + block + b"\r\n"
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def response_head_bytes(head: ResponseHead, framing: int, keep_alive: bool, version: str) -> bytes:
     """The head pylb sends to a client speaking HTTP/`version`, with the given framing."""
     status = head.status
-    line = b"HTTP/%s %d %s\r\n" % (version.encode(), status, head.reason)
-    block = head.forward_block(head.forward, status == 101)
+    lines = head.forward_lines(head.forward, status == 101)
+    lines.insert(0, b"HTTP/%s %d %s\r\n" % (version.encode(), status, head.reason))
     if framing == CHUNKED:
-        block += b"Transfer-Encoding: chunked\r\n"
+        lines.append(b"Transfer-Encoding: chunked\r\n")
     elif framing == LENGTH:
-        block += b"Content-Length: %d\r\n" % head.length
+        lines.append(b"Content-Length: %d\r\n" % head.length)
     elif framing == NO_BODY:
         # A bodiless answer (to HEAD, a 304) keeps the length its body would have had.
         length = head.header(b"content-length")
         if length is not None:
-            block += b"Content-Length: %s\r\n" % length
+            lines.append(b"Content-Length: %s\r\n" % length)
     if status == 101:
-        block += b"Connection: upgrade\r\n"
+        lines.append(b"Connection: upgrade\r\n")
     elif status >= 200:
         if not keep_alive:
-            block += b"Connection: close\r\n"
+            lines.append(b"Connection: close\r\n")
         elif version == "1.0":
-            block += b"Connection: keep-alive\r\n"
-    return line + block + b"\r\n"
+            lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def chunk(data: bytes) -> bytes:

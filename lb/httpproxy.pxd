@@ -4,6 +4,7 @@
 
 cimport cython
 
+from lb.backend cimport Backend, Server
 from lb.counters cimport Counters
 from lb.h1 cimport (
     RequestHead, RequestReader, ResponseHead, chunk, request_head_bytes, response_head_bytes,
@@ -24,8 +25,8 @@ cdef class HttpSession:
     cdef public list pending
     cdef public bint close_after
     cdef public RequestHead head
-    cdef public object backend
-    cdef public object server
+    cdef public Backend backend
+    cdef public Server server
     cdef public ServerConnection conn
     cdef public object connect_task
     cdef public Py_ssize_t retries_left
@@ -47,11 +48,11 @@ cdef class HttpSession:
     cdef public bint server_until_close
     cdef public bint server_paused
     cdef public bytes tunnel_bytes
-    cdef public object sticky
-    cdef public object cookie_server
+    cdef public Server sticky
+    cdef public Server cookie_server
     cdef public object stick_key
     cdef public Py_ssize_t queue_id
-    cdef public object slot
+    cdef public Server slot
     cdef public list held
     cdef public object times
     cdef public double begin

@@ -156,3 +156,15 @@ def test_pylb_says_how_its_hot_path_runs() -> None:
         check=True, env={**os.environ, "PYLB_PURE": ""},
     ).stdout
     assert f"Hot path: {COMPILED}" in out
+
+
+@pytest.mark.parametrize("pure", ["", "1"], ids=["compiled", "python"])
+def test_the_in_process_benchmark_still_drives_a_session(pure: str) -> None:
+    """bench/micro.py feeds a session by hand: it must keep matching the session."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "micro.py"), "--requests", "300", "--rounds", "1"],
+        capture_output=True, text=True, env={**os.environ, "PYLB_PURE": pure}, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "us/request" in out.stdout
+    assert ("pure Python" in out.stdout) == bool(pure)
