@@ -35,11 +35,15 @@ class OptionalBuildExt(build_ext):
         except Exception as err:  # no compiler, no Python.h: pure Python is the fallback
             _warn(f"the hot path was not compiled ({err})")
             return
-        if self.inplace:
-            # What the modules were built from: lb.compiled uses them only while it is so.
-            with open(compiled.RECORD, "w") as out:
-                json.dump(compiled.source_hashes(), out, indent=1)
-                out.write("\n")
+        # What the modules were built from: lb.compiled uses them only while it is so.
+        # In place (pip install -e, make) beside the sources; else into the build tree,
+        # which a wheel packs beside the same sources.
+        record = compiled.RECORD
+        if not self.inplace:
+            record = os.path.join(self.build_lib, "lb", os.path.basename(record))
+        with open(record, "w") as out:
+            json.dump(compiled.source_hashes(), out, indent=1)
+            out.write("\n")
 
 
 def extensions() -> list:

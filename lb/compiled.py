@@ -3,9 +3,9 @@
 setup.py compiles the modules in HOT with Cython, next to their sources, and records a
 hash of the sources it compiled (RECORD). The compiled modules are used together or not at
 all (their .pxd types refer to each other), and only while every source is unchanged since
-it was compiled: an edited .py runs as Python, with a warning, until `make` compiles it
-again. PYLB_PURE=1 runs the .py files whatever is built: they are the reference and the
-tested fallback.
+it was compiled: an edited .py runs as Python, with the reason in the master's first log
+line and in `pylb -vv`, until `make` compiles it again. PYLB_PURE=1 runs the .py files
+whatever is built: they are the reference and the tested fallback.
 """
 
 from __future__ import annotations
@@ -29,16 +29,12 @@ reason = ""
 
 
 def source_hashes() -> dict[str, str]:
-    """A hash of each hot module's sources (.py and .pxd), as built or as they are now."""
+    """A hash of each hot module's .py file, as built or as it is now. (A .pxd only adds
+    types to its .py: code built with an older one still does what the .py says.)"""
     hashes = {}
     for name in HOT:
-        digest = hashlib.sha256()
-        for suffix in (".py", ".pxd"):
-            path = os.path.join(HERE, name + suffix)
-            if os.path.exists(path):
-                with open(path, "rb") as source:
-                    digest.update(source.read())
-        hashes[name] = digest.hexdigest()
+        with open(os.path.join(HERE, name + ".py"), "rb") as source:
+            hashes[name] = hashlib.sha256(source.read()).hexdigest()
     return hashes
 
 
