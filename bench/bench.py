@@ -111,6 +111,8 @@ class Options:
     pylb_trees: tuple[PylbTree, ...] = ()
     profile: Path | None = None
     wrk_timeout: str | None = None
+    haproxy_splice: bool = True  # tcp mode: HAProxy relays with splice() both ways
+    haproxy_pipesize: int | None = None  # its tune.pipesize (None: the kernel's, 64 KiB)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -226,6 +228,18 @@ def parse_args(argv: list[str] | None) -> Options:
         metavar="PATH",
         help="after the rounds, one unmeasured pylb run under py-spy; raw samples to PATH",
     )
+    p.add_argument(
+        "--haproxy-no-splice",
+        action="store_true",
+        help="tcp mode: HAProxy copies with recv/send (default: option splice-request and "
+        "option splice-response, kernel splicing both ways)",
+    )
+    p.add_argument(
+        "--haproxy-pipesize",
+        type=parse_size,
+        metavar="BYTES",
+        help="tcp mode with splicing: HAProxy's tune.pipesize, e.g. 1m (default: the kernel's)",
+    )
     a = p.parse_args(argv)
     labels = [t.label for t in a.pylb_trees]
     if len(set(labels)) != len(labels):
@@ -246,6 +260,8 @@ def parse_args(argv: list[str] | None) -> Options:
         + ((PylbTree("pure", REPO, (("PYLB_PURE", "1"),)),) if a.pylb_pure else ()),
         profile=a.profile,
         wrk_timeout=WRK_TIMEOUT,
+        haproxy_splice=not a.haproxy_no_splice,
+        haproxy_pipesize=a.haproxy_pipesize,
     )
     if opts.profile is not None and opts.profile_target is None:
         p.error("--profile needs a pylb target (--only ...,pylb or --pylb-tree)")
@@ -561,7 +577,13 @@ http {{
 
 
 def haproxy_config(opts: Options, port: int, backends: tuple[int, ...]) -> str:
-    """haproxy.cfg: one frontend, one roundrobin backend over the nginx ports."""
+    """haproxy.cfg: one frontend, one roundrobin backend over the nginx ports.
+
+    In tcp mode HAProxy splices both ways (`option splice-request`, `option
+    splice-response`: the bytes go socket -> pipe -> socket in the kernel) unless
+    `opts.haproxy_splice` is off (--haproxy-no-splice: recv/send through its buffers).
+    Not `option splice-auto`: its heuristic left most of a 1 MiB response to recv/send
+    here, and cost as much CPU per MB as no splicing at all."""
     defaults = [
         f"mode {opts.mode}",
         "timeout connect 5s",
@@ -572,18 +594,25 @@ def haproxy_config(opts: Options, port: int, backends: tuple[int, ...]) -> str:
     server_opts = [""] * len(backends)
     if opts.mode == "http":
         defaults.append("option http-keep-alive")
+    elif opts.haproxy_splice:
+        defaults += ["option splice-request", "option splice-response"]
     if opts.checks:
         if opts.mode == "http":
-            backend += ["option httpchk GET /", "cookie SRV insert indirect nocache"]
+            backend += [
+                "option httpchk GET /", "cookie SRV insert indirect nocache", "option forwardfor",
+            ]
             server_opts = [f" check cookie s{i}" for i in range(1, len(backends) + 1)]
         else:
             server_opts = [" check"] * len(backends)
+    glob = ["nbthread 1", "maxconn 4096"]
+    if opts.mode == "tcp" and opts.haproxy_splice and opts.haproxy_pipesize:
+        glob.append(f"tune.pipesize {opts.haproxy_pipesize}")
     servers = [
         f"server s{i} 127.0.0.1:{p}{extra}"
         for i, (p, extra) in enumerate(zip(backends, server_opts, strict=True), start=1)
     ]
     sections = {
-        "global": ["nbthread 1", "maxconn 4096"],
+        "global": glob,
         "defaults": defaults,
         "frontend fe": [f"bind 127.0.0.1:{port}", "default_backend be"],
         "backend be": backend + servers,
@@ -609,15 +638,18 @@ def pylb_config(opts: Options, port: int, backends: tuple[int, ...]) -> dict[str
             backend["http-check"] = {"method": "GET", "path": "/"}
             backend["cookie"] = {"name": "SRV", "mode": "insert", "indirect": True, "nocache": True}
     backend["servers"] = servers
+    frontend: dict[str, Any] = {
+        "bind": f"127.0.0.1:{port}", "mode": opts.mode, "default_backend": "be",
+    }
+    if opts.checks and opts.mode == "http":
+        frontend["forwardfor"] = True  # X-Forwarded-For, as HAProxy's option forwardfor
     return {
         "global": {"workers": opts.workers, "maxconn": 4096},
         "defaults": {
             "mode": opts.mode,
             "timeout": {"connect": "5s", "client": "30s", "server": "30s"},
         },
-        "frontends": {
-            "fe": {"bind": f"127.0.0.1:{port}", "mode": opts.mode, "default_backend": "be"},
-        },
+        "frontends": {"fe": frontend},
         "backends": {"be": backend},
     }
 
@@ -1605,6 +1637,9 @@ def header(opts: Options, info: dict[str, Any]) -> str:
         f"warmup={opts.warmup}s rounds={opts.rounds} pylb workers={opts.workers} "
         f"checks={'on' if opts.checks else 'off'} body={size_text(opts.size)} "
         f"wrk --timeout={opts.wrk_timeout}"
+        + (f" haproxy splice={'on' if opts.haproxy_splice else 'off'}"
+           f"{f' pipesize={opts.haproxy_pipesize}' if opts.haproxy_pipesize else ''}"
+           if opts.mode == "tcp" else "")
     )
     return "\n".join(lines)
 

@@ -8,12 +8,23 @@ The relay works on the sockets themselves, not on asyncio transports, so that ev
 it holds is its own: the bytes read and not yet written, the half-closes, the counts.
 That is what lets a stopping worker hand a tunnel, whole, to the next generation
 (`detach`, then `Tunnel.resume` in the new process): nothing is lost or sent twice.
+
+On Linux a direction that carries bulk (one read brought SPLICE_AFTER bytes or more) moves
+its bytes with splice(2) from then on: socket -> a pipe of its own -> socket, so they never
+come up to Python. The pipe holds bytes like `out` does, after them: they count as
+waiting bytes, and `detach` reads them out into `out` before it hands the state over.
+Bytes in `out` always go first (the relay splices only while `out` is empty), and a
+direction falls back to recv/send for good when the kernel refuses to splice its sockets.
+Descriptors: a tunnel of small messages (an idle WebSocket) opens no pipe; a direction
+that carried bulk keeps its pipe (two descriptors) until it ends, or the tunnel does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
+import fcntl
 import os
 import socket
 import struct
@@ -25,6 +36,17 @@ from lb.timer import clock
 READ_SIZE = 256 * 1024
 HIGH_WATER = 256 * 1024  # bytes waiting for a side: stop reading the other side
 LOW_WATER = 64 * 1024  # ... and read it again once this little is left
+
+SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+: bulk directions splice
+SPLICE_AFTER = 64 * 1024  # a read this large: the direction gets a pipe and splices on
+# A pipe holds what a direction may have waiting: below HIGH_WATER, plus one read. A read
+# spliced takes as much as that leaves room for (recv takes READ_SIZE): the bound is the
+# same, and the larger reads and writes are what make splicing pay (with the kernel's
+# 64 KiB pipes it cost more CPU than recv/send).
+PIPE_SIZE = HIGH_WATER + READ_SIZE
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_NO_SPLICE = frozenset((errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP))  # not for these fds
 
 
 class Tunnel:
@@ -80,6 +102,7 @@ class Tunnel:
         """Bytes read before the tunnel began, to be delivered to side 0 (a) or 1 (b)."""
         if data and not self.closed:
             end = self.ends[side]
+            end.unpipe()  # (none yet, as the tunnel begins) these bytes come after those
             end.out += data
             end.flush()
 
@@ -105,6 +128,7 @@ class Tunnel:
             return
         self._stop()
         for end in self.ends:
+            end.close_pipe()
             if abort:
                 reset_on_close(end.sock)
             end.sock.close()
@@ -115,6 +139,8 @@ class Tunnel:
         """Stop relaying and give up the tunnel: its state, and duplicates of its two
         descriptors (ours close). The connections stay open, in whoever takes them."""
         self._stop()
+        for end in self.ends:
+            end.unpipe()  # what waits in a pipe joins `out`: the state is whole
         state = {
             "out": [base64.b64encode(bytes(end.out)).decode() for end in self.ends],
             "eof": [end.eof for end in self.ends],
@@ -145,7 +171,7 @@ class _End:
 
     __slots__ = (
         "tunnel", "sock", "fd", "peer", "out", "eof", "shut", "received", "counted",
-        "reading", "writing", "_loop",
+        "reading", "writing", "_loop", "pipe", "piped", "splicing",
     )
 
     def __init__(self, tunnel: Tunnel, sock: socket.socket) -> None:
@@ -162,6 +188,11 @@ class _End:
         self.counted = 0  # ... of which the proxy's counters already have
         self.reading = False
         self.writing = False
+        # Bytes for this side may also wait in a pipe, after `out` (never both at once:
+        # the relay splices only while `out` is empty).
+        self.pipe: tuple[int, int] | None = None  # its read and write ends
+        self.piped = 0  # bytes in it
+        self.splicing = SPLICE  # bytes for this side may go through a pipe
 
     def start(self) -> None:
         if self.out:
@@ -192,6 +223,11 @@ class _End:
                 self._loop.remove_writer(self.fd)
 
     def _readable(self) -> None:
+        peer = self.peer
+        pipe = peer.pipe
+        if pipe is not None and not peer.out:
+            self._splice_in(peer, pipe[1])
+            return
         try:
             data = self.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -202,37 +238,80 @@ class _End:
         if not data:
             self.ended()
             return
-        self.received += len(data)
+        size = len(data)
+        self.received += size
         tunnel = self.tunnel
         tunnel.deadline = clock.now + tunnel.timeout
-        peer = self.peer
         if peer.out:
             peer.out += data
         else:
             sent = peer._send(data)
             if sent < 0:
                 return
-            if sent < len(data):
+            if sent < size:
                 peer.out += data[sent:]
                 peer._write(True)
+        if size >= SPLICE_AFTER and peer.pipe is None and peer.splicing:
+            peer._open_pipe()  # bulk: the next reads splice (once `out` is written)
         if len(peer.out) >= HIGH_WATER:
+            self._read(False)  # until the peer takes some
+
+    def _splice_in(self, peer: _End, pipe: int) -> None:
+        """Read into the peer's pipe (its `out` is empty) and write on from there."""
+        room = PIPE_SIZE - peer.piped  # (at least READ_SIZE while this side is read)
+        if room <= 0:
+            self._read(False)  # (a splice of 0 bytes would read as the EOF)
+            return
+        try:
+            size = os.splice(self.fd, pipe, room, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            if peer.piped:
+                # A full pipe (its slots can fill before PIPE_SIZE bytes do), or nothing
+                # to read: read again once the peer takes some (it is being written to).
+                self._read(False)
+            elif self._unspliceable():
+                peer.copy()
+            return
+        except OSError as exc:
+            if exc.errno in _NO_SPLICE:
+                peer.copy()
+            else:
+                self.tunnel.close(abort=True)
+            return
+        if not size:
+            self.ended()
+            return
+        self.received += size
+        tunnel = self.tunnel
+        tunnel.deadline = clock.now + tunnel.timeout
+        peer.piped += size
+        peer.flush()
+        if len(peer.out) + peer.piped >= HIGH_WATER:
             self._read(False)  # until the peer takes some
 
     def ended(self) -> None:
         """This side sent its EOF: pass it on once what it sent before is written."""
         self.eof = True
         self._read(False)
-        if not self.peer.out:
-            self.peer._shut()
+        peer = self.peer
+        if not peer.out and not peer.piped:
+            peer._shut()
         self.tunnel._check_done()
 
     def flush(self) -> None:
-        """Write what waits for this side, as much as it takes now."""
-        sent = self._send(self.out)
-        if sent < 0:
+        """Write what waits for this side, as much as it takes now: `out`, then the pipe."""
+        if self.tunnel.closed:
             return
-        del self.out[:sent]
-        if self.out:
+        out = self.out
+        if out:
+            sent = self._send(out)
+            if sent < 0:
+                return
+            del out[:sent]
+        if self.piped and not out and self._splice_out() < 0:
+            return
+        waiting = len(out) + self.piped
+        if waiting:
             self._write(True)
         else:
             self._write(False)
@@ -240,7 +319,7 @@ class _End:
                 self._shut()
                 self.tunnel._check_done()
         peer = self.peer
-        if not peer.reading and not peer.eof and len(self.out) <= LOW_WATER:
+        if not peer.reading and not peer.eof and waiting <= LOW_WATER:
             peer._read(True)
 
     def _writable(self) -> None:
@@ -259,9 +338,88 @@ class _End:
             self.tunnel.close(abort=True)
             return -1
 
+    def _splice_out(self) -> int:
+        """Write from the pipe as much as this side takes now: the bytes written, or -1
+        when the side failed (the tunnel is closed)."""
+        pipe = self.pipe
+        if pipe is None or self.tunnel.closed:
+            return -1
+        try:
+            sent = os.splice(pipe[0], self.fd, self.piped, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            if exc.errno in _NO_SPLICE:
+                self.splicing = False  # what the pipe holds is written from `out`
+                self.unpipe()
+                return 0
+            self.tunnel.close(abort=True)
+            return -1
+        self.piped -= sent
+        return sent
+
+    def _unspliceable(self) -> bool:
+        """The socket was readable, yet splice read nothing: can recv? (It can at TCP's
+        urgent mark, where splice stops; else splice would be asked again and again.)"""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False  # nothing indeed (BlockingIOError), or an error the next read sees
+
+    def copy(self) -> None:
+        """Bytes for this side are copied from now on (recv/send), not spliced: what the
+        pipe holds is written from `out`."""
+        self.splicing = False
+        self.unpipe()
+        self.flush()
+
+    def _open_pipe(self) -> None:
+        """A pipe for the bytes to this side, or none (out of descriptors, or the kernel
+        would not make it PIPE_SIZE large: over /proc/sys/fs/pipe-max-size or the user's
+        pipe-user-pages-soft): then this direction copies, as before."""
+        try:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.splicing = False
+            return
+        try:
+            fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            os.close(pipe[0])
+            os.close(pipe[1])
+            self.splicing = False
+            return
+        self.pipe = pipe
+
+    def unpipe(self) -> None:
+        """Read what waits in the pipe into `out` (after what is there: nothing, as the
+        relay splices only while `out` is empty) and close it."""
+        if self.pipe is None:
+            return
+        fd = self.pipe[0]
+        while self.piped:
+            try:
+                data = os.read(fd, self.piped)
+            except BlockingIOError:  # (never, while it holds bytes)
+                break
+            if not data:
+                break
+            self.out += data
+            self.piped -= len(data)
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
+        """Close the pipe and drop what it holds."""
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+            self.piped = 0
+
     def _shut(self) -> None:
         if not self.shut:
             self.shut = True
+            self.close_pipe()  # empty: nothing more comes for this side
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
