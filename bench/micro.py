@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lb import compiled, serverconn  # noqa: E402
@@ -39,42 +41,24 @@ RESPONSE = (  # what nginx answers with `return 200 "hello\n"`
     b"Connection: keep-alive\r\n\r\nhello\n"
 )
 
-CONFIG = """
-global:
-  workers: 1
-defaults:
-  mode: http
-frontends:
-  www:
-    bind: 127.0.0.1:8080
-    default_backend: app
-backends:
-  app:
-    balance: roundrobin
-    servers:
-      s1: {address: 127.0.0.1:9001}
-      s2: {address: 127.0.0.1:9002}
-"""
-
-CHECKS = """
-global:
-  workers: 1
-defaults:
-  mode: http
-frontends:
-  www:
-    bind: 127.0.0.1:8080
-    default_backend: app
-    forwardfor: true
-backends:
-  app:
-    balance: roundrobin
-    cookie: {name: SRV, mode: insert, indirect: true, nocache: true}
-    http-check: {method: GET, path: /}
-    servers:
-      s1: {address: 127.0.0.1:9001, check: true, cookie: s1}
-      s2: {address: 127.0.0.1:9002, check: true, cookie: s2}
-"""
+def config_text(checks: bool) -> str:
+    """One frontend, one round-robin backend of two servers; with `checks`, what
+    bench/bench.py --checks turns on: health checks, cookie persistence, X-Forwarded-For."""
+    servers: dict[str, dict[str, object]] = {
+        "s1": {"address": "127.0.0.1:9001"}, "s2": {"address": "127.0.0.1:9002"},
+    }
+    frontend: dict[str, object] = {"bind": "127.0.0.1:8080", "default_backend": "app"}
+    backend: dict[str, object] = {"balance": "roundrobin", "servers": servers}
+    if checks:
+        frontend["forwardfor"] = True
+        backend["cookie"] = {"name": "SRV", "mode": "insert", "indirect": True, "nocache": True}
+        backend["http-check"] = {"method": "GET", "path": "/"}
+        for name, server in servers.items():
+            server.update(check=True, cookie=name)
+    return yaml.safe_dump({
+        "global": {"workers": 1}, "defaults": {"mode": "http"},
+        "frontends": {"www": frontend}, "backends": {"app": backend},
+    }, sort_keys=False)
 
 
 class Transport:
@@ -155,7 +139,7 @@ def main() -> int:
     parser.add_argument("--checks", action="store_true", help="cookie, forwardfor, checks")
     parser.add_argument("--profile", action="store_true", help="cProfile one round")
     args = parser.parse_args()
-    session, client = setup(CHECKS if args.checks else CONFIG)
+    session, client = setup(config_text(args.checks))
     request = REQUEST
     if args.checks:
         request = REQUEST[:-2] + b"Cookie: SRV=s1\r\n\r\n"

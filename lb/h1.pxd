@@ -41,6 +41,7 @@ cdef class _Reader:
     cdef Py_ssize_t _fed
     cdef object _expect
     cdef Py_ssize_t _forwarded_for
+    cdef _begin(self)
 
 cdef class RequestReader(_Reader):
     cdef object _parser

@@ -211,6 +211,17 @@ class _Reader:
         self._expect: bytes | None = None  # the last Expect value
         self._forwarded_for = -1  # index in `forward` of the last X-Forwarded-For
 
+    def _begin(self) -> None:
+        """A message begins: its head is read afresh."""
+        self.forward = []
+        self.hop = []
+        self.options = False
+        self.head_size = 0
+        self.in_head = True
+        self._head_bound = 0
+        self._expect = None
+        self._forwarded_for = -1
+
     # per header: keep this one lean (httptools calls it from C)
     def on_header(self, name: bytes, value: bytes) -> None:
         code = _CODES.get(name)
@@ -263,14 +274,7 @@ class RequestReader(_Reader):
         self.head: RequestHead | None = None
 
     def on_message_begin(self) -> None:
-        self.forward = []
-        self.hop = []
-        self.options = False
-        self.head_size = 0
-        self.in_head = True
-        self._head_bound = 0
-        self._expect = None
-        self._forwarded_for = -1
+        self._begin()
         self._url = []
         self._pending_bytes = 0
 
@@ -397,12 +401,7 @@ class ResponseReader(_Reader):
         self._head_only = method == b"HEAD"
 
     def on_message_begin(self) -> None:
-        self.forward = []
-        self.hop = []
-        self.options = False
-        self.head_size = 0
-        self.in_head = True
-        self._head_bound = 0
+        self._begin()
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import random
 import socket
 import struct
@@ -76,6 +77,18 @@ def _is_template(process: Any) -> bool:
 
 
 _GIVEN: set[int] = set()  # ports free_port returned: not returned twice by one test run
+
+
+def stats_command(path: str | os.PathLike[str], line: str, timeout: float = 5.0) -> str:
+    """One command on a stats socket, and its whole answer (the socket closes after it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(line.encode() + b"\n")
+        out = bytearray()
+        while data := sock.recv(65536):
+            out += data
+    return out.decode()
 
 
 def free_port() -> int:

@@ -14,7 +14,6 @@ import importlib.machinery
 import importlib.util
 import re
 import shutil
-import socket
 import subprocess
 import time
 import warnings
@@ -24,7 +23,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
-from backends import HOST, EchoBackend, HttpConn, build_request, free_port
+from backends import HOST, EchoBackend, HttpConn, build_request, free_port, stats_command
 
 SOCK = "lb.sock"
 HATOP = "/usr/bin/hatop"
@@ -40,14 +39,7 @@ def sock_path(lb: Any) -> str:
 
 
 def cli(lb: Any, line: str, timeout: float = 5.0) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(sock_path(lb))
-        s.sendall(line.encode() + b"\n")
-        out = bytearray()
-        while data := s.recv(65536):
-            out += data
-    return out.decode()
+    return stats_command(sock_path(lb), line, timeout)
 
 
 def stat_rows(lb: Any) -> dict[tuple[str, str], dict[str, str]]:

@@ -51,6 +51,10 @@ class Pair:
     def tunnel(self, timeout: float = 30.0) -> Tunnel:
         return Tunnel(*self.sides, timeout, self.closed.append)
 
+    def close_ends(self) -> None:
+        for sock in (self.client, self.server):
+            sock.close()
+
 
 async def read_exactly(sock: socket.socket, size: int) -> bytes:
     loop = asyncio.get_running_loop()
@@ -105,8 +109,7 @@ def test_a_stalled_reader_keeps_memory_bounded_and_loses_nothing() -> None:
         blob = pattern_bytes(8 << 20)
         sender = loop.create_task(loop.sock_sendall(pair.server, blob))
         await asyncio.sleep(0.2)  # the client reads nothing meanwhile
-        waiting = len(tunnel.ends[0].out) + tunnel.ends[0].piped  # (spliced: in its pipe)
-        assert 0 < waiting <= 2 * HIGH_WATER
+        assert 0 < waiting(tunnel.ends[0]) <= 2 * HIGH_WATER  # (spliced: in its pipe)
         assert not sender.done()
         assert await read_exactly(pair.client, len(blob)) == blob
         await sender
@@ -222,8 +225,7 @@ def test_detach_leaves_no_descriptor_behind() -> None:
         for _ in range(50):
             tunnel = moved(tunnel, pair)
         tunnel.close()
-        for sock in (pair.client, pair.server):
-            sock.close()
+        pair.close_ends()
         assert len(os.listdir("/proc/self/fd")) == before
 
     run(test)
@@ -276,6 +278,12 @@ class TcpPair(Pair):
             sock.setblocking(False)
         self.sides = (client_side, server_side)
         self.closed = []
+
+    def send_both_ways(self, up: bytes, down: bytes) -> list[asyncio.Task[None]]:
+        """The client sends `up` and the server `down`, at once; each shuts after."""
+        loop = asyncio.get_running_loop()
+        return [loop.create_task(send_then_shut(self.client, up)),
+                loop.create_task(send_then_shut(self.server, down))]
 
 
 class Spliced:
@@ -337,12 +345,10 @@ def test_splice_moves_large_transfers_both_ways_exactly(monkeypatch: pytest.Monk
     async def test() -> None:
         before = open_fds()
         pair = TcpPair()
-        loop = asyncio.get_running_loop()
         size = 20 << 20
         up, down = blob(size, 1), blob(size, 2)
         tunnel = pair.tunnel()
-        senders = [loop.create_task(send_then_shut(pair.client, up)),
-                   loop.create_task(send_then_shut(pair.server, down))]
+        senders = pair.send_both_ways(up, down)
         got_up, got_down = await asyncio.gather(read_to_eof(pair.server),
                                                 read_to_eof(pair.client))
         await asyncio.gather(*senders)
@@ -352,8 +358,7 @@ def test_splice_moves_large_transfers_both_ways_exactly(monkeypatch: pytest.Monk
         assert pair.closed == [tunnel]
         assert [end.received for end in tunnel.ends] == [size, size]
         assert spliced.into_pipes > 2 * size * 0.9, spliced.into_pipes  # not recv/send
-        for sock in (pair.client, pair.server):
-            sock.close()
+        pair.close_ends()
         assert open_fds() == before  # the pipes closed with the tunnel
 
     run(test)
@@ -467,8 +472,7 @@ def test_splice_detach_mid_transfer_carries_exactly_what_is_undelivered(
         size = 20 << 20
         up, down = blob(size, 6), blob(size, 7)
         tunnel = pair.tunnel()
-        senders = [loop.create_task(send_then_shut(pair.client, up)),
-                   loop.create_task(send_then_shut(pair.server, down))]
+        senders = pair.send_both_ways(up, down)
         got_up = loop.create_task(read_to_eof(pair.server))
         got_down = bytearray()
         moves = carried_piped = 0
@@ -504,8 +508,7 @@ def test_splice_detach_mid_transfer_carries_exactly_what_is_undelivered(
         assert [end.received for end in tunnel.ends] == [size, size]
         assert carried_piped > 0, "no move found bytes in a pipe: the test proves nothing"
         assert spliced.into_pipes > 0
-        for sock in (pair.client, pair.server):
-            sock.close()
+        pair.close_ends()
         assert open_fds() == before
 
     run(test)
@@ -536,8 +539,7 @@ def test_splice_refused_falls_back_to_copying_without_loss(
         size = 16 << 20
         up, down = blob(size, 8), blob(size, 9)
         tunnel = pair.tunnel()
-        senders = [loop.create_task(send_then_shut(pair.client, up)),
-                   loop.create_task(send_then_shut(pair.server, down))]
+        senders = pair.send_both_ways(up, down)
         got_up = loop.create_task(read_to_eof(pair.server))
         await asyncio.sleep(0.1)  # the client reads late: bytes wait in the pipe
         got_down = await read_to_eof(pair.client)
@@ -549,8 +551,7 @@ def test_splice_refused_falls_back_to_copying_without_loss(
         assert [end.received for end in tunnel.ends] == [size, size]
         await asyncio.sleep(0.01)
         assert pair.closed == [tunnel]
-        for sock in (pair.client, pair.server):
-            sock.close()
+        pair.close_ends()
         assert open_fds() == before
 
     run(test)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from backends import WS_GREETING, HttpConn, build_request, free_port
+from backends import WS_GREETING, HttpConn, build_request, free_port, stats_command
 from conftest import REPO
 from test_limits import CountingServer
 
@@ -298,15 +298,6 @@ class LateServer:
         self.listener.close()
 
 
-def _cli(path: Path, line: str) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(20)
-        sock.connect(str(path))
-        sock.sendall(line.encode() + b"\n")
-        out = bytearray()
-        while data := sock.recv(65536):
-            out += data
-    return out.decode()
 
 
 @pytest.mark.parametrize("kind", ["upgrade", "response"])
@@ -352,10 +343,10 @@ def test_an_answer_that_comes_after_a_second_reload_reaches_its_client(
         client = socket.create_connection(("127.0.0.1", port), timeout=10)
         client.sendall(request)
         assert late.got_request.wait(10)
-        assert _cli(sock_path, "reload").startswith("Success=1"), lb.output()
+        assert stats_command(sock_path, "reload", 20).startswith("Success=1"), lb.output()
         cfg["backends"]["app"]["servers"] = {"s9": {"address": late.address}}
         lb.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        assert _cli(sock_path, "reload").startswith("Success=1"), lb.output()
+        assert stats_command(sock_path, "reload", 20).startswith("Success=1"), lb.output()
         late.release.set()
         got = bytearray()
         with contextlib.suppress(OSError):
