@@ -63,12 +63,18 @@ def generation_pids(lb: Any, generation: int) -> list[int]:
         rf"worker \d+/2 gen {generation} started \(pid (\d+), ([a-z ]+)\)", lb.output())]
 
 
-def reload_until_forked(lb: Any, tmp_path: Path) -> None:
+def reload_until_forked(lb: Any, tmp_path: Path) -> int:
     """Reload until a generation is forked from the template (it is ready once it has
-    imported pylb, a few hundred milliseconds after the master starts it)."""
-    mark = len(lb.output())
+    imported pylb, a few hundred milliseconds after the master starts it); that
+    generation, once its log says it is ready (the socket's answer can come before the
+    log line is read)."""
+    mark = len(lb.lines)
     assert wait_until(lambda: cli(tmp_path, "reload").startswith("Success=1")
-                      and "forked from the template" in lb.output()[mark:], 10, 0.1)
+                      and "forked from the template" in "\n".join(lb.lines[mark:]), 10, 0.1)
+    generation = int(lb.wait_log(r"gen (\d+) started \(pid \d+, forked from the template\)",
+                                 start=mark).group(1))
+    lb.wait_log(rf"generation {generation} ready", start=mark)
+    return generation
 
 
 def start(pylb: Any, backends: Any, tmp_path: Path) -> tuple[Any, int, Path]:
@@ -87,8 +93,9 @@ def test_reloaded_and_respawned_workers_are_forked_children_of_the_master(
     lb, port, sock = start(pylb, backends, tmp_path)
     template = template_of(lb.pid)
     reload_until_forked(lb, tmp_path)
+    mark = len(lb.lines)
     assert cli(tmp_path, "reload").startswith("Success=1")
-    generation = max(int(g) for g in re.findall(r"generation (\d+) ready", lb.output()))
+    generation = int(lb.wait_log(r"reload \d+ done: generation (\d+)", start=mark).group(1))
     assert re.search(rf"worker 1/2 gen {generation} started \(pid \d+, forked", lb.output())
     assert wait_until(lambda: len(workers_of(lb.pid)) == 2, 10)  # the older ones left
     workers = workers_of(lb.pid)
@@ -120,8 +127,7 @@ def test_the_template_holds_no_listener_and_a_forked_worker_holds_what_a_new_one
                   if c.status == psutil.CONN_LISTEN)}
     assert listening and template_socket not in listening
 
-    reload_until_forked(lb, tmp_path)
-    generation = max(int(g) for g in re.findall(r"generation (\d+) ready", lb.output()))
+    generation = reload_until_forked(lb, tmp_path)
     forked = generation_pids(lb, generation)
     assert len(forked) == 2
     forked_holds = kinds(forked[0])  # while it serves (a retiring one closes its listeners)
@@ -131,12 +137,13 @@ def test_the_template_holds_no_listener_and_a_forked_worker_holds_what_a_new_one
     template.send_signal(signal.SIGKILL)
     assert wait_until(lambda: not psutil.pid_exists(template.pid)
                       or template.status() == psutil.STATUS_ZOMBIE, 5)
+    mark = len(lb.lines)
     assert cli(tmp_path, "reload").startswith("Success=1")
+    lb.wait_log(rf"generation {generation + 1} ready", start=mark)
     restarted = generation_pids(lb, generation + 1)
     assert len(restarted) == 2
     assert re.search(rf"worker 1/2 gen {generation + 1} started \(pid \d+, new interpreter\)",
                      lb.output())
-    lb.wait_log(rf"generation {generation + 1} ready")
     assert kinds(restarted[0]) == forked_holds, (forked_holds, kinds(restarted[0]))
     # the master replaced its template, and forks from it again
     lb.wait_log(r"worker template restarted")
