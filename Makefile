@@ -4,18 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian tools the tests and the benchmark drive as real clients and peers.
-DEBIAN_TOOLS := curl wrk socat haproxy nginx-light hatop prometheus-haproxy-exporter
+DEBIAN_TOOLS := curl wrk socat openssl haproxy nginx-light hatop prometheus-haproxy-exporter
 # Command names that tell whether each of those is already there.
-TOOL_COMMANDS := curl wrk socat haproxy nginx hatop prometheus-haproxy-exporter
+TOOL_COMMANDS := curl wrk socat openssl haproxy nginx hatop prometheus-haproxy-exporter
 
 # The hot path Cython compiles (setup.py, lb/compiled.py): each .pxd and its .py.
 HOT_SOURCES := $(wildcard lb/*.pxd) $(patsubst %.pxd,%.py,$(wildcard lb/*.pxd))
 # Tests run a second time on the pure-Python hot path, the compiled one's fallback.
 PURE_TESTS := tests/test_h1.py tests/test_http.py tests/test_corpus.py tests/test_retry.py \
   tests/test_persistence.py tests/test_tunnel_move.py tests/test_requestlog.py tests/test_rules.py \
-  tests/test_upgrade.py
+  tests/test_upgrade.py tests/test_tls.py tests/test_https_rules.py tests/test_streamtunnel.py \
+  tests/test_server_tls.py
 
-.PHONY: run test venv build-tools debian-tools lint bench bench-state bench-upgrade clean
+.PHONY: run test venv build-tools debian-tools lint bench bench-state bench-upgrade clean certs
 
 venv: $(STAMP)
 
@@ -44,6 +45,16 @@ run: venv
 	$(PY) bin/demo-backend 9001 s1 & s1=$$!; \
 	$(PY) bin/demo-backend 9002 s2 & s2=$$!; \
 	$(PY) bin/pylb -f conf/lb.cfg
+
+# A self-signed ECDSA P-256 certificate for localhost, to try a TLS bind (see conf/lb.cfg).
+certs: run/certs/demo.pem
+
+run/certs/demo.pem:
+	@mkdir -p run/certs
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 \
+	  -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+	  -keyout $@.key -out $@.tmp 2>/dev/null
+	cat $@.key >> $@.tmp && rm $@.key && mv $@.tmp $@
 
 # Installs missing Debian tools when run as root (elsewhere, says which are missing).
 debian-tools:

@@ -10,6 +10,11 @@ the rounds, and ratios computed round by round from the paired runs; `--profile`
 py-spy profile of pylb's workers. Figures are printed and optionally written as JSON; nothing
 is asserted.
 
+With `--tls` both proxies terminate TLS on their front bind (the same generated ECDSA P-256
+certificate); each proxy run then measures keep-alive requests over TLS (wrk, https), full
+handshakes (`openssl s_time -new` clients: one new connection, one full handshake and one
+request each) and resumed handshakes (`openssl s_time -reuse`).
+
 See bench/README.md for how to run it and how to read the output.
 """
 
@@ -20,9 +25,11 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -30,7 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on the interpreter used
 REPO = Path(__file__).resolve().parent.parent
 PYLB_BIN = REPO / "bin" / "pylb"
 TARGETS = ("direct", "haproxy", "pylb")
-APT_PACKAGE = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
+APT_PACKAGE = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "openssl": "openssl"}
 EXTRA_BIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 BODY = b"hello\n"
 READY_TIMEOUT = 20.0
@@ -62,6 +69,25 @@ PROFILE_TOP_TOTAL = 15
 PROFILE_COMMON = 0.95  # functions on at least this share of the stacks: startup and event loop
 PYSPY_START_TIMEOUT = 15.0
 PYSPY_STOP_TIMEOUT = 60.0
+# --tls: what a proxy run measures, in this order; s_time's mode for each handshake measure
+TLS_MEASURES = ("keepalive", "full", "resumed")
+HANDSHAKE_MEASURES = {"full": "-new", "resumed": "-reuse"}
+TLS_CLIENTS = 4  # openssl s_time processes at once (each makes one connection at a time)
+TLS_SERVER_NAME = "localhost"  # the certificate's DNS name (it also names IP 127.0.0.1)
+# s_time sends `GET <-www> HTTP/1.0\r\n\r\n` on every connection: a Host header (as every
+# real client sends) is smuggled in through -www, and s_time's own ` HTTP/1.0` ends up in
+# the User-Agent. TLS_REQUEST is the request it makes, byte for byte (the probe sends it too).
+STIME_WWW = f"/ HTTP/1.0\r\nHost: {TLS_SERVER_NAME}\r\nUser-Agent: openssl-s_time"
+TLS_REQUEST = f"GET {STIME_WWW} HTTP/1.0\r\n\r\n".encode()
+TLS_ALPN = "http/1.1"
+TLS_MIN_VERSION = "TLSv1.2"  # both proxies: TLS 1.2 and 1.3 allowed
+STIME_GRACE = 30.0
+# issue 14's targets, on the median of the per-round ratios pylb/haproxy
+TLS_TARGETS = (
+    ("full", "handshake CPU ratio", "<=", 1 / 0.7),
+    ("full", "handshakes per core ratio", ">=", 0.7),
+    ("keepalive", "cpu_per_request", "<=", 2.0),
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_MISSING, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -95,6 +121,15 @@ class PylbTree:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """--tls: the certificate both proxies serve, made in the run's temp dir (make_tls_files)."""
+
+    crt: Path  # PEM: the ECDSA P-256 certificate, then its private key (the `crt` of both)
+    ca: Path  # PEM: the CA that signed it (the clients verify against it)
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Options:
     duration: int
     connections: int
@@ -113,6 +148,13 @@ class Options:
     wrk_timeout: str | None = None
     haproxy_splice: bool = True  # tcp mode: HAProxy relays with splice() both ways
     haproxy_pipesize: int | None = None  # its tune.pipesize (None: the kernel's, 64 KiB)
+    tls: bool = False  # --tls: both proxies terminate TLS on their front bind
+    tls_measures: tuple[str, ...] = TLS_MEASURES
+    tls_clients: int = TLS_CLIENTS
+    tls_profile: str = "full"  # the load of the --profile run under --tls
+    profile_native: bool = False  # py-spy --native (blocking samples)
+    skipped: tuple[str, ...] = ()  # targets asked for but not run (direct under --tls)
+    tls_files: TlsFiles | None = None  # set once the certificate is made (run_all)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -137,6 +179,16 @@ def parse_only(text: str) -> tuple[str, ...]:
             f"--only takes a comma list of {','.join(TARGETS)}; got {text!r}"
         )
     return tuple(t for t in TARGETS if t in names)
+
+
+def parse_measures(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TLS_MEASURES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"--tls-measures takes a comma list of {','.join(TLS_MEASURES)}; got {text!r}"
+        )
+    return tuple(m for m in TLS_MEASURES if m in names)
 
 
 def positive_int(text: str) -> int:
@@ -240,7 +292,50 @@ def parse_args(argv: list[str] | None) -> Options:
         metavar="BYTES",
         help="tcp mode with splicing: HAProxy's tune.pipesize, e.g. 1m (default: the kernel's)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="both proxies terminate TLS (generated ECDSA P-256 certificate); measures "
+        "keep-alive over TLS, full and resumed handshakes; skips direct",
+    )
+    p.add_argument(
+        "--tls-measures",
+        type=parse_measures,
+        metavar="LIST",
+        help=f"with --tls: comma list of {','.join(TLS_MEASURES)} (default: all)",
+    )
+    p.add_argument(
+        "--tls-clients",
+        type=positive_int,
+        metavar="N",
+        help=f"with --tls: openssl s_time processes at once in a handshake measure "
+        f"(default {TLS_CLIENTS})",
+    )
+    p.add_argument(
+        "--tls-profile",
+        choices=TLS_MEASURES,
+        help="with --tls and --profile: the load of the profiled run (default: full)",
+    )
+    p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: py-spy --native (C frames: OpenSSL, uvloop; blocking samples)",
+    )
     a = p.parse_args(argv)
+    if not a.tls:
+        for name in ("tls_measures", "tls_clients", "tls_profile"):
+            if getattr(a, name) is not None:
+                p.error(f"--{name.replace('_', '-')} needs --tls")
+    if (a.tls_profile or a.profile_native) and a.profile is None:
+        p.error("--tls-profile and --profile-native need --profile")
+    measures = a.tls_measures or TLS_MEASURES
+    if a.tls_profile and a.tls_profile not in measures:
+        p.error(f"--tls-profile {a.tls_profile} is not among --tls-measures")
+    only, skipped = a.only, ()
+    if a.tls and "direct" in only:
+        only, skipped = tuple(t for t in only if t != "direct"), ("direct",)
+        if not only and not a.pylb_trees and not a.pylb_pure:
+            p.error("--tls needs a proxy: direct (nginx alone) serves no TLS")
     labels = [t.label for t in a.pylb_trees]
     if len(set(labels)) != len(labels):
         p.error(f"--pylb-tree labels must differ; got {', '.join(labels)}")
@@ -251,7 +346,7 @@ def parse_args(argv: list[str] | None) -> Options:
         mode=a.mode,
         checks=a.checks,
         json_path=a.json_path,
-        only=a.only,
+        only=only,
         warmup=max(0, a.warmup),
         keep_tmp=a.keep_tmp,
         rounds=a.rounds,
@@ -262,6 +357,12 @@ def parse_args(argv: list[str] | None) -> Options:
         wrk_timeout=WRK_TIMEOUT,
         haproxy_splice=not a.haproxy_no_splice,
         haproxy_pipesize=a.haproxy_pipesize,
+        tls=a.tls,
+        tls_measures=measures,
+        tls_clients=a.tls_clients or TLS_CLIENTS,
+        tls_profile=a.tls_profile or ("full" if "full" in measures else measures[0]),
+        profile_native=a.profile_native,
+        skipped=skipped,
     )
     if opts.profile is not None and opts.profile_target is None:
         p.error("--profile needs a pylb target (--only ...,pylb or --pylb-tree)")
@@ -278,6 +379,7 @@ class Tools:
     haproxy: str | None
     pylb: str | None
     pyspy: str | None = None
+    openssl: str | None = None  # --tls: certificates, s_time and s_client
 
 
 def find_program(name: str) -> str:
@@ -298,7 +400,7 @@ def find_pyspy() -> str | None:
     return shutil.which("py-spy")
 
 
-def find_tools(only: tuple[str, ...], profile: bool = False) -> Tools:
+def find_tools(only: tuple[str, ...], profile: bool = False, tls: bool = False) -> Tools:
     if psutil is None:
         raise MissingDependency(
             "python module psutil not found; run with the project venv "
@@ -326,6 +428,7 @@ def find_tools(only: tuple[str, ...], profile: bool = False) -> Tools:
         haproxy=find_program("haproxy") if "haproxy" in only else None,
         pylb=pylb,
         pyspy=pyspy,
+        openssl=find_program("openssl") if tls else None,
     )
 
 
@@ -483,8 +586,13 @@ def start(stack: contextlib.ExitStack, name: str, argv: list[str], tmp: Path, **
     return proc
 
 
-def http_ok(port: int, body: bytes = BODY) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def http_ok(port: int, body: bytes = BODY, tls: ssl.SSLContext | None = None) -> bool:
+    """GET / answers 200 with `body`; over TLS (verified with `tls`) when it is given."""
+    conn = (
+        http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        if tls is None
+        else http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=tls)
+    )
     try:
         conn.request("GET", "/")
         resp = conn.getresponse()
@@ -504,9 +612,14 @@ def port_accepts(port: int) -> bool:
 
 
 def wait_ready(
-    proc: Managed, ports: list[int], timeout: float = READY_TIMEOUT, body: bytes = BODY
+    proc: Managed,
+    ports: list[int],
+    timeout: float = READY_TIMEOUT,
+    body: bytes = BODY,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Wait until every port accepts and an HTTP request through it returns the backend body."""
+    """Wait until every port accepts and an HTTP request through it returns the backend body
+    (over TLS, verified with the client context `tls`, when it is given)."""
     deadline = time.monotonic() + timeout
     pending = list(ports)
     while pending:
@@ -515,7 +628,7 @@ def wait_ready(
                 f"{proc.name} exited with status {proc.proc.returncode} during startup; "
                 f"log {proc.log_path}:\n{proc.log_tail()}"
             )
-        if port_accepts(pending[0]) and http_ok(pending[0], body):
+        if port_accepts(pending[0]) and http_ok(pending[0], body, tls):
             pending.pop(0)
             continue
         if time.monotonic() > deadline:
@@ -607,6 +720,12 @@ def haproxy_config(opts: Options, port: int, backends: tuple[int, ...]) -> str:
     glob = ["nbthread 1", "maxconn 4096"]
     if opts.mode == "tcp" and opts.haproxy_splice and opts.haproxy_pipesize:
         glob.append(f"tune.pipesize {opts.haproxy_pipesize}")
+    bind = f"bind 127.0.0.1:{port}"
+    if opts.tls:
+        files = tls_files_of(opts)
+        # the stats socket only to read its SSL counters (full and resumed sessions)
+        glob.append(f"stats socket {haproxy_stats_path(files)} level user")
+        bind += f" ssl crt {files.crt} alpn {TLS_ALPN} ssl-min-ver {TLS_MIN_VERSION}"
     servers = [
         f"server s{i} 127.0.0.1:{p}{extra}"
         for i, (p, extra) in enumerate(zip(backends, server_opts, strict=True), start=1)
@@ -614,7 +733,7 @@ def haproxy_config(opts: Options, port: int, backends: tuple[int, ...]) -> str:
     sections = {
         "global": glob,
         "defaults": defaults,
-        "frontend fe": [f"bind 127.0.0.1:{port}", "default_backend be"],
+        "frontend fe": [bind, "default_backend be"],
         "backend be": backend + servers,
     }
     return "# generated by bench/bench.py\n" + "".join(
@@ -641,6 +760,15 @@ def pylb_config(opts: Options, port: int, backends: tuple[int, ...]) -> dict[str
     frontend: dict[str, Any] = {
         "bind": f"127.0.0.1:{port}", "mode": opts.mode, "default_backend": "be",
     }
+    if opts.tls:
+        files = tls_files_of(opts)
+        frontend["bind"] = [{
+            "address": f"127.0.0.1:{port}",
+            "ssl": True,
+            "crt": str(files.crt),
+            "alpn": TLS_ALPN,
+            "ssl-min-ver": TLS_MIN_VERSION,
+        }]
     if opts.checks and opts.mode == "http":
         frontend["forwardfor"] = True  # X-Forwarded-For, as HAProxy's option forwardfor
     return {
@@ -652,6 +780,16 @@ def pylb_config(opts: Options, port: int, backends: tuple[int, ...]) -> dict[str
         "frontends": {"fe": frontend},
         "backends": {"be": backend},
     }
+
+
+def tls_files_of(opts: Options) -> TlsFiles:
+    if opts.tls_files is None:
+        raise BenchError("--tls: no certificate made yet (make_tls_files sets opts.tls_files)")
+    return opts.tls_files
+
+
+def haproxy_stats_path(files: TlsFiles) -> Path:
+    return files.crt.parent / "haproxy.sock"
 
 
 def pylb_yaml(config: dict[str, Any]) -> str:
@@ -726,13 +864,19 @@ def parse_wrk(text: str) -> WrkResult:
 
 
 def run_wrk(
-    wrk: str, port: int, connections: int, duration: int, timeout: str | None = None
+    wrk: str,
+    port: int,
+    connections: int,
+    duration: int,
+    timeout: str | None = None,
+    scheme: str = "http",
 ) -> WrkResult:
-    """One wrk run; `timeout` is wrk's --timeout (wrk's own default when None)."""
+    """One wrk run; `timeout` is wrk's --timeout (wrk's own default when None); `scheme`
+    https for a TLS front (wrk does not check the certificate)."""
     argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if timeout:
         argv.append(f"--timeout={timeout}")
-    argv.append(f"http://127.0.0.1:{port}/")
+    argv.append(f"{scheme}://127.0.0.1:{port}/")
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -752,6 +896,259 @@ def run_wrk(
     if proc.returncode != 0:
         raise BenchError(f"wrk exited with status {proc.returncode}:\n{out}")
     return parse_wrk(out)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def openssl_run(argv: list[str], what: str, **kw: Any) -> subprocess.CompletedProcess:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"{what}: {exc}") from exc
+    if done.returncode != 0:
+        raise BenchError(
+            f"{what}: {' '.join(argv)} exited with {done.returncode}:\n{done.stdout}{done.stderr}"
+        )
+    return done
+
+
+def make_tls_files(openssl: str, tmp: Path) -> TlsFiles:
+    """A CA and a certificate it signs, both ECDSA P-256, made with the openssl CLI in
+    TMP/tls: cert.pem (the certificate, then its key: what both proxies serve) and ca.pem."""
+    d = tmp / "tls"
+    d.mkdir(exist_ok=True)
+    ext = write(
+        d / "leaf.ext",
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature\n"
+        "extendedKeyUsage = serverAuth\n"
+        f"subjectAltName = DNS:{TLS_SERVER_NAME}, IP:127.0.0.1\n",
+    )
+    p256 = ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"]
+    serial = f"0x{int.from_bytes(os.urandom(8), 'big') >> 1:x}"
+    for argv in (
+        [*p256, d / "ca.key"],
+        ["req", "-x509", "-new", "-key", d / "ca.key", "-sha256", "-days", "30",
+         "-subj", "/CN=pylb bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", d / "ca.pem"],
+        [*p256, d / "leaf.key"],
+        ["req", "-new", "-key", d / "leaf.key", "-subj", f"/CN={TLS_SERVER_NAME}",
+         "-out", d / "leaf.csr"],
+        ["x509", "-req", "-in", d / "leaf.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
+         "-set_serial", serial, "-days", "30", "-sha256", "-extfile", ext,
+         "-out", d / "leaf.pem"],
+        ["verify", "-CAfile", d / "ca.pem", d / "leaf.pem"],
+    ):
+        openssl_run([openssl, *map(str, argv)], "making the --tls certificate")
+    crt = write(d / "cert.pem", (d / "leaf.pem").read_text() + (d / "leaf.key").read_text())
+    text = openssl_run(
+        [openssl, "x509", "-in", str(d / "leaf.pem"), "-noout", "-text"], "reading it back"
+    ).stdout
+    if "prime256v1" not in text or "ecdsa-with-SHA256" not in text:
+        raise BenchError(f"{d / 'leaf.pem'} is not an ECDSA P-256 certificate:\n{text}")
+    return TlsFiles(
+        crt=crt,
+        ca=d / "ca.pem",
+        description=(
+            f"ECDSA P-256 (prime256v1) certificate CN={TLS_SERVER_NAME}, SAN "
+            f"DNS:{TLS_SERVER_NAME} IP:127.0.0.1, ecdsa-with-SHA256, signed by a generated "
+            f"P-256 CA; the proxies send the certificate alone (no chain); {crt}"
+        ),
+    )
+
+
+def tls_client_context(files: TlsFiles) -> ssl.SSLContext:
+    """A client context that verifies the proxies' certificate against the generated CA."""
+    ctx = ssl.create_default_context(cafile=str(files.ca))
+    ctx.set_alpn_protocols([TLS_ALPN])
+    return ctx
+
+
+def tls_probe(port: int, files: TlsFiles) -> dict[str, Any]:
+    """One verified TLS connection with the request s_time sends (TLS_REQUEST): what was
+    negotiated, the answer's status line and its size in bytes (every answer of a handshake
+    measure should be as long)."""
+    ctx = tls_client_context(files)
+    data = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname=TLS_SERVER_NAME) as tls:
+                tls.sendall(TLS_REQUEST)
+                while chunk := tls.recv(65536):
+                    data += chunk
+                info = {
+                    "version": tls.version(),
+                    "cipher": (tls.cipher() or ("?",))[0],
+                    "alpn": tls.selected_alpn_protocol(),
+                }
+    except (OSError, ssl.SSLError) as exc:
+        raise BenchError(f"TLS probe of 127.0.0.1:{port} failed: {exc}") from exc
+    status = data.split(b"\r\n", 1)[0].decode("latin-1")
+    if not re.fullmatch(r"HTTP/1\.[01] 200 .*", status):
+        raise BenchError(f"TLS probe of 127.0.0.1:{port}: answer {data[:200]!r}")
+    return {**info, "status": status, "answer_bytes": len(data)}
+
+
+def s_client_info(openssl: str, port: int, files: TlsFiles) -> dict[str, str]:
+    """`openssl s_client -brief`: protocol, cipher suite, signature, key exchange group."""
+    try:
+        done = subprocess.run(
+            [openssl, "s_client", "-brief", "-connect", f"127.0.0.1:{port}",
+             "-servername", TLS_SERVER_NAME, "-CAfile", str(files.ca), "-verify_return_error",
+             "-alpn", TLS_ALPN, "-ign_eof"],
+            input=TLS_REQUEST.decode(), capture_output=True, text=True, timeout=15,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc)}
+    info = dict(
+        (m.group(1), m.group(2).strip())
+        for m in re.finditer(r"^([A-Za-z ]+): (.*)$", done.stderr, re.MULTILINE)
+        if m.group(1) in ("Protocol version", "Ciphersuite", "Signature type",
+                          "Server Temp Key", "Verification")
+    )
+    if done.returncode != 0 or not info:
+        info["error"] = f"s_client exited with {done.returncode}: {done.stderr.strip()[-200:]}"
+    return info
+
+
+@dataclass
+class STimeResult:
+    """What the openssl s_time clients of one handshake measure did, summed over them."""
+
+    clients: int
+    connections: int = 0  # connections made (each: a handshake, one request, its answer)
+    resumed: int = 0  # of those, how many resumed a session (s_time prints `r` for them)
+    bytes_read: int = 0  # answer bytes, all connections
+    seconds: float = 0.0  # from the clients' start until the last exited (our clock)
+    client_cpu_s: float = 0.0  # user + system of the clients (getrusage of reaped children)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def hps(self) -> float:
+        return self.connections / self.seconds if self.seconds else 0.0
+
+
+STIME_SUMMARY = re.compile(r"(\d+) connections in [\d.]+s; .*?bytes read (\d+)")
+STIME_MARKS = re.compile(r"^[*rt32]+$", re.MULTILINE)
+
+
+def parse_s_time(text: str) -> tuple[int, int, int]:
+    """(connections, resumed, bytes read) of one s_time run. It prints one mark per
+    connection, `r` when it resumed a session (SSL_session_reused), else its protocol
+    (`*` for TLS 1.2 and 1.3), then `N connections in Ts; ..., bytes read B`."""
+    done = STIME_SUMMARY.search(text)
+    if not done:
+        raise BenchError(f"cannot parse openssl s_time output:\n{text[-600:]}")
+    marks = "".join(STIME_MARKS.findall(text))
+    connections = int(done.group(1))
+    if len(marks) != connections:
+        raise BenchError(
+            f"openssl s_time printed {len(marks)} marks for {connections} connections:\n"
+            f"{text[-600:]}"
+        )
+    return connections, marks.count("r"), int(done.group(2))
+
+
+def s_time_argv(openssl: str, port: int, measure: str, seconds: int, files: TlsFiles) -> list[str]:
+    return [
+        openssl, "s_time", "-connect", f"127.0.0.1:{port}", HANDSHAKE_MEASURES[measure],
+        "-time", str(seconds), "-www", STIME_WWW, "-CAfile", str(files.ca),
+    ]
+
+
+def run_s_time(
+    openssl: str, port: int, measure: str, duration: int, clients: int, files: TlsFiles
+) -> STimeResult:
+    """`clients` openssl s_time processes at once, for about `duration` seconds.
+
+    s_time stops at the first whole second of the clock past `-time` seconds from its start:
+    the clients start just after a second begins, with `-time duration-1` (at least 1), so
+    they run about `duration` s (at least ~2 s). Each makes one connection at a time: with
+    `-new` a new SSL object per connection, which offers no session (a full handshake);
+    with `-reuse` one saved from its first (unmeasured) connection, renewed as new tickets
+    come. Then TLS_REQUEST (GET / HTTP/1.0, Host), the whole answer, close."""
+    seconds = max(1, duration - 1)
+    res = STimeResult(clients=clients)
+    outs: list[tuple[int, str]] = []
+    with contextlib.ExitStack() as stack:
+        files_out = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(clients)]
+        procs: list[subprocess.Popen] = []
+
+        def reap() -> None:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+        stack.callback(reap)
+        time.sleep(1.02 - time.time() % 1)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start_t = time.monotonic()
+        for out in files_out:
+            procs.append(subprocess.Popen(
+                s_time_argv(openssl, port, measure, seconds, files),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))
+        deadline = start_t + seconds + 1 + STIME_GRACE
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError(
+                    f"openssl s_time did not finish within {seconds + 1 + STIME_GRACE:.0f}s"
+                ) from exc
+        res.seconds = time.monotonic() - start_t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for proc, out in zip(procs, files_out, strict=True):
+            out.seek(0)
+            outs.append((proc.returncode, out.read()))
+    res.client_cpu_s = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    for rc, out in outs:
+        try:
+            n, resumed, nbytes = parse_s_time(out)
+        except BenchError as exc:
+            res.errors.append(f"status {rc}: {exc}")
+            continue
+        if rc != 0 or "ERROR" in out:
+            res.errors.append(f"status {rc}: {out.strip()[-400:]}")
+        res.connections += n
+        res.resumed += resumed
+        res.bytes_read += nbytes
+    return res
+
+
+def haproxy_ssl_counters(path: Path) -> dict[str, int] | None:
+    """HAProxy's frontend `fe` SSL counters from `show stat`: ssl_sess (full handshakes)
+    and ssl_reused_sess (resumed ones); None when they cannot be read."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    return parse_haproxy_ssl_counters(data.decode(errors="replace"))
+
+
+def parse_haproxy_ssl_counters(text: str) -> dict[str, int] | None:
+    """`show stat` CSV -> {"full": ssl_sess, "resumed": ssl_reused_sess} of frontend fe."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return None
+    cols = lines[0][2:].split(",")
+    for line in lines[1:]:
+        row = dict(zip(cols, line.split(","), strict=False))
+        if row.get("pxname") == "fe" and row.get("svname") == "FRONTEND":
+            try:
+                return {"full": int(row["ssl_sess"]), "resumed": int(row["ssl_reused_sess"])}
+            except (KeyError, ValueError):
+                return None
+    return None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -816,13 +1213,15 @@ class TargetResult:
 def measure(
     target: str, port: int, opts: Options, tools: Tools, nginx: Managed, proxy: Managed | None
 ) -> TargetResult:
-    """Warm up, then one measured wrk run with CPU samples of proxy and backend around it."""
+    """Warm up, then one measured wrk run with CPU samples of proxy and backend around it
+    (over https with --tls, on its keep-alive connections)."""
+    scheme = "https" if opts.tls else "http"
     if opts.warmup:
-        run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout)
+        run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout, scheme)
     procs_before = tree_process_cpu(proxy.pid) if proxy else {}
     proxy_before = proxy.cpu_times() if proxy else None
     nginx_before = nginx.cpu_seconds()
-    result = run_wrk(tools.wrk, port, opts.connections, opts.duration, opts.wrk_timeout)
+    result = run_wrk(tools.wrk, port, opts.connections, opts.duration, opts.wrk_timeout, scheme)
     nginx_after = nginx.cpu_seconds()
     proxy_after = proxy.cpu_times() if proxy else None
     procs_after = tree_process_cpu(proxy.pid) if proxy else {}
@@ -840,6 +1239,94 @@ def measure(
             for pid, (title, cpu) in procs_after.items()
             if pid in procs_before
         }
+    return res
+
+
+@dataclass
+class HandshakeResult:
+    """One handshake measure (--tls) of one proxy in one round."""
+
+    target: str
+    measure: str  # full or resumed
+    round: int
+    port: int
+    load: STimeResult | None = None
+    proxy_user_s: float | None = None
+    proxy_sys_s: float | None = None
+    backend_cpu_s: float | None = None
+    answer_bytes: int | None = None  # one good answer's size (the probe's)
+    server_counts: dict[str, int] | None = None  # HAProxy's own: full and resumed sessions
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def proxy_cpu_s(self) -> float | None:
+        if self.proxy_user_s is None or self.proxy_sys_s is None:
+            return None
+        return self.proxy_user_s + self.proxy_sys_s
+
+    def per_handshake_us(self, cpu_s: float | None) -> float | None:
+        if cpu_s is None or self.load is None or not self.load.connections:
+            return None
+        return cpu_s / self.load.connections * 1e6
+
+    @property
+    def per_core(self) -> float | None:
+        """Handshakes per CPU-second of the proxy's process tree."""
+        cpu = self.proxy_cpu_s
+        if not cpu or self.load is None:
+            return None
+        return self.load.connections / cpu
+
+    @property
+    def bytes_off(self) -> int | None:
+        """Answer bytes the clients read beyond (or short of) handshakes x one good answer."""
+        if self.load is None or self.answer_bytes is None:
+            return None
+        return self.load.bytes_read - self.load.connections * self.answer_bytes
+
+
+def measure_handshakes(
+    target: str,
+    measure: str,
+    port: int,
+    opts: Options,
+    tools: Tools,
+    nginx: Managed,
+    proxy: Managed,
+    rnd: int,
+) -> HandshakeResult:
+    """One handshake measure: s_time clients, CPU samples of proxy and nginx around them."""
+    assert tools.openssl is not None
+    files = tls_files_of(opts)
+    res = HandshakeResult(target, measure, rnd, port)
+    res.answer_bytes = tls_probe(port, files)["answer_bytes"]
+    stats_path = haproxy_stats_path(files) if target == "haproxy" else None
+    counts_before = haproxy_ssl_counters(stats_path) if stats_path else None
+    procs_before = tree_process_cpu(proxy.pid)
+    proxy_before = proxy.cpu_times()
+    nginx_before = nginx.cpu_seconds()
+    res.load = run_s_time(
+        tools.openssl, port, measure, opts.duration, opts.tls_clients, files
+    )
+    nginx_after = nginx.cpu_seconds()
+    proxy_after = proxy.cpu_times()
+    procs_after = tree_process_cpu(proxy.pid)
+    counts_after = haproxy_ssl_counters(stats_path) if stats_path else None
+    res.proxy_user_s = proxy_after[0] - proxy_before[0]
+    res.proxy_sys_s = proxy_after[1] - proxy_before[1]
+    res.backend_cpu_s = nginx_after - nginx_before
+    res.extra["process_cpu_s"] = {
+        f"{pid} {title}": cpu - procs_before[pid][1]
+        for pid, (title, cpu) in procs_after.items()
+        if pid in procs_before
+    }
+    if counts_before is not None and counts_after is not None:
+        res.server_counts = {k: counts_after[k] - counts_before[k] for k in counts_after}
+    if res.load.errors:
+        res.error = f"openssl s_time: {res.load.errors[0]}"
+    elif not proxy.alive():
+        res.error = f"{proxy.name} exited during the run; log {proxy.log_path}"
     return res
 
 
@@ -869,6 +1356,11 @@ def start_nginx(
     return nginx
 
 
+def ready_tls(opts: Options) -> ssl.SSLContext | None:
+    """The client context of the readiness check: None without --tls."""
+    return tls_client_context(tls_files_of(opts)) if opts.tls else None
+
+
 def start_haproxy(
     stack: contextlib.ExitStack, opts: Options, tools: Tools, tmp: Path, ports: Ports
 ) -> Managed:
@@ -880,7 +1372,7 @@ def start_haproxy(
     if check.returncode != 0:
         raise BenchError(f"haproxy -c rejected {cfg}:\n{check.stdout}{check.stderr}")
     proxy = start(stack, "haproxy", [tools.haproxy, "-f", str(cfg), "-db"], tmp, append=True)
-    wait_ready(proxy, [ports.haproxy], body=body_bytes(opts.size))
+    wait_ready(proxy, [ports.haproxy], body=body_bytes(opts.size), tls=ready_tls(opts))
     return proxy
 
 
@@ -929,7 +1421,7 @@ def start_pylb_target(
     if check.returncode != 0:
         raise BenchError(f"{target} -c rejected {cfg}:\n{check.stdout}{check.stderr}")
     proxy = start(stack, target, [program, "-f", str(cfg)], tmp, cwd=cwd, env=env, append=True)
-    wait_ready(proxy, [port], body=body_bytes(opts.size))
+    wait_ready(proxy, [port], body=body_bytes(opts.size), tls=ready_tls(opts))
     return proxy
 
 
@@ -1060,6 +1552,99 @@ def run_target(
     return res
 
 
+def handshake_line(r: HandshakeResult) -> str:
+    assert r.load is not None
+    cpu = r.per_handshake_us(r.proxy_cpu_s)
+    text = f"{r.load.hps:.0f} handshakes/s ({r.load.connections} in {r.load.seconds:.1f}s"
+    text += f", {r.load.resumed} resumed)"
+    if cpu is not None:
+        text += f", {cpu:.1f} us/handshake"
+    if r.server_counts is not None:
+        text += f"; haproxy counted {r.server_counts['full']} full, "
+        text += f"{r.server_counts['resumed']} resumed"
+    return text
+
+
+def run_target_tls(
+    target: str,
+    opts: Options,
+    tools: Tools,
+    tmp: Path,
+    ports: Ports,
+    port: int,
+    nginx: Managed,
+    rnd: int,
+    check_lb: bool = False,
+) -> tuple[TargetResult | None, list[HandshakeResult], dict[str, Any]]:
+    """--tls: start the proxy, run its measures in order (keepalive, full, resumed), stop it.
+
+    Returns the keep-alive result (None when not measured), the handshake results, and in
+    round 1 what the proxy negotiates (`probe`, `s_client`) and which lb runs (pylb)."""
+    files = tls_files_of(opts)
+    hs_measures = [m for m in opts.tls_measures if m in HANDSHAKE_MEASURES]
+    log(
+        f"round {rnd}/{opts.rounds}: {target}: TLS {', '.join(opts.tls_measures)} "
+        f"-> 127.0.0.1:{port}"
+    )
+    keepalive: TargetResult | None = None
+    handshakes: list[HandshakeResult] = []
+    info: dict[str, Any] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            if target == "haproxy":
+                proxy = start_haproxy(stack, opts, tools, tmp, ports)
+            else:
+                proxy = start_pylb_target(stack, opts, tmp, target, port, ports.nginx)
+                if check_lb:
+                    info["lb_running"] = running_lb_roots(tools.pyspy, proxy.pid, opts.workers)
+            if rnd == 1:
+                assert tools.openssl is not None
+                info["s_client"] = s_client_info(tools.openssl, port, files)
+                try:
+                    info["probe"] = tls_probe(port, files)
+                except BenchError as exc:  # the measures will fail on it too, and say why
+                    info["probe"] = {"error": str(exc)}
+                    log(f"round {rnd}/{opts.rounds}: {target}: {exc}")
+            for m in opts.tls_measures:
+                if m == "keepalive":
+                    try:
+                        keepalive = measure(target, port, opts, tools, nginx, proxy)
+                    except BenchError as exc:
+                        log(f"round {rnd}/{opts.rounds}: {target}: keepalive: FAILED: {exc}")
+                        keepalive = TargetResult(target, port, error=str(exc).splitlines()[0])
+                    keepalive.round = rnd
+                    if keepalive.wrk is not None:
+                        cpu = keepalive.proxy_us_per_req
+                        log(
+                            f"round {rnd}/{opts.rounds}: {target}: keepalive: "
+                            f"{keepalive.wrk.rps:.0f} req/s"
+                            + (f", {cpu:.1f} us/req" if cpu is not None else "")
+                        )
+                    continue
+                if keepalive is None and not handshakes and opts.warmup:
+                    run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout,
+                            "https")
+                try:
+                    r = measure_handshakes(target, m, port, opts, tools, nginx, proxy, rnd)
+                except BenchError as exc:
+                    r = HandshakeResult(target, m, rnd, port, error=str(exc).splitlines()[0])
+                handshakes.append(r)
+                if r.error:
+                    log(f"round {rnd}/{opts.rounds}: {target}: {m}: FAILED: {r.error}")
+                else:
+                    log(f"round {rnd}/{opts.rounds}: {target}: {m}: {handshake_line(r)}")
+    except BenchError as exc:
+        log(f"round {rnd}/{opts.rounds}: {target}: FAILED: {exc}")
+        error = str(exc).splitlines()[0]
+        if "keepalive" in opts.tls_measures and keepalive is None:
+            keepalive = TargetResult(target, port, error=error, round=rnd)
+        done = {r.measure for r in handshakes}
+        handshakes += [
+            HandshakeResult(target, m, rnd, port, error=error) for m in hs_measures if m not in done
+        ]
+    return keepalive, handshakes, info
+
+
 # --------------------------------------------------------------------------- profile
 
 PROCESS_FRAME = re.compile(r'process (\d+):"(.*)"', re.DOTALL)
@@ -1153,6 +1738,38 @@ def format_profile(
     return "\n".join(lines)
 
 
+def file_of(key: str) -> str:
+    """`func (file)` -> the file, or for a shared library (native frames) its base name."""
+    m = CODE_FRAME.fullmatch(key)
+    if not m:
+        return key
+    name = m.group("file")
+    return os.path.basename(name) if ".so" in name else name
+
+
+WAIT_FUNCTIONS = ("epoll_wait", "epoll_pwait", "epoll_pwait2")
+
+
+def format_by_file(prof: StackProfile, top: int = PROFILE_TOP_TOTAL) -> str:
+    """Self samples summed by file (with --native: by library, e.g. libcrypto.so.3). Native
+    stacks that end in the event loop's epoll wait are left out and counted apart: py-spy
+    takes them for busy when the worker was woken but has not run yet."""
+    by_file: Counter = Counter()
+    waiting = 0
+    for key, n in prof.self_samples.items():
+        if key.split(" (", 1)[0] in WAIT_FUNCTIONS:
+            waiting += n
+        else:
+            by_file[file_of(key)] += n
+    busy = prof.samples - waiting
+    lines = [f"top {top} files by self samples (% of {busy} worker samples"]
+    lines[0] += f"; {waiting} more in {'/'.join(WAIT_FUNCTIONS[:2])} left out)" if waiting else ")"
+    lines.append("self %  file")
+    for name, n in by_file.most_common(top):
+        lines.append(f"{n * 100 / max(busy, 1):6.1f}  {name}")
+    return "\n".join(lines)
+
+
 def is_worker_title(title: str) -> bool:
     return title.startswith("pylb: worker") and "template" not in title
 
@@ -1182,6 +1799,8 @@ class ProfileResult:
     pyspy_summary: str = ""
     all_samples: int = 0
     prof: StackProfile | None = None
+    load: STimeResult | None = None  # --tls with a handshake load: the s_time clients
+    load_name: str = "keepalive"
 
 
 def wait_for_log(proc: Managed, needle: str, timeout: float) -> None:
@@ -1200,6 +1819,21 @@ def wait_for_log(proc: Managed, needle: str, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def pyspy_mode(opts: Options) -> list[str]:
+    """py-spy samples without stopping the process, or with --profile-native (which needs
+    to stop it) C frames too."""
+    return ["--native"] if opts.profile_native else ["--nonblocking"]
+
+
+def profile_load_text(opts: Options) -> str:
+    if opts.tls and opts.tls_profile in HANDSHAKE_MEASURES:
+        return (
+            f"{opts.tls_profile} handshakes ({opts.tls_clients} x openssl s_time "
+            f"{HANDSHAKE_MEASURES[opts.tls_profile]}, ~{opts.duration}s)"
+        )
+    return f"wrk -c{opts.connections} -d{opts.duration}s" + (" https" if opts.tls else "")
+
+
 def profile_run(
     opts: Options, tools: Tools, tmp: Path, ports: Ports, port: int, nginx: Managed
 ) -> ProfileResult:
@@ -1207,6 +1841,8 @@ def profile_run(
     assert opts.profile is not None and opts.profile_target is not None and tools.pyspy
     target = opts.profile_target
     res = ProfileResult(path=opts.profile, target=target)
+    res.load_name = opts.tls_profile if opts.tls else "keepalive"
+    scheme = "https" if opts.tls else "http"
     argv = [
         tools.pyspy,
         "record",
@@ -1215,16 +1851,16 @@ def profile_run(
         "--rate",
         str(PROFILE_RATE),
         "--subprocesses",
-        "--nonblocking",
+        *pyspy_mode(opts),
         "-o",
         str(opts.profile),
     ]
-    log(f"profile: {target}: wrk -c{opts.connections} -d{opts.duration}s under py-spy (unmeasured)")
+    log(f"profile: {target}: {profile_load_text(opts)} under py-spy (unmeasured)")
     try:
         with contextlib.ExitStack() as stack:
             proxy = start_pylb_target(stack, opts, tmp, target, port, ports.nginx)
             if opts.warmup:
-                run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout)
+                run_wrk(tools.wrk, port, opts.connections, opts.warmup, opts.wrk_timeout, scheme)
             res.workers = pylb_workers(proxy.pid)
             if not res.workers:
                 raise BenchError(f"no pylb worker found below pid {proxy.pid}")
@@ -1239,7 +1875,18 @@ def profile_run(
                     f"see kernel.yama.ptrace_scope): {exc}"
                 ) from exc
             time.sleep(0.5)  # let py-spy find the subprocesses before the load starts
-            res.wrk = run_wrk(tools.wrk, port, opts.connections, opts.duration, opts.wrk_timeout)
+            if res.load_name in HANDSHAKE_MEASURES:
+                assert tools.openssl is not None
+                res.load = run_s_time(
+                    tools.openssl, port, res.load_name, opts.duration, opts.tls_clients,
+                    tls_files_of(opts),
+                )
+                if res.load.errors:
+                    raise BenchError(f"openssl s_time: {res.load.errors[0]}")
+            else:
+                res.wrk = run_wrk(
+                    tools.wrk, port, opts.connections, opts.duration, opts.wrk_timeout, scheme
+                )
             res.workers.update(pylb_workers(proxy.pid))
             spy.proc.send_signal(signal.SIGINT)
             try:
@@ -1279,6 +1926,8 @@ class Run:
     results: list[TargetResult] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     profile: ProfileResult | None = None
+    handshakes: list[HandshakeResult] = field(default_factory=list)  # --tls
+    tls_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # --tls: target -> info
 
 
 def run_all(opts: Options, tools: Tools, tmp: Path) -> Run:
@@ -1288,6 +1937,16 @@ def run_all(opts: Options, tools: Tools, tmp: Path) -> Run:
         nginx = start_nginx(stack, tools, tmp, ports, opts.size)
         for rnd in range(1, opts.rounds + 1):
             for target in opts.targets:
+                if opts.tls:
+                    keepalive, handshakes, info = run_target_tls(
+                        target, opts, tools, tmp, ports, port_of[target], nginx, rnd, rnd == 1
+                    )
+                    if keepalive is not None:
+                        run.results.append(keepalive)
+                    run.handshakes += handshakes
+                    if info:
+                        run.tls_info[target] = info
+                    continue
                 run.results.append(
                     run_target(
                         target, opts, tools, tmp, ports, port_of[target], nginx, rnd, rnd == 1
@@ -1434,6 +2093,228 @@ def summarize(opts: Options, results: list[TargetResult]) -> Summary:
     return Summary(figures, by_round, ratios)
 
 
+# --------------------------------------------------------------------------- handshakes (--tls)
+
+# key, label, format, how the rounds combine
+HS_FIGURES: tuple[tuple[str, str, str, str], ...] = (
+    ("hps", "handshakes/s", ".0f", "median"),
+    ("per_core", "handshakes/s per core", ".0f", "median"),
+    ("cpu_us", "CPU us/handshake", ".1f", "median"),
+    ("user_us", "  user us/handshake", ".1f", "median"),
+    ("sys_us", "  system us/handshake", ".1f", "median"),
+    ("cpu_pct", "CPU %", ".0f", "median"),
+    ("worker_max_pct", "busiest worker %", ".0f", "median"),
+    ("nginx_us", "nginx us/handshake", ".1f", "median"),
+    ("client_us", "clients us/handshake", ".1f", "median"),
+    ("handshakes", "handshakes (sum)", "d", "sum"),
+    ("resumed", "resumed, s_time's count (sum)", "d", "sum"),
+    ("server_full", "full, haproxy's count (sum)", "d", "sum"),
+    ("server_resumed", "resumed, haproxy's count (sum)", "d", "sum"),
+    ("bytes_off", "answer bytes off (sum)", "d", "sum"),
+)
+
+
+def hs_figures_of(r: HandshakeResult) -> dict[str, float]:
+    """The figures of one handshake measure (empty when it failed)."""
+    if r.error or r.load is None or not r.load.connections:
+        return {}
+    load = r.load
+    cpu = r.proxy_cpu_s
+    f: dict[str, float | None] = {
+        "hps": load.hps,
+        "per_core": r.per_core,
+        "cpu_us": r.per_handshake_us(cpu),
+        "user_us": r.per_handshake_us(r.proxy_user_s),
+        "sys_us": r.per_handshake_us(r.proxy_sys_s),
+        "cpu_pct": cpu / load.seconds * 100 if cpu is not None and load.seconds else None,
+        "worker_max_pct": busiest_worker_share(r.extra.get("process_cpu_s", {})),
+        "nginx_us": r.per_handshake_us(r.backend_cpu_s),
+        "client_us": r.per_handshake_us(load.client_cpu_s),
+        "handshakes": load.connections,
+        "resumed": load.resumed,
+        "server_full": r.server_counts["full"] if r.server_counts else None,
+        "server_resumed": r.server_counts["resumed"] if r.server_counts else None,
+        "bytes_off": r.bytes_off,
+    }
+    return {k: v for k, v in f.items() if v is not None}
+
+
+def hs_round_ratios(
+    by: dict[str, dict[str, float]], targets: tuple[str, ...]
+) -> dict[str, float | None]:
+    """Ratios of one round's paired handshake measures (see round_ratios)."""
+
+    def r(a: str, b: str, key: str) -> float | None:
+        return ratio(by.get(a, {}).get(key), by.get(b, {}).get(key))
+
+    out: dict[str, float | None] = {}
+    pylbs = [t for t in targets if is_pylb(t)]
+    if "haproxy" in targets:
+        for p in pylbs:
+            out[f"{p}/haproxy handshake CPU ratio"] = r(p, "haproxy", "cpu_us")
+            out[f"{p}/haproxy handshakes per core ratio"] = r(p, "haproxy", "per_core")
+            out[f"{p}/haproxy user"] = r(p, "haproxy", "user_us")
+            out[f"{p}/haproxy handshakes/s"] = r(p, "haproxy", "hps")
+    if "pylb" in targets:
+        for v in pylbs:
+            if v != "pylb":
+                out[f"pylb/{v} handshake CPU ratio"] = r("pylb", v, "cpu_us")
+                out[f"pylb/{v} handshakes/s"] = r("pylb", v, "hps")
+    return out
+
+
+def summarize_handshakes(
+    opts: Options, results: list[HandshakeResult], measure: str
+) -> Summary:
+    """Medians and ranges of one handshake measure, and its per-round ratios."""
+    results = [r for r in results if r.measure == measure]
+    figures: dict[str, dict[str, dict[str, Any]]] = {}
+    for target in opts.targets:
+        runs = [hs_figures_of(r) for r in results if r.target == target]
+        figures[target] = {
+            key: stats([f.get(key) for f in runs], how)
+            for key, _, _, how in HS_FIGURES
+            if any(key in f for f in runs)
+        }
+    by_round: list[dict[str, float | None]] = []
+    for rnd in range(1, opts.rounds + 1):
+        by = {r.target: hs_figures_of(r) for r in results if r.round == rnd}
+        by_round.append(hs_round_ratios(by, opts.targets))
+    names = list(by_round[0]) if by_round else []
+    ratios = {name: stats([rr.get(name) for rr in by_round]) for name in names}
+    return Summary(figures, by_round, ratios)
+
+
+def handshake_table(
+    opts: Options, summary: Summary, results: list[HandshakeResult], measure: str
+) -> str:
+    targets = opts.targets
+    rows = [["figure", *targets]]
+    measured = {
+        t: sum(1 for r in results if r.target == t and r.measure == measure and hs_figures_of(r))
+        for t in targets
+    }
+    rows.append(["rounds measured", *(f"{measured[t]}/{opts.rounds}" for t in targets)])
+    for key, label, spec, how in HS_FIGURES:
+        if key.startswith("server_") and "haproxy" not in targets:
+            continue
+        cells = []
+        for t in targets:
+            st = summary.figures[t].get(key)
+            if measured[t] == 0:
+                cells.append("FAILED")
+            elif st is None:
+                cells.append("-")
+            elif how == "sum":
+                cells.append(format(st["sum"], spec))
+            else:
+                cells.append(spread([v for v in st["values"] if v is not None], spec))
+        rows.append([label, *cells])
+    return align(rows)
+
+
+def handshake_checks(opts: Options, results: list[HandshakeResult]) -> list[str]:
+    """WARNING lines: full handshakes that resumed, resumed ones that did not, answers of
+    another size than the probe's (an error page, a cut answer)."""
+    lines = []
+    for r in results:
+        if r.error or r.load is None:
+            continue
+        n, resumed = r.load.connections, r.load.resumed
+        where = f"round {r.round} {r.target} {r.measure}"
+        if r.measure == "full" and resumed:
+            lines.append(f"WARNING: {where}: {resumed} of {n} connections resumed a session")
+        if r.measure == "resumed" and resumed < n:
+            lines.append(f"WARNING: {where}: {n - resumed} of {n} connections did not resume")
+        if r.server_counts is not None:
+            expect = (
+                {"full": n, "resumed": 0} if r.measure == "full" else {"full": 0, "resumed": n}
+            )
+            # HAProxy also counts the -reuse clients' first (unmeasured) connections
+            if r.measure == "resumed":
+                expect["full"] = r.load.clients
+            if r.server_counts != expect and r.server_counts["resumed"] != resumed:
+                lines.append(
+                    f"WARNING: {where}: haproxy counted {r.server_counts['full']} full and "
+                    f"{r.server_counts['resumed']} resumed sessions, s_time {n - resumed} and "
+                    f"{resumed}"
+                )
+        if r.bytes_off:
+            lines.append(
+                f"WARNING: {where}: the answers hold {r.bytes_off:+d} bytes against "
+                f"{n} x {r.answer_bytes} (the probe's answer): some were not a 200"
+            )
+    return lines
+
+
+def tls_targets(opts: Options, summary: Summary, hs: dict[str, Summary]) -> str:
+    """Issue 14's targets against the median of the per-round ratios pylb/haproxy."""
+    if "haproxy" not in opts.targets:
+        return ""
+    rows = [["target (issue 14)", "pylb", "median (min–max)", "goal", "verdict"]]
+    for target in [t for t in opts.targets if is_pylb(t)]:
+        for measure, name, op, goal in TLS_TARGETS:
+            if measure not in opts.tls_measures:
+                continue
+            source = summary if measure == "keepalive" else hs.get(measure)
+            key = f"{target}/haproxy {name}"
+            if source is None or key not in source.ratios:
+                continue
+            values = [v for v in source.ratios[key]["values"] if v is not None]
+            med = source.ratios[key]["median"]
+            label = {"cpu_per_request": "keep-alive CPU per request ratio"}.get(
+                name, f"{measure} {name}"
+            )
+            if med is None:
+                verdict = "no data"
+            else:
+                met = med <= goal if op == "<=" else med >= goal
+                verdict = "met" if met else "MISSED"
+            rows.append([label, target, spread(values, ".2f"), f"{op} {goal:.2f}", verdict])
+    if len(rows) == 1:
+        return ""
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, width, strict=True)).rstrip() for row in rows
+    )
+
+
+def hs_result_json(r: HandshakeResult) -> dict[str, Any]:
+    figures = hs_figures_of(r)
+    return {
+        "target": r.target,
+        "measure": r.measure,
+        "round": r.round,
+        "port": r.port,
+        "error": r.error,
+        "load": asdict(r.load) if r.load else None,
+        "proxy_cpu_s": r.proxy_cpu_s,
+        "proxy_user_s": r.proxy_user_s,
+        "proxy_system_s": r.proxy_sys_s,
+        "backend_cpu_s": r.backend_cpu_s,
+        "answer_bytes": r.answer_bytes,
+        "haproxy_counts": r.server_counts,
+        "figures": figures,
+        **r.extra,
+    }
+
+
+def tls_title(opts: Options, measure: str) -> str:
+    if measure == "keepalive":
+        return (
+            f"keep-alive over TLS: wrk -t1 -c{opts.connections} -d{opts.duration}s "
+            f"https://... (one handshake per connection, then requests on it)"
+        )
+    how = {
+        "full": "-new: every connection a full handshake (no session offered)",
+        "resumed": "-reuse: every connection resumes the client's saved session",
+    }[measure]
+    return (
+        f"{measure} handshakes: {opts.tls_clients} x openssl s_time {how}; then "
+        f"GET / HTTP/1.0 (with Host), the answer, close; ~{opts.duration}s"
+    )
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1547,6 +2428,8 @@ def run_meta(tools: Tools) -> dict[str, Any]:
     }
     if tools.haproxy:
         versions["haproxy"] = program_version([tools.haproxy, "-v"])
+    if tools.openssl:
+        versions["openssl"] = program_version([tools.openssl, "version"])
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
@@ -1578,6 +2461,16 @@ def meta(opts: Options, tools: Tools) -> dict[str, Any]:
         "targets": list(opts.targets),
         "pylb": {},
     }
+    if opts.tls:
+        info["tls"] = {
+            "measures": list(opts.tls_measures),
+            "clients": opts.tls_clients,
+            "skipped": list(opts.skipped),
+            "settings": tls_settings_text(),
+            "python_ssl": ssl.OPENSSL_VERSION,
+            "certificate": None,
+            "negotiated": {},
+        }
     for target in opts.targets:
         if not is_pylb(target):
             continue
@@ -1590,6 +2483,34 @@ def meta(opts: Options, tools: Tools) -> dict[str, Any]:
             "lb_imported": lb_import_path(target, opts),
         }
     return info
+
+
+def tls_settings_text() -> str:
+    return (
+        f"both proxies: the same crt, alpn {TLS_ALPN}, ssl-min-ver {TLS_MIN_VERSION} (TLS 1.2 "
+        f"and 1.3), default ciphers, session tickets on (their defaults); HAProxy `bind ... ssl "
+        f"crt FILE alpn {TLS_ALPN} ssl-min-ver {TLS_MIN_VERSION}`, pylb `bind: [{{address, ssl: "
+        f"true, crt: FILE, alpn: {TLS_ALPN}, ssl-min-ver: {TLS_MIN_VERSION}}}]`; nginx plain"
+    )
+
+
+def negotiated_text(neg: dict[str, Any]) -> str:
+    """`TLSv1.3 TLS_AES_256_GCM_SHA384, X25519, ECDSA, ALPN http/1.1, verified; answer 148 B`."""
+    probe = neg.get("probe", {})
+    sc = neg.get("s_client", {})
+    parts = [
+        f"{probe.get('version', '?')} {probe.get('cipher', '?')}",
+        sc.get("Server Temp Key", "?").split(",")[0],
+        f"signature {sc.get('Signature type', '?')}",
+        f"ALPN {probe.get('alpn')}",
+        f"verification {sc.get('Verification', '?')}",
+    ]
+    text = ", ".join(parts) + f"; answer to s_time's request: {probe.get('answer_bytes', '?')} B"
+    if probe.get("error"):
+        text += f" (probe: {probe['error'][:300]})"
+    if sc.get("error"):
+        text += f" (s_client: {sc['error']})"
+    return text
 
 
 def header(opts: Options, info: dict[str, Any]) -> str:
@@ -1607,8 +2528,10 @@ def header(opts: Options, info: dict[str, Any]) -> str:
     lines += [
         f"nginx: {v['nginx']}",
         f"wrk: {v['wrk']}",
-        f"commit: {info['commit']} ({REPO})",
     ]
+    if "openssl" in v:
+        lines.append(f"openssl: {v['openssl']} (python's ssl: {ssl.OPENSSL_VERSION})")
+    lines.append(f"commit: {info['commit']} ({REPO})")
     for target, p in info["pylb"].items():
         running = p.get("lb_running")
         if running is None:
@@ -1640,7 +2563,20 @@ def header(opts: Options, info: dict[str, Any]) -> str:
         + (f" haproxy splice={'on' if opts.haproxy_splice else 'off'}"
            f"{f' pipesize={opts.haproxy_pipesize}' if opts.haproxy_pipesize else ''}"
            if opts.mode == "tcp" else "")
+        + (f" tls=on measures={','.join(opts.tls_measures)} s_time clients={opts.tls_clients}"
+           if opts.tls else "")
     )
+    tls = info.get("tls")
+    if tls:
+        lines.append(f"tls: {tls.get('certificate') or '-'}")
+        lines.append(f"tls: {tls['settings']}")
+        for target, neg in tls.get("negotiated", {}).items():
+            lines.append(f"tls {target}: {negotiated_text(neg)}")
+        if "direct" in tls.get("skipped", []):
+            lines.append(
+                "direct: skipped under --tls (nginx alone serves plain HTTP; there is no "
+                "TLS figure without a proxy)"
+            )
     return "\n".join(lines)
 
 
@@ -1681,6 +2617,8 @@ def profile_json(p: ProfileResult) -> dict[str, Any]:
         "all_samples": p.all_samples,
         "wrk": asdict(p.wrk) if p.wrk else None,
     }
+    if p.load is not None:
+        doc["load"] = {"measure": p.load_name, **asdict(p.load), "hps": p.load.hps}
     if p.prof is not None:
         doc["worker_samples"] = p.prof.samples
         doc["samples_by_process"] = {f"{pid} {t}": n for (pid, t), n in p.prof.processes.items()}
@@ -1692,10 +2630,12 @@ def profile_json(p: ProfileResult) -> dict[str, Any]:
 def profile_text(opts: Options, p: ProfileResult) -> str:
     head = (
         f"profile: {p.target}, py-spy record --format raw --rate {PROFILE_RATE} --subprocesses "
-        f"--nonblocking (idle samples excluded), wrk -c{opts.connections} -d{opts.duration}s"
+        f"{' '.join(pyspy_mode(opts))} (idle samples excluded), {profile_load_text(opts)}"
     )
     if p.wrk is not None:
         head += f" at {p.wrk.rps:.0f} req/s under py-spy"
+    if p.load is not None:
+        head += f" at {p.load.hps:.0f} handshakes/s under py-spy ({p.load.resumed} resumed)"
     head += f"; raw file {p.path}"
     if p.error:
         return f"{head}\nprofile FAILED: {p.error}"
@@ -1708,6 +2648,8 @@ def profile_text(opts: Options, p: ProfileResult) -> str:
         "",
         format_profile(p.prof),
     ]
+    if opts.tls or opts.profile_native:
+        lines += ["", format_by_file(p.prof)]
     return "\n".join(lines)
 
 
@@ -1715,17 +2657,45 @@ def report(opts: Options, info: dict[str, Any], run: Run) -> None:
     summary = summarize(opts, run.results)
     print()
     print(header(opts, info))
-    print()
-    print(figure_table(opts, summary, run.results))
-    failed = [r for r in run.results if r.error]
-    if failed:
-        print("\nfailed runs (left out of the medians):")
-        for r in failed:
-            print(f"  round {r.round} {r.target}: {r.error}")
-    text = ratio_lines(summary)
-    if text:
-        print("\nratios, per round from its paired runs: median (min–max)")
-        print(text)
+    if not opts.tls or "keepalive" in opts.tls_measures:
+        print()
+        if opts.tls:
+            print(tls_title(opts, "keepalive"))
+        print(figure_table(opts, summary, run.results))
+        failed = [r for r in run.results if r.error]
+        if failed:
+            print("\nfailed runs (left out of the medians):")
+            for r in failed:
+                print(f"  round {r.round} {r.target}: {r.error}")
+        text = ratio_lines(summary)
+        if text:
+            print("\nratios, per round from its paired runs: median (min–max)")
+            print(text)
+    hs: dict[str, Summary] = {}
+    if opts.tls:
+        for measure in [m for m in opts.tls_measures if m in HANDSHAKE_MEASURES]:
+            hs[measure] = summarize_handshakes(opts, run.handshakes, measure)
+            results = [r for r in run.handshakes if r.measure == measure]
+            print()
+            print(tls_title(opts, measure))
+            print(handshake_table(opts, hs[measure], run.handshakes, measure))
+            failed_hs = [r for r in results if r.error]
+            if failed_hs:
+                print("\nfailed runs (left out of the medians):")
+                for r in failed_hs:
+                    print(f"  round {r.round} {r.target}: {r.error}")
+            checks = handshake_checks(opts, results)
+            if checks:
+                print()
+                print("\n".join(checks))
+            text = ratio_lines(hs[measure])
+            if text:
+                print("\nratios, per round from its paired runs: median (min–max)")
+                print(text)
+        text = tls_targets(opts, summary, hs)
+        if text:
+            print()
+            print(text)
     if run.profile is not None:
         print()
         print(profile_text(opts, run.profile))
@@ -1738,6 +2708,11 @@ def report(opts: Options, info: dict[str, Any], run: Run) -> None:
             "ratios": summary.ratios,
             "profile": profile_json(run.profile) if run.profile else None,
         }
+        if opts.tls:
+            doc["handshakes"] = [hs_result_json(r) for r in run.handshakes]
+            doc["handshake_summary"] = {m: s.figures for m, s in hs.items()}
+            doc["handshake_ratios_by_round"] = {m: s.ratios_by_round for m, s in hs.items()}
+            doc["handshake_ratios"] = {m: s.ratios for m, s in hs.items()}
         opts.json_path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nJSON written to {opts.json_path}")
 
@@ -1767,7 +2742,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, raise_interrupt)
     needs = opts.only + (("pylb",) if opts.pylb_trees and "pylb" not in opts.only else ())
     try:
-        tools = find_tools(needs, profile=opts.profile is not None)
+        tools = find_tools(needs, profile=opts.profile is not None, tls=opts.tls)
     except MissingDependency as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_MISSING
@@ -1776,6 +2751,10 @@ def main(argv: list[str] | None = None) -> int:
         info["calibration"] = {"start": calibrate()}
         log(f"calibration at start: {info['calibration']['start']}")
         with temp_dir(opts.keep_tmp) as tmp:
+            if opts.tls:
+                assert tools.openssl is not None
+                opts = replace(opts, tls_files=make_tls_files(tools.openssl, tmp))
+                info["tls"]["certificate"] = tls_files_of(opts).description
             run = run_all(opts, tools, tmp)
         info["calibration"]["end"] = calibrate()
         log(f"calibration at end: {info['calibration']['end']}")
@@ -1788,8 +2767,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in run.results:
         if "lb_running" in r.extra and r.target in info["pylb"]:
             info["pylb"][r.target]["lb_running"] = r.extra["lb_running"]
+    for target, tls_info in run.tls_info.items():
+        if "lb_running" in tls_info and target in info["pylb"]:
+            info["pylb"][target]["lb_running"] = tls_info["lb_running"]
+        if opts.tls:
+            info["tls"]["negotiated"][target] = {
+                k: v for k, v in tls_info.items() if k in ("probe", "s_client")
+            }
     report(opts, info, run)
-    failed = any(r.error for r in run.results) or bool(run.profile and run.profile.error)
+    failed = (
+        any(r.error for r in run.results)
+        or any(r.error for r in run.handshakes)
+        or bool(run.profile and run.profile.error)
+    )
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -23,6 +23,8 @@ cdef class Server:
     cdef Py_ssize_t _mine
     cdef Py_ssize_t _first
     cdef Py_ssize_t _slots
+    cdef public object tls
+    cdef public object sni
     cpdef opened(self)
     cpdef closed(self)
 

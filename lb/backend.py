@@ -24,6 +24,7 @@ from lb.shared import (
     Shared,
 )
 from lb.sticktable import StickTable
+from lb.tls import client as tls_client
 
 
 class Server:
@@ -31,7 +32,7 @@ class Server:
 
     __slots__ = (
         "name", "cfg", "backend", "host", "port", "cookie", "counters", "_words",
-        "_base", "_mine", "_first", "_slots",
+        "_base", "_mine", "_first", "_slots", "tls", "sni",
     )
 
     def __init__(self, cfg: config.Server, backend: Backend, shared: Shared, slot: int) -> None:
@@ -47,6 +48,10 @@ class Server:
         self._first = self._base + SRV_FIELDS
         self._mine = self._first + slot
         self._slots = shared.layout.slots
+        # TLS (ssl: true): the context, built once per worker, and the server_hostname to
+        # connect with (lb.tls.client); None for plain TCP
+        self.tls = tls_client.context(cfg, backend.cfg.mode)
+        self.sni = tls_client.server_hostname(cfg) if self.tls is not None else None
 
     @property
     def up(self) -> bool:

@@ -4,7 +4,10 @@ into shared memory, where every worker sees it on its next request.
 Checks run in the master alone so that a server is probed once per interval by pylb as a
 whole, whatever the number of workers, and so that a state change reaches all workers at
 the same instant. Each server has one task: a TCP connect, or an HTTP request when its
-backend has `http-check`, every `inter` seconds.
+backend has `http-check`, every `inter` seconds. A server with `ssl: true` is checked over
+TLS (HAProxy needs `check-ssl` for that; pylb implies it), with the settings its requests
+use: a failed or slow handshake is a Layer6 failure (L6RSP, L6TOUT), and a connect-only
+check that completes its handshake passes with L6OK, as in HAProxy.
 
 Rise and fall follow HAProxy's health counter: it runs from 0 to rise + fall - 1; the
 server is UP from `rise` upwards and DOWN at 0. A failure takes one step down (and drops
@@ -24,6 +27,7 @@ import asyncio
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,18 +50,26 @@ from lb.shared import (
     UP,
     Shared,
 )
+from lb.tls import client as tls_client
 
-L4OK, L4CON, L4TOUT, L7OK, L7STS, L7RSP, L7TOUT = (
+L4OK, L4CON, L4TOUT, L6OK, L6RSP, L6TOUT, L7OK, L7STS, L7RSP, L7TOUT = (
     CHECK_STATUSES.index(name)
-    for name in ("L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP", "L7TOUT")
+    for name in ("L4OK", "L4CON", "L4TOUT", "L6OK", "L6RSP", "L6TOUT", "L7OK", "L7STS",
+                 "L7RSP", "L7TOUT")
 )
-PASSED = frozenset((L4OK, L7OK))
+PASSED = frozenset((L4OK, L6OK, L7OK))
+
+# TLS client contexts of checks, by recipe (lb.tls.client), each built once in a thread
+TlsContexts = dict[tls_client.Recipe, "asyncio.Future[ssl.SSLContext]"]
 
 # What the logs say for each status (HAProxy's wording)
 REASONS = {
     L4OK: "Layer4 check passed",
     L4CON: "Layer4 connection problem",
     L4TOUT: "Layer4 timeout",
+    L6OK: "Layer6 check passed",
+    L6RSP: "Layer6 invalid response",
+    L6TOUT: "Layer6 timeout",
     L7OK: "Layer7 check passed",
     L7STS: "Layer7 wrong status",
     L7RSP: "Layer7 invalid response",
@@ -88,13 +100,26 @@ def _error_text(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def _handshake_text(exc: OSError) -> str:
+    """A failed TLS handshake, as HAProxy names it, with OpenSSL's reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {exc.verify_message}"
+    elif isinstance(exc, ssl.SSLError):
+        detail = (exc.reason or str(exc)).lower().replace("_", " ")
+    else:
+        detail = _error_text(exc)
+    return f"SSL handshake failure ({detail})"
+
+
 class ServerCheck:
     """One server's checks and health counter."""
 
     def __init__(
         self, backend: config.Backend, server: config.Server, shared: Shared,
         spread: int = 0, on_change: Callable[[ServerCheck], None] | None = None,
+        contexts: TlsContexts | None = None,
     ) -> None:
+        """`contexts`: the TLS client contexts of the checks of one configuration (Checker)."""
         self.backend = backend
         self.server = server
         self.shared = shared
@@ -121,6 +146,12 @@ class ServerCheck:
             self.expect = http.expect
         self.name = f"{backend.name}/{server.name}"
         self.kind = "backup server" if server.backup else "server"
+        # A server with ssl: true is checked over TLS, as HAProxy's check-ssl does, with
+        # the settings its requests use (verify, CAs, names); see _tls_context
+        self.tls_recipe = tls_client.recipe(server, backend.mode)
+        self.tls: ssl.SSLContext | None = None
+        self.contexts: TlsContexts = {} if contexts is None else contexts
+        self.sni = tls_client.server_hostname(server)
 
     async def run(self, first_delay: float) -> None:
         """Check on a fixed schedule (a slow check delays the next one, never doubles
@@ -165,10 +196,23 @@ class ServerCheck:
         """Are requests held for this backend, none of whose servers is usable?"""
         return self.shared.words[self.hold_flag] != 0 and self._usable() == (0, 0)
 
+    async def _tls_context(self, recipe: tls_client.Recipe) -> ssl.SSLContext:
+        """The check's TLS context, built in a thread: loading the system's CAs takes tens
+        of milliseconds, too long for the master's loop. Checks of servers configured
+        alike share one build (a reload builds anew: the CAs may have changed)."""
+        build = self.contexts.get(recipe)
+        if build is None:
+            build = asyncio.ensure_future(asyncio.to_thread(tls_client.build, *recipe))
+            self.contexts[recipe] = build
+        return await asyncio.shield(build)  # a check stopped meanwhile stops no other
+
     async def probe(self) -> Result:
         """One check, bounded by `timeout check`."""
+        if self.tls_recipe is not None and self.tls is None:
+            self.tls = await self._tls_context(self.tls_recipe)
         started = time.monotonic()
         connected = False
+        handshaken = self.tls is None
         writer: asyncio.StreamWriter | None = None
 
         def result(status: int, code: int = 0, info: str = "") -> Result:
@@ -179,13 +223,20 @@ class ServerCheck:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(address.host, address.port)
                 connected = True
+                if not handshaken:  # TLS on the connection made: its failures are Layer6
+                    await writer.start_tls(self.tls, server_hostname=self.sni)
+                    handshaken = True
                 if not self.request:
-                    return result(L4OK)
+                    return result(L4OK if self.tls is None else L6OK)
                 writer.write(self.request)
                 line = await reader.readline()
         except TimeoutError:  # before OSError: TimeoutError is one
+            if connected and not handshaken:
+                return result(L6TOUT)
             return result(L7TOUT if connected and self.request else L4TOUT)
         except OSError as exc:
+            if connected and not handshaken:
+                return result(L6RSP, info=_handshake_text(exc))
             return result(L7RSP if connected else L4CON, info=_error_text(exc))
         except ValueError:  # status line over the stream's limit
             return result(L7RSP, info="Status line too long")
@@ -293,8 +344,9 @@ class Checker:
         `on_up`: called with a backend's name when one of its servers comes UP."""
         self.on_up = on_up
         spread = cfg.global_.spread_checks
+        contexts: TlsContexts = {}  # this configuration's: a reload builds anew
         self.checks = [
-            ServerCheck(backend, server, shared, spread, self._changed)
+            ServerCheck(backend, server, shared, spread, self._changed, contexts)
             for backend in cfg.backends.values()
             for server in backend.servers
             if server.check

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import signal
+import ssl
 import sys
 
 import setproctitle
@@ -29,6 +30,10 @@ class _BuildInfo(argparse.Action):
         print(f"pylb {__version__} {RELEASE_DATE}")
         print(f"Python {platform.python_version()} ({sys.executable})")
         print(f"Hot path: {compiled.status()}")
+        from lb.tls import tickets
+
+        shared = tickets.unavailable() or "yes"
+        print(f"TLS: {ssl.OPENSSL_VERSION}; session ticket keys shared by all workers: {shared}")
         parser.exit()
 
 

@@ -14,6 +14,7 @@ import atexit
 import functools
 import os
 import socket
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,9 @@ from lb.shared import (
     GLOBAL_MAXCONN,
 )
 from lb.tcpproxy import TcpSession
+from lb.timer import clock
+from lb.tls.context import BindContexts
+from lb.tls.counters import TlsCounters
 from lb.tunnel import Held, reset_on_close
 
 if TYPE_CHECKING:
@@ -73,12 +77,22 @@ class Frontend:
             # still open (hard-stop-after, stop) lets go of their conn_cur first.
             atexit.register(self.release_counters)
         self.counters = Counters()
+        self.tls_counters = TlsCounters()  # client connections over TLS
         self.stopping = False
         self.sockets: list[socket.socket] = []
+        self.ssl: list[ssl.SSLContext | None] = []  # each socket's TLS context; None: plain
+        self.tls = {
+            str(bind.address): BindContexts(bind, worker.certs, worker.ticket_keys)
+            for bind in cfg.tls
+        }
+        # TLS connections accepted and still in their handshake (no session sees them
+        # yet): (deadline, session); a stopping worker waits for them.
+        self.handshakes: deque[tuple[float, Any]] = deque()
         self._servers: list[asyncio.Server] = []
         self._accepting = False
         self._starting = False
         session = HttpSession if cfg.mode == "http" else TcpSession
+        self._session = session
         self._factory = functools.partial(session, self)
         self._adopted_factory = functools.partial(session, self, adopted=True)
         words = worker.shared.words
@@ -93,6 +107,33 @@ class Frontend:
 
     # -- accepting ------------------------------------------------------------------
 
+    def add_socket(self, sock: socket.socket, address: str) -> None:
+        """A listening socket from the master, for the bind at `address`."""
+        self.sockets.append(sock)
+        contexts = self.tls.get(address)
+        self.ssl.append(contexts.front if contexts is not None else None)
+
+    def _tls_session(self, adopted: bool = False) -> Any:
+        """A session for a TLS connection, which begins once its handshake succeeds."""
+        session = self._session(self, adopted)
+        now = clock.now
+        handshakes = self.handshakes
+        while handshakes and (handshakes[0][0] < now or handshakes[0][1].transport is not None):
+            handshakes.popleft()
+        handshakes.append((now + self.timeouts.client, session))
+        return session
+
+    def handshaking(self) -> int:
+        """TLS handshakes under way (those not timed out yet)."""
+        now = clock.now
+        return sum(1 for deadline, s in self.handshakes if deadline >= now and s.transport is None)
+
+    def _tls_args(self, context: ssl.SSLContext | None) -> dict[str, Any]:
+        if context is None:
+            return {}
+        # `timeout client` also bounds the handshake, as in HAProxy
+        return {"ssl": context, "ssl_handshake_timeout": self.timeouts.client}
+
     async def start(self) -> None:
         """Accept on every listening socket handed over by the master."""
         if self._accepting or self._starting or self.stopping:
@@ -100,11 +141,12 @@ class Frontend:
         self._starting = True
         loop = asyncio.get_running_loop()
         try:
-            for sock in self.sockets:
+            for sock, context in zip(self.sockets, self.ssl, strict=True):
                 # uvloop takes ownership of the socket it serves: give it a duplicate, so
                 # this worker can stop accepting and start again on the same socket.
                 server = await loop.create_server(
-                    self._factory, sock=sock.dup(), backlog=self.cfg.backlog
+                    self._factory if context is None else self._tls_session,
+                    sock=sock.dup(), backlog=self.cfg.backlog, **self._tls_args(context)
                 )
                 self._servers.append(server)
         finally:
@@ -125,7 +167,7 @@ class Frontend:
         in the accept queue is taken first."""
         self.stop_accepting()
         loop = asyncio.get_running_loop()
-        for sock in self.sockets:
+        for sock, context in zip(self.sockets, self.ssl, strict=True):
             # Clients already in the kernel's accept queue sent their request to pylb: they
             # are served, not reset with the socket.
             sock.setblocking(False)  # as it is for uvloop already (the same open file)
@@ -134,12 +176,13 @@ class Frontend:
                     conn, _addr = sock.accept()
                 except OSError:  # nothing left waiting (EAGAIN), or any other reason
                     break
-                loop.create_task(self.adopt(conn, b""))
+                loop.create_task(self.adopt(conn, b"", context=context))
             try:
                 sock.close()
             except OSError:
                 pass
         self.sockets.clear()
+        self.ssl.clear()
 
     def soft_stop(self) -> None:
         self.stopping = True
@@ -149,14 +192,20 @@ class Frontend:
             session.close_if_idle()
 
     async def adopt(
-        self, sock: socket.socket, data: bytes, ticket: list[int] | None = None
+        self, sock: socket.socket, data: bytes, ticket: list[int] | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> None:
         """Serve a connection an older generation handed over, with what it had read
-        (and, for a request that waited in a queue, the ticket of its place there)."""
+        (and, for a request that waited in a queue, the ticket of its place there); or,
+        with a TLS `context`, one accepted from a TLS bind's backlog."""
         sock.setblocking(False)
+        factory = (
+            self._adopted_factory if context is None
+            else functools.partial(self._tls_session, True)
+        )
         try:
             _, session = await asyncio.get_running_loop().connect_accepted_socket(
-                self._adopted_factory, sock
+                factory, sock, **self._tls_args(context)
             )
         except OSError:
             sock.close()
@@ -280,7 +329,15 @@ class Frontend:
                 session.tracked = None
                 tracked.close()
 
+    def tls_opened(self, session: Any, tls: ssl.SSLObject | None) -> None:
+        """A client connection's TLS handshake is done (``tls`` None: a plain connection);
+        `closed` counts it out."""
+        if tls is not None:
+            self.tls_counters.opened(session, tls.session_reused)
+
     def closed(self, session: Any) -> None:
+        if self.tls_counters.open:
+            self.tls_counters.open.discard(session)
         tracked = session.tracked
         if tracked is not None:  # its stick counters, tracked for the connection or a request
             session.tracked = None
@@ -295,6 +352,14 @@ class Frontend:
         self.check_limits()
         if self.stopping:
             self.worker.maybe_exit()
+
+    def admit_held(self, session: Any) -> None:
+        """Let a held connection in now, over the limits: a stopping worker accepts no
+        more, and serves a connection it cannot hand over (TLS) itself."""
+        if session in self.held:
+            self.held.remove(session)
+            self._count(1)
+            session.admitted()
 
     def check_limits(self) -> None:
         """Let held connections in, and accept again, as far as the limits allow."""

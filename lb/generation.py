@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lb
-from lb import config, control, handover, maps, reload, systemd, template
+from lb import config, control, handover, maps, reload, systemd, template, tls
 from lb.log import log
 from lb.shared import Shared
 from lb.sock import Listener
@@ -276,6 +276,8 @@ class Generations:
             "tables": tables,
             "maps": edits,
             "vars": {name: value for name, (_kind, value) in master.variables.items()},
+            "ticket_keys": master.ticket_keys.hex() if _has_tls(cfg) else [],
+            "certs": tls.encode_certs(master.certs),
         }
 
     def _unreachable(self, handle: WorkerHandle) -> None:
@@ -476,6 +478,10 @@ class Generations:
         for handle in self.workers.values():
             log.warning("%s (pid %d) did not stop: killing it", handle, handle.pid)
             _kill(handle.pid, signal.SIGKILL)
+
+
+def _has_tls(cfg: config.Config) -> bool:
+    return any(frontend.tls for frontend in cfg.frontends.values())
 
 
 def _worker_env() -> dict[str, str]:

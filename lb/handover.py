@@ -20,6 +20,10 @@ The next generation takes a tunnel only if its configuration still serves it the
 way: the frontend with the same mode (and, in TCP mode, the same default backend), and
 the server with the same address. `accepts` tells the stopping workers what that is;
 `refusal` says why a tunnel stays where it is (and `show proc` repeats it).
+
+Nothing with a TLS side moves: its TLS state is in this process. A tunnel relayed by
+`lb.streamtunnel.TransportTunnel` stays ("TLS tunnel") and ends where it is, and so does
+a response relayed from or to a TLS connection ("TLS connection").
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 from lb import config, h1
 from lb.httplog import Times
+from lb.streamtunnel import STAYS, TransportTunnel, is_tls
 from lb.tunnel import Tunnel, take_socket
 
 Accepts = dict[str, Any]
@@ -80,7 +85,7 @@ def describe(state: dict[str, Any], session: Any) -> None:
     )
 
 
-def count_bytes(session: Any, tunnel: Tunnel) -> None:
+def count_bytes(session: Any, tunnel: Tunnel | TransportTunnel) -> None:
     """Add to the proxy's byte counters what `session`'s tunnel relayed since they were
     last told (bytes in: from the client; out: from the server)."""
     client, server_end = tunnel.ends
@@ -98,6 +103,9 @@ def leave(session: Any, mode: str, extra: dict[str, Any]) -> bool:
     frontend = session.frontend
     worker = frontend.worker
     if not worker.handing_over:
+        return False
+    if isinstance(session.tunnel, TransportTunnel):  # TLS: it cannot move (no detach)
+        session.stays = STAYS
         return False
     state: dict[str, Any] = {"mode": mode, **extra}
     describe(state, session)
@@ -145,6 +153,8 @@ def leave_stream(session: Any) -> None:
 def _stream_stuck(session: Any) -> str | None:
     """What keeps a relayed response from moving now (None: nothing)."""
     conn = session.conn
+    if is_tls(session.transport) or (conn is not None and is_tls(conn.transport)):
+        return "TLS connection"  # its TLS state is in this process: it ends here
     if conn is None or session.interim:
         return "response in flight"
     if not session.req_done or conn.transport.get_write_buffer_size():

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import ssl
+
     from lb.httpproxy import HttpSession
     from lb.tcpproxy import TcpSession
 
-__all__ = ["Record", "RequestLog", "format_http", "format_tcp"]
+__all__ = ["HttpsFields", "Record", "RequestLog", "format_http", "format_https", "format_tcp"]
 
 NOSRV = "<NOSRV>"
 BADREQ = "<BADREQ>"
@@ -37,6 +39,20 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 # HAProxy escapes these in the logged request line as #XX, so a line stays one line and
 # the quotes around the request stay unambiguous.
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\U0010ffff"#]')
+# ... and in a server name (the client's text too), a blank, which would split the field.
+_UNSAFE_SNI = re.compile(r'[\x00-\x20\x7f-\U0010ffff"#]')
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsFields:
+    """What HAProxy's ``option httpslog`` adds to a request's line: the client connection's
+    TLS (``tls`` False: a plain connection, where HAProxy writes its fields as ``-``)."""
+
+    tls: bool
+    resumed: bool = False
+    sni: str | None = None
+    version: str | None = None
+    cipher: str | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +88,7 @@ class Record:
     request_line: str
     mode: str
     redispatched: bool = False  # shown as a + before the retries, as HAProxy does
+    https: HttpsFields | None = None  # option httpslog: the line ends with these
 
 
 # -- formatting -------------------------------------------------------------------------------
@@ -144,15 +161,40 @@ def escape_request(line: str) -> str:
 
 
 def format_http(rec: Record) -> str:
-    """HAProxy's ``option httplog`` line (no captured cookies or headers)."""
+    """HAProxy's ``option httplog`` line (no captured cookies or headers), or its
+    ``option httpslog`` line when the record has ``https`` fields."""
     retries = f"+{rec.retries}" if rec.redispatched else rec.retries
-    return (
+    line = (
         f"{rec.client_ip}:{rec.client_port} [{accept_date(rec.accept_time)}] "
         f"{rec.frontend} {rec.backend}/{rec.server} "
         f"{rec.tq}/{rec.tw}/{rec.tc}/{rec.tr}/{rec.tt} {rec.status} {rec.bytes_read} "
         f"- - {rec.termination} "
         f"{rec.actconn}/{rec.feconn}/{rec.beconn}/{rec.srv_conn}/{retries} "
         f'{rec.srv_queue}/{rec.backend_queue} "{escape_request(rec.request_line)}"'
+    )
+    return line if rec.https is None else f"{line} {format_https(rec.https)}"
+
+
+PLAIN_HTTPS = "0/-/-/-/0 -/-/-"  # httpslog's fields for a connection without TLS
+
+
+def format_https(fields: HttpsFields) -> str:
+    """HAProxy's httpslog fields: ``%[fc_err]/%[ssl_fc_err,hex]/%[ssl_c_err]/
+    %[ssl_c_ca_err]/%[ssl_fc_is_resumed] %[ssl_fc_sni]/%sslv/%sslc``. A request is only read
+    once the handshake succeeded (and a client certificate, when asked for, verified), so
+    the error codes are 0, ``ssl_fc_err`` through ``hex`` being 8 bytes of zeros; a fetch
+    with no sample is ``-``. Over plain TCP, ``fc_err`` and ``ssl_fc_is_resumed`` are 0 and
+    the rest ``-``."""
+    if not fields.tls:
+        return PLAIN_HTTPS
+    sni = fields.sni
+    if sni is None:
+        sni = "-"
+    elif _UNSAFE_SNI.search(sni) is not None:
+        sni = _UNSAFE_SNI.sub(_escape_char, sni)
+    return (
+        f"0/0000000000000000/0/0/{int(fields.resumed)} "
+        f"{sni}/{fields.version or '-'}/{fields.cipher or '-'}"
     )
 
 
@@ -438,7 +480,22 @@ def http_record(session: HttpSession, times: Times, status: int, termination: st
             f"HTTP/{head.version}" if head is not None else ""
         ),
         mode="http",
+        https=https_fields(session.ssl) if frontend.cfg.httpslog else None,
     )
+
+
+_PLAIN = HttpsFields(False)
+
+
+def https_fields(tls: ssl.SSLObject | None) -> HttpsFields:
+    """The httpslog fields of a client connection (``tls`` None: a plain one)."""
+    if tls is None:
+        return _PLAIN
+    from lb.tls.context import sni_of  # here: lb.tls imports lb.config, which is heavy
+
+    cipher = tls.cipher()
+    return HttpsFields(True, tls.session_reused, sni_of(tls), tls.version(),
+                       cipher[0] if cipher else None)
 
 
 def tcp_record(session: TcpSession, bytes_out: int, termination: str) -> Record:

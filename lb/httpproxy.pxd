@@ -66,6 +66,7 @@ cdef class HttpSession:
     cdef public object resp_left  # a Content-Length may not fit in 64 bits
     cdef public Counters fe_counters
     cdef public ConnectionPool pool
+    cdef public object ssl
 
     cpdef data_received(self, data)
     cpdef _pause(self, int reason)

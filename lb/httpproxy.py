@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from lb.errors import PAGES
 from lb.h1 import chunk, request_head_bytes, response_head_bytes
 from lb.retry import CONN_FAILURE, EMPTY_RESPONSE, JUNK_RESPONSE, RESPONSE_TIMEOUT
 from lb.serverconn import ServerConnection
+from lb.streamtunnel import TransportTunnel, is_tls
 from lb.timer import clock
 from lb.tunnel import Held, Tunnel, drained, take_socket
 
@@ -104,6 +106,7 @@ class HttpSession:
         "resp_left",
         "fe_counters",
         "pool",
+        "ssl",
     )
 
     def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
@@ -127,6 +130,7 @@ class HttpSession:
         self.tunnel: Tunnel | None = None
         self.stays = ""  # why this connection cannot move to the next generation
         self.moving: dict[str, Any] | None = None  # on its way there (lb.handover)
+        self.ssl: ssl.SSLObject | None = None  # a TLS connection's TLS state
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -171,6 +175,12 @@ class HttpSession:
         self.transport = transport  # type: ignore[assignment]
         if self.phase == EXCHANGE:
             return  # a response moving in from an older generation: admitted there
+        self.ssl = transport.get_extra_info("ssl_object")
+        if self.ssl is not None:
+            self.frontend.tls_opened(self, self.ssl)  # show info's CurrSslConns...
+            # uvloop's TLS transport reads ahead of a paused protocol, and drops what it
+            # read if the connection then ends: pipelined requests would be lost
+            transport.set_read_buffer_limits(high=1, low=0)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
         frontend = self.frontend
@@ -190,7 +200,7 @@ class HttpSession:
         self.deadline = clock.now + self.frontend.timeouts.http_request
         clock.watched.add(self)
         if self.frontend.stopping:  # accepted as the worker stopped accepting
-            if self.frontend.worker.handing_over and self.held is None:
+            if self.frontend.worker.handing_over and self.held is None and self.ssl is None:
                 self._leave()
                 return
             self.close_after = True  # serve what it sends, then close
@@ -227,14 +237,17 @@ class HttpSession:
         self._process(events)
 
     def eof_received(self) -> bool:
+        # True: keep writing, requests already read still get their answers. A TLS
+        # transport closes whatever we say (asyncio cannot half-close TLS): False there,
+        # or uvloop logs a warning each time.
         if self.reader.upgraded and self.phase < TUNNEL and self.pending is None:
             self.pending = [(CLIENT_EOF, None)]  # for the tunnel, once it begins
-            return True
+            return self.ssl is None
         if self.pending is not None:
             self.pending.append((CLIENT_EOF, None))  # after the requests it sent before
         else:
             self._client_eof()
-        return True  # keep writing: requests already read still get their answers
+        return self.ssl is None
 
     def _client_eof(self) -> None:
         if self.phase == IDLE:
@@ -347,7 +360,7 @@ class HttpSession:
             self.times = httplog.Times(self.begin)
             self.times.head = time.monotonic()
         if not head.keep_alive or head.upgrade or (
-            frontend.stopping and not frontend.worker.handing_over
+            frontend.stopping and (self.ssl is not None or not frontend.worker.handing_over)
         ):
             self.close_after = True
         backend = frontend.default_backend
@@ -356,7 +369,7 @@ class HttpSession:
             tracked.begin_request()  # counted before the rules, which may read the rates
         if frontend.rules is not None:
             decision = frontend.rules.evaluate(
-                _RuleView(self.client_ip, head), frontend.worker, tracked
+                _RuleView(self.client_ip, head, self.ssl), frontend.worker, tracked
             )
             self.tracked = decision.counters
             self.l7_retry = not decision.disable_l7_retry
@@ -518,10 +531,15 @@ class HttpSession:
     async def _connect(self, server: Server) -> None:
         worker = self.frontend.worker
         try:
+            # TLS servers (ssl: true) get their context and name (lb.tls.client); both are
+            # None for the others. A failed handshake is a failed connect: SSLError is an
+            # OSError, and `timeout connect` covers the handshake too, as in HAProxy.
             _, conn = await asyncio.get_running_loop().create_connection(
                 lambda: ServerConnection(server, worker.pool, self.frontend.max_head),
                 server.host,
                 server.port,
+                ssl=server.tls,
+                server_hostname=server.sni,
             )
         except OSError:
             self.connect_task = None
@@ -891,7 +909,17 @@ class HttpSession:
 
     def close_if_idle(self) -> None:
         """Soft stop: an idle keep-alive connection leaves now (handed over to the next
-        generation, or closed), a busy one after its answer; a tunnel moves whole."""
+        generation, or closed), a busy one after its answer; a tunnel moves whole. A TLS
+        connection cannot move (its TLS state is in this process): it is served here,
+        its next answer says `Connection: close`, and an idle one closes at
+        `timeout http-keep-alive` as usual (closing it now could cut a request on its way)."""
+        if self.ssl is not None and self.phase != TUNNEL and self.frontend.worker.handing_over:
+            self.stays = "TLS connection"
+            if self.held is not None:  # over the limit: no place frees in a stopping worker
+                self.frontend.admit_held(self)
+            elif self.phase != IDLE and not self.resp_started:
+                self.close_after = True  # its answer says so (a later one: _request_head)
+            return
         if self.phase == TUNNEL:
             if self.tunnel is not None and not self.tunnel.closed:
                 handover.leave(self, "http", {"peer": self.tunnel.peer_address()})
@@ -936,6 +964,9 @@ class HttpSession:
         """Between requests on a stopping worker: hand the connection, and `data` read
         from it, to the next generation when there is one, else close it."""
         frontend = self.frontend
+        if self.ssl is not None and frontend.worker.handing_over:  # see close_if_idle
+            self.stays = "TLS connection"
+            return
         if not frontend.worker.handing_over:
             self._close()
             return
@@ -1003,7 +1034,9 @@ class HttpSession:
 
     def _start_tunnel(self, server_bytes: bytes) -> None:
         """The server switched protocols: from here on pylb relays bytes (lb.tunnel), on
-        the sockets themselves once both transports have written what they hold."""
+        the sockets themselves once both transports have written what they hold; or,
+        when either side is TLS, through the transports (lb.streamtunnel), at once: what
+        they hold goes out first."""
         conn = self.conn
         assert conn is not None
         self.conn = None
@@ -1015,7 +1048,9 @@ class HttpSession:
         server.pause_reading()
         client_eof = any(kind == CLIENT_EOF for kind, _ in self.pending or ())
         self.pending = None
-        if client.get_write_buffer_size() or server.get_write_buffer_size():
+        if is_tls(client) or is_tls(server):
+            self._relay(client, server, server_bytes, client_eof)
+        elif client.get_write_buffer_size() or server.get_write_buffer_size():
             asyncio.get_running_loop().create_task(
                 self._tunnel_when_drained(client, server, server_bytes, client_eof)
             )
@@ -1044,14 +1079,22 @@ class HttpSession:
         self._tunnel_closed(None)
 
     def _relay(
-        self, client: socket.socket, server: socket.socket, server_bytes: bytes, client_eof: bool
+        self,
+        client: socket.socket | asyncio.Transport,
+        server: socket.socket | asyncio.Transport,
+        server_bytes: bytes,
+        client_eof: bool,
     ) -> None:
-        tunnel = self.tunnel = Tunnel(
-            client,
-            server,
-            self.backend.timeouts.tunnel,  # type: ignore[union-attr]
-            on_close=self._tunnel_closed,
-        )
+        """Relay between the sockets (lb.tunnel), or the transports (lb.streamtunnel)."""
+        timeout = self.backend.timeouts.tunnel  # type: ignore[union-attr]
+        tunnel: Tunnel | TransportTunnel
+        if isinstance(client, socket.socket) and isinstance(server, socket.socket):
+            tunnel = Tunnel(client, server, timeout, on_close=self._tunnel_closed)
+        else:
+            assert not isinstance(client, socket.socket)
+            assert not isinstance(server, socket.socket)
+            tunnel = TransportTunnel(client, server, timeout, on_close=self._tunnel_closed)
+        self.tunnel = tunnel
         tunnel.send(0, server_bytes)
         tunnel.send(1, self.tunnel_bytes)
         if client_eof:
@@ -1150,11 +1193,13 @@ class HttpSession:
 class _RuleView:
     """A request as the rules engine (lb.rules.Request) sees it."""
 
-    __slots__ = ("client_ip", "head")
+    __slots__ = ("client_ip", "head", "ssl")
 
-    def __init__(self, client_ip: bytes, head: h1.RequestHead) -> None:
+    def __init__(self, client_ip: bytes, head: h1.RequestHead,
+                 tls: ssl.SSLObject | None) -> None:
         self.client_ip = client_ip.decode()
         self.head = head
+        self.ssl = tls  # the connection's TLS (ssl_fc...), None for a plain one
 
     @property
     def method(self) -> str:

@@ -31,6 +31,8 @@ from lb.shared import Shared
 from lb.sock import Listener
 from lb.tables import Tables
 from lb.takeover import Inheritance
+from lb.tls.certs import Certificate
+from lb.tls.keyring import KeyRing
 
 TICK = 0.1  # period of the master's housekeeping
 
@@ -99,6 +101,11 @@ class Master:
         self.elder_servers: frozenset[tuple[str, str]] | None = None  # in its configuration
         self.inheritance = inheritance
         self.health: dict[str, int] | None = None
+        self.ticket_keys = KeyRing(cfg.global_.tls_ticket_rotate)
+        # certificates committed at run time (`commit ssl cert`), by file, until a reload
+        # reads the files again; and those set but not committed yet
+        self.certs: dict[str, Certificate] = {}
+        self.cert_edits: dict[str, Certificate] = {}
         if inheritance is not None and inheritance.state is not None:
             self._inherit(inheritance.state)
         if inheritance is not None and inheritance.heir is not None:
@@ -118,6 +125,9 @@ class Master:
         self.keeper.reconfigure(self.config, self.shared)
         self.variables = {name: (kind, value) for name, (kind, value) in state["vars"].items()}
         self.health = state["health"]
+        if state.get("ticket_keys"):  # sessions resume across the takeover
+            self.ticket_keys = KeyRing(self.config.global_.tls_ticket_rotate,
+                                       state["ticket_keys"])
 
     def snapshot(self) -> dict[str, Any]:
         """Our runtime state, for a newer pylb taking over (`_getstate`)."""
@@ -128,6 +138,7 @@ class Master:
             "vars": self.variables,
             "maps": maps.descriptors(self.maps)[0],  # edits; the indexes go by _getsocks
             "health": self.checker.health(),
+            "ticket_keys": self.ticket_keys.state(),
         }
 
     # -- the loop -------------------------------------------------------------------
@@ -234,6 +245,8 @@ class Master:
         self.checker.start()
         self.config, self.shared, self.listeners = cfg, resources.shared, resources.listeners
         self.maps = resources.maps
+        self.certs.clear()  # the reload read the certificate files again
+        self.ticket_keys.period = cfg.global_.tls_ticket_rotate
         self.tables.use(resources.tables)
         self.tables.set_expiry(cfg)
         self.keeper.reconfigure(cfg, resources.shared)
@@ -276,6 +289,10 @@ class Master:
                 self.keeper.dispatch(backend)
         self.tables.housekeeping()
         self.generations.housekeeping()
+        if self.ticket_keys.due():
+            self.ticket_keys.rotate()
+            self.broadcast({"op": "ticket-keys", "keys": self.ticket_keys.hex()})
+            log.info("TLS session ticket keys rotated")
 
     def _on_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,7 +45,9 @@ BE_FIELDS = 3
 SRV_FIELDS = 11
 
 # Check status codes kept in SRV_CHECK_STATUS (names as in HAProxy's show stat)
-CHECK_STATUSES = ("", "INI", "L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP", "L7TOUT")
+CHECK_STATUSES = ("", "INI", "L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP", "L7TOUT",
+                  # checks over TLS (lb.check); appended, so earlier codes keep their value
+                  "L6OK", "L6RSP", "L6TOUT")
 
 
 class Layout:

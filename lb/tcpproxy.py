@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lb import handover, httplog
 from lb.balance import Context
 from lb.retry import redispatch_now
+from lb.streamtunnel import TransportTunnel, is_tls
 from lb.timer import clock
 from lb.tunnel import Held, Tunnel, take_socket
 
@@ -43,12 +44,17 @@ class TcpSession(asyncio.Protocol):
         self.begin = time.monotonic()
         self.queued = self.connect = self.connected = -1.0
         self.retries = 0
-        self.tunnel: Tunnel | None = None
+        self.tunnel: Tunnel | TransportTunnel | None = None
         self.peer: tuple[str, int] = ("", 0)  # the client's address
         self.stays = ""  # why this connection cannot move to the next generation
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if is_tls(transport):
+            # uvloop's TLS transport reads ahead of a paused protocol and drops what it
+            # read if the connection then ends: read nothing ahead
+            transport.set_read_buffer_limits(high=1, low=0)  # type: ignore[attr-defined]
+        self.frontend.tls_opened(self, transport.get_extra_info("ssl_object"))  # if TLS
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (peer[0], peer[1])
@@ -128,9 +134,13 @@ class TcpSession(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._open(server))
 
     async def _open(self, server: Server) -> None:
+        # A TLS server (ssl: true) gets its context and name (lb.tls.client): a failed
+        # handshake is a failed connect (SSLError is an OSError), within `timeout connect`.
+        tls = getattr(server, "tls", None)
+        name = (getattr(server, "sni", None) or server.host) if tls is not None else None
         try:
             transport, held = await asyncio.get_running_loop().create_connection(
-                Held, server.host, server.port
+                Held, server.host, server.port, ssl=tls, server_hostname=name
             )
         except OSError:
             self.task = None
@@ -149,10 +159,18 @@ class TcpSession(asyncio.Protocol):
         server.counters.lbtot += 1
         self.transport.pause_reading()
         transport.pause_reading()
-        # Neither side was written to yet: the relay takes the sockets as they are.
-        tunnel = self.tunnel = Tunnel(
-            take_socket(self.transport), take_socket(transport), self._timeout(), self._finished
-        )
+        tunnel: Tunnel | TransportTunnel
+        if is_tls(self.transport) or is_tls(transport):
+            # TLS on either side: the bytes go through the transports (lb.streamtunnel),
+            # and the tunnel ends in this process.
+            tunnel = TransportTunnel(self.transport, transport, self._timeout(), self._finished)
+        else:
+            # Neither side was written to yet: the relay takes the sockets as they are.
+            tunnel = Tunnel(
+                take_socket(self.transport), take_socket(transport), self._timeout(),
+                self._finished,
+            )
+        self.tunnel = tunnel
         tunnel.send(0, b"".join(held.early))
         tunnel.send(1, b"".join(self.early))
         if held.eof:
@@ -185,7 +203,7 @@ class TcpSession(asyncio.Protocol):
         if frontend.stopping:
             self.close_if_idle()
 
-    def _finished(self, tunnel: Tunnel) -> None:
+    def _finished(self, tunnel: Tunnel | TransportTunnel) -> None:
         self._release_slot()
         server = self.server
         server.closed()  # type: ignore[union-attr]
@@ -205,7 +223,9 @@ class TcpSession(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.early_eof = True
-        return True  # the client half-closed: its bytes still go to the server
+        # The client half-closed: its bytes still go to the server. (Over TLS the
+        # transport closes whatever we say: asyncio cannot half-close TLS.)
+        return not is_tls(self.transport)
 
     def on_timeout(self) -> None:
         """Queue or connect timed out, or the connect failed: retry, then give up."""
@@ -269,7 +289,8 @@ class TcpSession(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """Soft stop: a relayed connection moves to the next generation, whole; one that
-        is still connecting gets there first."""
+        is still connecting gets there first. A TLS one stays (lb.handover.leave says so
+        in `stays`) and ends here."""
         tunnel = self.tunnel
         if tunnel is not None and not tunnel.closed:
             handover.leave(self, "tcp", {

@@ -457,7 +457,9 @@ class Held(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        return True
+        # Kept open for the bytes still to send; a TLS transport closes anyway (asyncio
+        # cannot half-close TLS), and says so in a warning unless told False.
+        return self.transport is None or self.transport.get_extra_info("ssl_object") is None
 
 
 class _Detached(asyncio.Protocol):

@@ -23,7 +23,7 @@ from typing import Any
 import setproctitle
 import uvloop
 
-from lb import config, control, handover, maps
+from lb import config, control, handover, maps, tls
 from lb import log as logsetup
 from lb.backend import Backend
 from lb.frontend import Frontend
@@ -37,6 +37,7 @@ from lb.timer import clock
 from lb.tunnel import take_socket
 
 EXIT_GRACE = 0.05  # seconds a stopping worker waits for connections already accepted
+HANDSHAKE_RECHECK = 0.1  # ... and between looks at TLS handshakes it waits for
 ORPHAN_GRACE = 30.0  # how long a worker whose master died finishes what is in flight
 ORPHAN_ACCEPT = 0.2  # ... and how long it still accepts clients that connected meanwhile
 PR_SET_PDEATHSIG = 1
@@ -69,6 +70,10 @@ class Worker:
         self.maps = maps.opened(hello["maps"], fds[listening + tables :])
         self.variables: dict[str, str] = dict(hello.get("vars", {}))
         del fds[listening:]
+        # TLS: the session ticket keys all workers share, and certificates committed at
+        # run time (`commit ssl cert`) in place of the configuration's
+        self.ticket_keys = tls.ticket_keys(hello.get("ticket_keys", []))
+        self.certs = tls.decode_certs(hello.get("certs", ""))
         self.backends = {
             name: Backend(cfg, self.shared, self.slot)
             for name, cfg in self.config.backends.items()
@@ -79,8 +84,8 @@ class Worker:
         self.frontends = {
             name: Frontend(cfg, self.backends, self) for name, cfg in self.config.frontends.items()
         }
-        for (frontend, _address), fd in zip(hello["listeners"], fds, strict=True):
-            self.frontends[frontend].sockets.append(socket.socket(fileno=fd))
+        for (frontend, address), fd in zip(hello["listeners"], fds, strict=True):
+            self.frontends[frontend].add_socket(socket.socket(fileno=fd), address)
         self.stopping = False
         self.handing_over = False  # soft-stopping with a newer generation to take over
         self.accepts: handover.Accepts | None = None  # ... and what it can take over
@@ -156,6 +161,9 @@ class Worker:
         elif op == "accepts":
             self.accepts = message["accepts"]  # a newer generation: what it takes over
             self._move_again()
+        elif op == "ticket-keys":
+            if self.ticket_keys is not None:
+                self.ticket_keys.set([bytes.fromhex(key) for key in message["keys"]])
         elif op == "soft-stop":
             self.soft_stop(message.get("handover", False), message.get("accepts"))
         elif op == "stop":
@@ -173,6 +181,8 @@ class Worker:
                     for b in self.backends.values()
                     for s in b.servers
                 },
+                # client connections over TLS (lb.frontend.TlsCounters), for show info/stat
+                "ssl": {name: f.tls_counters.snapshot() for name, f in self.frontends.items()},
             }
         if what == "connections":
             return sum(len(f.sessions) for f in self.frontends.values())
@@ -185,6 +195,8 @@ class Worker:
         if what == "map-edit":
             shared = self.maps.get(message["name"])
             return maps.edit(shared, message) if shared is not None else False
+        if what == "ssl-cert":
+            return self._commit_cert(tls.decode_certs(message["certs"]))
         if what == "set-var":
             self.variables[message["name"]] = message["value"]
             return True
@@ -207,6 +219,15 @@ class Worker:
                 session.kill()
             return len(victims)
         return None
+
+    def _commit_cert(self, certs: dict[str, Any]) -> int:
+        """`commit ssl cert`: new handshakes use these certificates; how many binds do."""
+        return sum(
+            contexts.replace(cert)
+            for frontend in self.frontends.values()
+            for contexts in frontend.tls.values()
+            for cert in certs.values()
+        )
 
     def _on_sigusr1(self) -> None:
         if os.getppid() != self.master_pid:
@@ -325,6 +346,8 @@ class Worker:
                     "tunnel" if session.tunnel is not None else "request in flight"
                 )
                 reasons[why] = reasons.get(why, 0) + 1
+            if frontend.handshaking():
+                reasons["TLS handshake"] = frontend.handshaking()
         return ", ".join(f"{count} x {why}" for why, count in sorted(reasons.items()))
 
     def soft_stop(self, hand_over: bool = False, accepts: handover.Accepts | None = None) -> None:
@@ -350,27 +373,38 @@ class Worker:
 
     def maybe_exit(self) -> None:
         """Exit once stopping with nothing left, after a short grace: connections the
-        kernel handed us just before we stopped accepting may still be on their way."""
-        if self._idle() and self._exit_check is None:
-            self._exit_check = asyncio.get_running_loop().call_later(
-                EXIT_GRACE, self._exit_if_idle
-            )
+        kernel handed us just before we stopped accepting may still be on their way. TLS
+        handshakes under way are waited for; one that fails ends without telling us, so
+        then we look again a little later."""
+        if self._exit_check is not None or not self.stopping:
+            return
+        if self._idle():
+            delay = EXIT_GRACE
+        elif self._idle(but_handshakes=True):
+            delay = HANDSHAKE_RECHECK
+        else:
+            return
+        self._exit_check = asyncio.get_running_loop().call_later(delay, self._exit_if_idle)
 
-    def _idle(self) -> bool:
-        """Stopping, with nothing left: no connection, none waiting to be handed over,
-        and every handover message sent (those waiting hold the only copies of their
-        connections: exiting would close them)."""
+    def _idle(self, but_handshakes: bool = False) -> bool:
+        """Stopping, with nothing left: no connection (TLS handshakes included, unless
+        `but_handshakes`), none waiting to be handed over, and every handover message
+        sent (those waiting hold the only copies of their connections: exiting would
+        close them)."""
         channel = self.channel
         return (
             self.stopping and not self._leaving
             and not (channel is not None and not channel.closed and channel.pending)
             and not any(f.sessions for f in self.frontends.values())
+            and (but_handshakes or not any(f.handshaking() for f in self.frontends.values()))
         )
 
     def _exit_if_idle(self) -> None:
         self._exit_check = None
         if self._idle():
             self._finish()
+        else:
+            self.maybe_exit()
 
     def _finish(self) -> None:
         if self._done is not None and not self._done.done():

@@ -1069,3 +1069,45 @@ def recv_until_eof(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bo
     except TimeoutError:
         return bytes(out), False
     return bytes(out), True
+
+
+# --------------------------------------------------------------------------------------------
+# echo HTTP backend over TLS (servers with `ssl: true`, tests/test_server_tls.py)
+
+
+class TlsEchoBackend(EchoBackend):
+    """EchoBackend behind TLS, with ``cert`` (a trustme LeafCert). It records the server
+    name each ClientHello asked for (``snis``, None when none was sent) and the ALPN
+    protocol each connection agreed on (``alpns``); ``connections`` counts the completed
+    handshakes (the handler runs once a handshake is done)."""
+
+    def __init__(self, name: str, cert: Any, **options: Any) -> None:
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(self.context)
+        self.context.set_alpn_protocols(["http/1.1"])
+        self.context.sni_callback = self._sni
+        self.snis: list[str | None] = []
+        self.alpns: list[str | None] = []
+        super().__init__(name, **options)
+
+    def _sni(self, ssl_object: Any, server_name: str | None, context: Any) -> None:
+        with self.lock:
+            self.snis.append(server_name)
+
+    def _start(self, factory: Callable[[], Any]) -> None:
+        """EchoBackend's server (``factory`` is the plain one), listening with TLS."""
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with self.lock:
+                self.alpns.append(writer.get_extra_info("ssl_object").selected_alpn_protocol())
+            try:
+                await self._serve(reader, writer)
+            except asyncio.CancelledError:  # server stopping
+                writer.close()
+
+        async def start() -> asyncio.AbstractServer:
+            return await asyncio.start_server(serve, HOST, 0, limit=1 << 20, ssl=self.context)
+
+        super()._start(start)

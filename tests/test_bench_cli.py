@@ -321,3 +321,281 @@ def test_is_worker_title() -> None:
     assert bench.is_worker_title("pylb: worker 1/2 [gen 1]          ")
     assert not bench.is_worker_title("pylb: worker template")
     assert not bench.is_worker_title("pylb: master [x]")
+
+
+# --------------------------------------------------------------------------- --tls
+
+TLS_FILES = bench.TlsFiles(crt=Path("/x/tls/cert.pem"), ca=Path("/x/tls/ca.pem"))
+
+
+def tls_opts(*argv: str):
+    return bench.replace(bench.parse_args(["--tls", *argv]), tls_files=TLS_FILES)
+
+
+def test_parse_args_tls_defaults() -> None:
+    opts = bench.parse_args([])
+    assert not opts.tls and opts.skipped == () and opts.tls_files is None
+    opts = bench.parse_args(["--tls"])
+    assert opts.tls and opts.targets == ("haproxy", "pylb")
+    assert opts.skipped == ("direct",)
+    assert opts.tls_measures == ("keepalive", "full", "resumed")
+    assert opts.tls_clients == 4 and opts.tls_profile == "full"
+    opts = bench.parse_args(["--tls", "--only", "pylb,haproxy", "--rounds", "2"])
+    assert opts.only == ("haproxy", "pylb") and opts.skipped == ()
+    opts = bench.parse_args(
+        ["--tls", "--tls-measures", "full,keepalive", "--tls-clients", "8"]
+    )
+    assert opts.tls_measures == ("keepalive", "full") and opts.tls_clients == 8
+
+
+def test_parse_args_tls_rejects(tmp_path: Path) -> None:
+    prof = str(tmp_path / "p.raw")
+    for argv in (
+        ["--tls-measures", "full"],  # needs --tls
+        ["--tls-clients", "2"],
+        ["--tls", "--tls-measures", "handshakes"],
+        ["--tls", "--tls-clients", "0"],
+        ["--tls", "--only", "direct"],  # nothing left to terminate TLS
+        ["--tls", "--tls-profile", "full"],  # needs --profile
+        ["--profile-native"],
+        ["--tls", "--tls-measures", "keepalive", "--profile", prof, "--tls-profile", "full"],
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    opts = bench.parse_args(
+        ["--tls", "--profile", prof, "--tls-profile", "resumed", "--profile-native"]
+    )
+    assert opts.tls_profile == "resumed" and opts.profile_native
+    assert bench.pyspy_mode(opts) == ["--native"]
+    assert bench.pyspy_mode(bench.parse_args([])) == ["--nonblocking"]
+    assert "resumed handshakes (4 x openssl s_time -reuse" in bench.profile_load_text(opts)
+    assert bench.profile_load_text(bench.parse_args([])) == "wrk -c50 -d10s"
+
+
+def test_parse_measures() -> None:
+    assert bench.parse_measures("resumed, full") == ("full", "resumed")
+    for bad in ("", "full,x", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_measures(bad)
+
+
+def test_haproxy_config_tls() -> None:
+    plain = bench.haproxy_config(bench.parse_args([]), 8443, (1001, 1002))
+    assert "    bind 127.0.0.1:8443\n" in plain
+    assert "ssl" not in plain and "stats socket" not in plain
+    text = bench.haproxy_config(tls_opts(), 8443, (1001, 1002))
+    assert (
+        "    bind 127.0.0.1:8443 ssl crt /x/tls/cert.pem alpn http/1.1 ssl-min-ver TLSv1.2\n"
+        in text
+    )
+    assert "    stats socket /x/tls/haproxy.sock level user\n" in text
+    assert "nbthread 1" in text and "server s1 127.0.0.1:1001" in text
+    assert " ssl" not in text.split("backend be")[1]  # the backends stay plain
+    tcp = bench.haproxy_config(tls_opts("--mode", "tcp"), 8443, (1001, 1002))
+    assert "bind 127.0.0.1:8443 ssl crt /x/tls/cert.pem" in tcp and "mode tcp" in tcp
+    with pytest.raises(bench.BenchError):  # --tls before the certificate is made
+        bench.haproxy_config(bench.parse_args(["--tls"]), 8443, (1001, 1002))
+
+
+def test_pylb_config_tls() -> None:
+    yaml = pytest.importorskip("yaml")
+    plain = bench.pylb_config(bench.parse_args([]), 8443, (1001, 1002))
+    assert plain["frontends"]["fe"]["bind"] == "127.0.0.1:8443"
+    cfg = bench.pylb_config(tls_opts(), 8443, (1001, 1002))
+    assert cfg["frontends"]["fe"]["bind"] == [{
+        "address": "127.0.0.1:8443", "ssl": True, "crt": "/x/tls/cert.pem",
+        "alpn": "http/1.1", "ssl-min-ver": "TLSv1.2",
+    }]
+    assert cfg["backends"]["be"]["servers"]["s1"] == {"address": "127.0.0.1:1001"}
+    text = bench.pylb_yaml(cfg)
+    assert 'address: "127.0.0.1:8443"' in text and "ssl: true" in text
+    assert yaml.safe_load(text)["frontends"]["fe"]["bind"] == cfg["frontends"]["fe"]["bind"]
+    with pytest.raises(bench.BenchError):
+        bench.pylb_config(bench.parse_args(["--tls"]), 8443, (1001, 1002))
+
+
+@pytest.mark.skipif(bench.shutil.which("openssl") is None, reason="no openssl CLI")
+def test_make_tls_files(tmp_path: Path) -> None:
+    files = bench.make_tls_files(bench.shutil.which("openssl"), tmp_path)
+    pem = files.crt.read_text()
+    assert pem.index("BEGIN CERTIFICATE") < pem.index("PRIVATE KEY-----")
+    assert pem.count("BEGIN CERTIFICATE") == 1  # the certificate alone, then its key
+    assert "BEGIN CERTIFICATE" in files.ca.read_text()
+    assert "ECDSA P-256" in files.description
+    ctx = bench.ssl.SSLContext(bench.ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(files.crt)  # the key matches the certificate
+    client = bench.tls_client_context(files)
+    assert client.verify_mode == bench.ssl.CERT_REQUIRED and client.check_hostname
+
+
+def test_s_time_request_and_argv() -> None:
+    assert bench.TLS_REQUEST == f"GET {bench.STIME_WWW} HTTP/1.0\r\n\r\n".encode()
+    head = bench.TLS_REQUEST.decode().split("\r\n")
+    assert head[0] == "GET / HTTP/1.0" and "Host: localhost" in head
+    assert bench.TLS_REQUEST.endswith(b"\r\n\r\n") and bench.TLS_REQUEST.count(b"\r\n\r\n") == 1
+    argv = bench.s_time_argv("openssl", 8443, "full", 4, TLS_FILES)
+    assert argv[:5] == ["openssl", "s_time", "-connect", "127.0.0.1:8443", "-new"]
+    assert argv[argv.index("-www") + 1] == bench.STIME_WWW
+    assert argv[argv.index("-time") + 1] == "4" and "/x/tls/ca.pem" in argv
+    assert "-reuse" in bench.s_time_argv("openssl", 8443, "resumed", 4, TLS_FILES)
+
+
+STIME_NEW = """\
+Collecting connection statistics for 4 seconds
+**********
+
+10 connections in 0.01s; 1000.00 connections/user sec, bytes read 1480
+10 connections in 5 real seconds, 148 bytes read per connection
+"""
+
+STIME_REUSE = """\
+
+
+Now timing with session id reuse.
+starting
+rrrrrr*r
+
+8 connections in 0.00s; inf connections/user sec, bytes read 1184
+8 connections in 5 real seconds, 148 bytes read per connection
+"""
+
+
+def test_parse_s_time() -> None:
+    assert bench.parse_s_time(STIME_NEW) == (10, 0, 1480)
+    assert bench.parse_s_time(STIME_REUSE) == (8, 7, 1184)
+    with pytest.raises(bench.BenchError):  # a mark short: output cut or garbled
+        bench.parse_s_time(STIME_NEW.replace("**********", "*********"))
+    with pytest.raises(bench.BenchError):
+        bench.parse_s_time("ERROR\nunable to connect\n")
+    load = bench.STimeResult(clients=2, connections=900, seconds=3.0)
+    assert load.hps == 300
+
+
+def test_parse_haproxy_ssl_counters() -> None:
+    text = (
+        "# pxname,svname,qcur,stot,ssl_sess,ssl_reused_sess,ssl_failed_handshake,\n"
+        "fe,FRONTEND,,4004,10,3994,6,\n"
+        "be,s1,0,2000,,,,\n"
+    )
+    assert bench.parse_haproxy_ssl_counters(text) == {"full": 10, "resumed": 3994}
+    assert bench.parse_haproxy_ssl_counters(text.replace("ssl_sess", "x")) is None
+    assert bench.parse_haproxy_ssl_counters("Unknown command\n") is None
+
+
+def hs(target: str, measure: str, rnd: int, n: int, cpu: float, resumed: int = 0,
+       **kw) -> object:
+    load = bench.STimeResult(
+        clients=4, connections=n, resumed=resumed, bytes_read=n * 148, seconds=2.0,
+        client_cpu_s=n * 0.0008,
+    )
+    r = bench.HandshakeResult(
+        target, measure, rnd, 1, load=load, proxy_user_s=cpu * 0.7, proxy_sys_s=cpu * 0.3,
+        backend_cpu_s=n * 0.00005, answer_bytes=148, **kw,
+    )
+    return r
+
+
+def test_handshake_figures() -> None:
+    r = hs("haproxy", "full", 1, 1000, 0.5, server_counts={"full": 1000, "resumed": 0})
+    f = bench.hs_figures_of(r)
+    assert f["hps"] == 500 and f["per_core"] == pytest.approx(2000)
+    assert f["cpu_us"] == pytest.approx(500) and f["user_us"] == pytest.approx(350)
+    assert f["cpu_pct"] == pytest.approx(25) and f["client_us"] == pytest.approx(800)
+    assert f["nginx_us"] == pytest.approx(50) and f["bytes_off"] == 0
+    assert f["server_full"] == 1000 and f["server_resumed"] == 0
+    assert "worker_max_pct" not in f
+    r.load.bytes_read -= 100  # some answers were shorter than the probe's
+    assert r.bytes_off == -100
+    assert bench.hs_figures_of(bench.HandshakeResult("pylb", "full", 1, 1, error="x")) == {}
+
+
+def test_summarize_handshakes_ratios_and_table() -> None:
+    opts = tls_opts("--rounds", "3")
+    results = [
+        hs("haproxy", "full", 1, 1000, 0.5), hs("pylb", "full", 1, 1000, 0.8),
+        hs("haproxy", "full", 2, 1000, 0.4), hs("pylb", "full", 2, 800, 0.8),
+        hs("haproxy", "resumed", 1, 1000, 0.4, resumed=1000),
+        bench.HandshakeResult("haproxy", "full", 3, 1, error="boom"),
+        hs("pylb", "full", 3, 1000, 0.9),
+    ]
+    s = bench.summarize_handshakes(opts, results, "full")
+    cpu = s.ratios["pylb/haproxy handshake CPU ratio"]["values"]
+    core = s.ratios["pylb/haproxy handshakes per core ratio"]["values"]
+    assert cpu[:2] == [pytest.approx(1.6), pytest.approx(2.5)] and cpu[2] is None
+    # handshakes per core is the inverse of CPU per handshake, round by round
+    assert core[:2] == [pytest.approx(1 / 1.6), pytest.approx(1 / 2.5)]
+    assert s.figures["pylb"]["cpu_us"]["median"] == pytest.approx(900)
+    assert s.figures["haproxy"]["handshakes"]["sum"] == 2000
+    text = bench.handshake_table(opts, s, results, "full")
+    assert "handshakes/s per core" in text and "CPU us/handshake" in text
+    assert "2/3" in text and "3/3" in text
+    assert "haproxy's count" in text  # rows of HAProxy's own counters ("-" for pylb)
+    resumed = bench.summarize_handshakes(opts, results, "resumed")
+    assert resumed.figures["haproxy"]["resumed"]["sum"] == 1000
+    assert resumed.figures["pylb"] == {}
+
+
+def test_handshake_checks() -> None:
+    opts = tls_opts()
+    good = [
+        hs("haproxy", "full", 1, 100, 0.1, server_counts={"full": 100, "resumed": 0}),
+        hs("haproxy", "resumed", 1, 100, 0.1, resumed=100,
+           server_counts={"full": 4, "resumed": 100}),
+        hs("pylb", "full", 1, 100, 0.1),
+    ]
+    assert bench.handshake_checks(opts, good) == []
+    bad = [hs("pylb", "full", 1, 100, 0.1, resumed=3), hs("pylb", "resumed", 2, 100, 0.1,
+                                                        resumed=90)]
+    bad[1].load.bytes_read += 5
+    lines = bench.handshake_checks(opts, bad)
+    assert any("3 of 100 connections resumed" in ln for ln in lines)
+    assert any("10 of 100 connections did not resume" in ln for ln in lines)
+    assert any("+5 bytes" in ln for ln in lines)
+
+
+def test_tls_targets() -> None:
+    opts = tls_opts("--rounds", "2")
+    keepalive = bench.Summary({}, [], {
+        "pylb/haproxy cpu_per_request": {"median": 1.9, "values": [1.8, 2.0]},
+    })
+    full = bench.Summary({}, [], {
+        "pylb/haproxy handshake CPU ratio": {"median": 1.5, "values": [1.4, 1.6]},
+        "pylb/haproxy handshakes per core ratio": {"median": 0.67, "values": [0.71, 0.63]},
+    })
+    text = bench.tls_targets(opts, keepalive, {"full": full})
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["target", "(issue", "14)"]
+    cpu = next(ln for ln in lines if "handshake CPU ratio" in ln)
+    assert "1.50 (1.40–1.60)" in cpu and "<= 1.43" in cpu and cpu.endswith("MISSED")
+    core = next(ln for ln in lines if "per core" in ln)
+    assert ">= 0.70" in core and core.endswith("MISSED")
+    ka = next(ln for ln in lines if "keep-alive" in ln)
+    assert "<= 2.00" in ka and ka.endswith("met")
+    assert bench.tls_targets(tls_opts("--only", "pylb"), keepalive, {"full": full}) == ""
+
+
+def test_negotiated_text() -> None:
+    neg = {
+        "probe": {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
+                  "alpn": "http/1.1", "answer_bytes": 148, "status": "HTTP/1.1 200 OK"},
+        "s_client": {"Server Temp Key": "X25519, 253 bits", "Signature type": "ECDSA",
+                     "Verification": "OK"},
+    }
+    text = bench.negotiated_text(neg)
+    assert text.startswith("TLSv1.3 TLS_AES_256_GCM_SHA384, X25519, signature ECDSA")
+    assert "ALPN http/1.1" in text and "verification OK" in text and "148 B" in text
+
+
+def test_format_by_file_native() -> None:
+    prof = bench.StackProfile(samples=10)
+    prof.self_samples.update({
+        "epoll_pwait (libc.so.6)": 4,
+        "0x7f00 (/usr/lib/x86_64-linux-gnu/libcrypto.so.3)": 3,
+        "HttpSession._send (lb/httpproxy.py)": 2,
+        "write (libc.so.6)": 1,
+    })
+    assert bench.file_of("0x7f00 (/usr/lib/x86_64-linux-gnu/libcrypto.so.3)") == "libcrypto.so.3"
+    lines = bench.format_by_file(prof).splitlines()
+    assert "(% of 6 worker samples; 4 more in epoll_wait/epoll_pwait left out)" in lines[0]
+    assert lines[2].split() == ["50.0", "libcrypto.so.3"]
+    assert lines[3].split() == ["33.3", "lb/httpproxy.py"]

@@ -620,3 +620,105 @@ def test_config_with_rules_pickles_and_compiles_the_same() -> None:
     assert copy == cfg
     d = FrontendRules.compile(copy).evaluate(Req("/api"), Runtime())
     assert (d.backend, d.set_headers) == ("api", [("X-A", "127.0.0.1")])
+
+
+# -- the client connection's TLS: ssl_fc and friends ------------------------------------------
+
+
+class FakeTls:
+    """What the engine reads of an ssl.SSLObject (and lb.tls.context's SNI)."""
+
+    def __init__(self, sni: str | None = "www.example.com", resumed: bool = False,
+                 alpn: str | None = "http/1.1", cert: bytes | None = None) -> None:
+        self.pylb_sni = sni
+        self.session_reused = resumed
+        self.alpn = alpn
+        self.cert = cert
+
+    def version(self) -> str:
+        return "TLSv1.3"
+
+    def cipher(self) -> tuple[str, str, int]:
+        return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self.alpn
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        return self.cert
+
+
+@dataclasses.dataclass
+class TlsReq(Req):
+    ssl: FakeTls | None = None
+
+
+def test_ssl_fc_booleans_in_anonymous_acls() -> None:
+    rules = compile_rules(http_request=["redirect scheme https code 301 unless { ssl_fc }",
+                                        "set-header X-Forwarded-Proto https if { ssl_fc }"])
+    plain = rules.evaluate(TlsReq(headers={"host": "a.example"}), Runtime())
+    assert plain.response is not None and b"Location: https://a.example/" in plain.response
+    tls = rules.evaluate(TlsReq(ssl=FakeTls()), Runtime())
+    assert tls.response is None and tls.set_headers == [("X-Forwarded-Proto", "https")]
+    for acl in ("ssl_fc", "ssl_fc_has_sni", "ssl_fc_is_resumed", "ssl_c_used"):
+        assert not matches(acl, TlsReq())
+    assert matches("ssl_fc", TlsReq(ssl=FakeTls()))
+    assert matches("ssl_fc_has_sni", TlsReq(ssl=FakeTls()))
+    assert not matches("ssl_fc_has_sni", TlsReq(ssl=FakeTls(sni=None)))
+    assert matches("ssl_fc_is_resumed", TlsReq(ssl=FakeTls(resumed=True)))
+    assert not matches("ssl_fc_is_resumed", TlsReq(ssl=FakeTls()))
+    assert matches("ssl_c_used", TlsReq(ssl=FakeTls(cert=b"DER")))
+    assert not matches("ssl_c_used", TlsReq(ssl=FakeTls()))
+
+
+def test_ssl_string_fetches_and_sni_derivatives() -> None:
+    tls = TlsReq(ssl=FakeTls(sni="WWW.Example.com"))
+    assert matches("ssl_fc_sni -i www.example.com", tls)
+    assert not matches("ssl_fc_sni www.example.com", tls)
+    assert matches("ssl_fc_sni_end -i .example.com", tls)
+    assert matches(r"ssl_fc_sni_reg ^WWW\.", tls)
+    assert matches("ssl_fc_protocol TLSv1.3", tls)
+    assert matches("ssl_fc_cipher -m beg TLS_AES", tls)
+    assert matches("ssl_fc_alpn http/1.1", tls)
+    assert not matches("ssl_fc_alpn -m found", TlsReq(ssl=FakeTls(alpn=None)))
+    assert not matches("ssl_fc_sni -m found", TlsReq(ssl=FakeTls(sni=None)))
+    for acl in ("ssl_fc_sni", "ssl_fc_protocol", "ssl_fc_cipher", "ssl_fc_alpn"):
+        assert not matches(f"{acl} -m found", TlsReq())
+
+
+def test_ssl_fetches_in_values() -> None:
+    rules = compile_rules(http_request=[
+        "set-header X-SNI %[ssl_fc_sni]",
+        "set-header X-TLS %[ssl_fc]/%[ssl_fc_protocol]/%[ssl_fc_cipher]/%[ssl_fc_alpn]/"
+        "%[ssl_fc_is_resumed]/%[ssl_c_used]/%[ssl_fc_has_sni]",
+    ])
+    tls = rules.evaluate(TlsReq(ssl=FakeTls(resumed=True)), Runtime())
+    assert tls.set_headers == [
+        ("X-SNI", "www.example.com"),
+        ("X-TLS", "1/TLSv1.3/TLS_AES_256_GCM_SHA384/http/1.1/1/0/1"),
+    ]
+    plain = rules.evaluate(TlsReq(), Runtime())
+    assert plain.set_headers == [("X-SNI", ""), ("X-TLS", "0////0//0")]
+
+
+def test_ssl_fetch_syntax_errors() -> None:
+    with pytest.raises(ValueError, match="ssl_fc takes no arguments"):
+        syntax.parse_acl("ssl_fc(x)", 1)
+    with pytest.raises(ValueError, match="-m bool takes no values"):
+        syntax.parse_acl("ssl_fc 1", 1)
+    with pytest.raises(ValueError, match="ssl_fc_sni_end is an ACL keyword; write ssl_fc_sni"):
+        syntax.parse_template("%[ssl_fc_sni_end]")
+    with pytest.raises(ValueError, match="unknown fetch 'ssl_fc_snii' .did you mean ssl_fc_sni"):
+        syntax.parse_acl("ssl_fc_snii x", 1)
+
+
+def test_ssl_fetches_are_refused_where_no_tls_is_known() -> None:
+    from lb.config import ConfigError
+
+    with pytest.raises(ValueError, match="ssl_fc cannot be used in tcp-request connection"):
+        syntax.parse_tcp_connection("reject unless { ssl_fc }", 1)
+    text = ("frontends:\n  www:\n    bind: 127.0.0.1:8080\n    default_backend: app\n"
+            "    acl: {tls: ssl_fc}\n    tcp-request connection: [reject unless tls]\n"
+            + BACKENDS)
+    with pytest.raises(ConfigError, match="ACL 'tls' uses ssl_fc"):
+        loads(text, "t.cfg")

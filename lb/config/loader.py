@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterator
 from typing import Any
@@ -85,7 +86,13 @@ def _frontend(
 ) -> Frontend:
     values, origin = resolve(FRONTEND, inherited(FRONTEND, defaults), item.section)
     kw = attrs(FRONTEND, values)
-    kw["binds"] = tuple(address for address, _ in kw["binds"])
+    kw["tls"] = tuple(
+        tls if tls.alpn is not None else dataclasses.replace(
+            tls, alpn=("http/1.1",) if kw["mode"] == "http" else ()
+        )
+        for _, _, tls in kw["binds"] if tls is not None
+    )
+    kw["binds"] = tuple(address for address, _, _ in kw["binds"])
     kw["timeouts"] = _timeouts(kw["timeouts"])
     if kw["maxconn"] is None:
         kw["maxconn"] = global_.maxconn
@@ -371,7 +378,7 @@ def _check_binds(frontends: dict[str, Named]) -> None:
     seen: dict[Address, tuple[str, int]] = {}
     for name, item in frontends.items():
         given = item.section["bind"]
-        for address, line in given.value:
+        for address, line, _tls in given.value:
             if address in seen:
                 other, other_line = seen[address]
                 raise given.at.error(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from lb.tls.certs import Certificate
+
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -22,6 +24,22 @@ class Address:
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsBind:
+    """A bind with ``ssl: true``: what its handshakes offer (lb.tls.context builds it)."""
+
+    address: Address
+    certificates: tuple[Certificate, ...]  # read and checked; the first is the default
+    alpn: tuple[str, ...] | None  # None only while loading (then the mode's default)
+    min_version: str  # TLSv1.2 or TLSv1.3
+    ciphers: str | None  # TLS 1.2 cipher list (OpenSSL's words)
+    ciphersuites: str | None  # TLS 1.3 cipher suites
+    ca: bytes | None  # PEM of the CAs that client certificates must chain to
+    verify: str  # none, optional or required: client certificates
+    strict_sni: bool  # refuse a handshake whose server name no certificate has
+    line: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +78,7 @@ class Global:
     max_header_size: int
     stats: StatsSocket | None
     spread_checks: int = 0  # percent of random jitter on health check intervals
+    tls_ticket_rotate: float = 3600.0  # seconds between new session ticket keys
 
 
 # -- HTTP rules: HAProxy's words, parsed (by lb.rules.syntax) but not compiled -------------
@@ -285,6 +304,8 @@ class Frontend:
     tcp_request_connection: tuple[TcpConnectionRule, ...] = ()
     httpclose: bool = False  # close the client connection after each response
     http_server_close: bool = False  # close the server connection after each response
+    tls: tuple[TlsBind, ...] = ()  # the binds with ssl: true
+    httpslog: bool = False  # HAProxy's option httpslog: TLS fields end the request log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +339,12 @@ class Server:
     fall: int
     fastinter: float | None = None  # None: inter
     downinter: float | None = None  # None: inter
+    # TLS to the server (HAProxy's ssl, verify, ca-file, sni, verifyhost; lb.tls.client)
+    ssl: bool = False
+    verify: str = "required"  # none or required: the server's certificate must verify
+    ca: bytes | None = None  # PEM of ca-file, read by the master; None: the system's CAs
+    sni: str | None = None  # the name sent in the handshake
+    verifyhost: str | None = None  # the name checked in the certificate (else sni)
 
 
 @dataclass(frozen=True, slots=True)

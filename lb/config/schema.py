@@ -7,8 +7,11 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from yaml.nodes import MappingNode
+
 from lb.rules import syntax as rules
 
+from . import tls
 from .fields import Field, Schema, named, partial, record
 from .model import (
     Acl,
@@ -21,12 +24,13 @@ from .model import (
     StatsSocket,
     StickTable,
     TcpConnectionRule,
+    TlsBind,
     UseBackend,
 )
 from .values import (
     balance,
-    bind_address,
     boolean,
+    ca_file,
     choice,
     cookie_value,
     count,
@@ -42,6 +46,7 @@ from .values import (
     redispatch,
     retry_on,
     server_address,
+    server_name,
     size,
     socket_path,
     status_range,
@@ -55,12 +60,13 @@ from .yamltree import Value
 MAX_WORKERS = 64  # `global.workers` at most (documented in docs/configuration.md)
 
 
-def binds(v: Value) -> tuple[tuple[Address, int], ...]:
-    """``bind``: one address or a non-empty list; each kept with its line."""
-    items = v.elements() if not v.is_scalar else [v]
+def binds(v: Value) -> tuple[tuple[Address, int, TlsBind | None], ...]:
+    """``bind``: one address (or mapping, see lb.config.tls) or a non-empty list of them;
+    each kept with its line."""
+    items = [v] if v.is_scalar or isinstance(v.node, MappingNode) else v.elements()
     if not items:
         raise v.error("expected at least one address")
-    return tuple((bind_address(item), item.line) for item in items)
+    return tuple(tls.bind(item) for item in items)
 
 
 mode = choice("http", "tcp")
@@ -203,6 +209,8 @@ GLOBAL: Schema = {
     "log": Field(log_target, "stderr"),
     "max-header-size": Field(size, 16 * 1024),
     "stats": Field(record(STATS, StatsSocket)),
+    # how often the master makes a new TLS session ticket key (lb.tls.keyring)
+    "tls-ticket-rotate": Field(duration, 3600.0),
 }
 
 SERVER: Schema = {
@@ -218,6 +226,12 @@ SERVER: Schema = {
     "downinter": Field(duration),  # None: inter. Between checks while DOWN
     "rise": Field(integer(1), 2),
     "fall": Field(integer(1), 3),
+    # TLS to the server, HAProxy's keys; health checks use it too (HAProxy's check-ssl)
+    "ssl": Field(boolean, False),
+    "verify": Field(choice("none", "required"), "required"),
+    "ca-file": Field(ca_file, attr="ca"),  # PEM bytes, read now; None: the system's CAs
+    "sni": Field(server_name),
+    "verifyhost": Field(server_name),
 }
 
 DEFAULT_SERVER: Schema = {k: f for k, f in SERVER.items() if k != "address"}
@@ -255,6 +269,7 @@ FRONTEND: Schema = {
     "httpclose": Field(boolean, False, inherit=True),
     "http-server-close": Field(boolean, False, inherit=True),
     "log": Field(log_target, inherit=True),  # None: no request log
+    "httpslog": Field(boolean, False, inherit=True),  # option httpslog (lb.httplog)
     # HTTP rules; never inherited from defaults (HAProxy refuses them there too)
     "acl": Field(acls, ()),
     "http-request": Field(http_request, ()),

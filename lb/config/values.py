@@ -484,3 +484,60 @@ def redispatch(v: Value) -> int:
     if not isinstance(x, int) or isinstance(x, bool):
         raise v.error(f"expected true, false or a retry interval like 1 or -1, got {v.describe()}")
     return x
+
+
+# -- TLS to servers ---------------------------------------------------------------------------
+
+SERVER_NAME_HINT = "a host name like app.example.com"
+SYSTEM_CA = "@system-ca"  # HAProxy 2.6's word for the system's default CAs
+
+
+def _server_name(x: str | None) -> str:
+    """``sni`` and ``verifyhost``: a literal DNS name. HAProxy's ``sni`` takes a sample
+    expression; pylb takes a name only, so say so rather than "expected a host name"."""
+    if x is not None and "(" in x:
+        raise ValueError(
+            f"expected {SERVER_NAME_HINT}, got {show(x)}: pylb takes a literal name here,"
+            " not a sample expression"
+        )
+    if not x or not _HOSTNAME_RE.fullmatch(x) or _ipv4(x.rstrip(".")) is not None:
+        raise _Mismatch()  # SNI carries no IP literal (RFC 6066); certificates name hosts
+    return x
+
+
+server_name = scalar(SERVER_NAME_HINT, _server_name, text=True)
+
+
+def read_ca_file(file: str) -> bytes:
+    """The PEM bytes of a CA file, checked as OpenSSL will load them (raises OSError when
+    unreadable, ValueError with the reason when not PEM certificates)."""
+    import ssl  # here, to keep this section self-contained
+
+    with open(file, "rb") as f:
+        pem = f.read()
+    try:
+        text = pem.decode("ascii")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except (UnicodeDecodeError, ValueError, ssl.SSLError) as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            reason = "not ASCII text"
+        else:  # OpenSSL's words, without where in _ssl.c they come from
+            reason = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", exc.args[-1] if exc.args else "")
+        raise ValueError(
+            f"ca-file {file!r} is not a PEM file of CA certificates ({reason.lower()})"
+        ) from None
+    return pem
+
+
+def ca_file(v: Value) -> bytes | None:
+    """``ca-file``: read now, by the master, so that workers never open it; None (the
+    system's CAs) for ``@system-ca``."""
+    file = path(v)
+    if file == SYSTEM_CA:
+        return None
+    try:
+        return read_ca_file(file)
+    except OSError as exc:
+        raise v.error(f"cannot read ca-file {file!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise v.error(str(exc)) from None

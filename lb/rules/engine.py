@@ -14,6 +14,7 @@ as the request and the connection go, so every counter is counted and released o
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,6 +50,7 @@ class Request(Protocol):
     client_ip: str
     method: str
     target: str  # as received, e.g. "/api/x?y=1"
+    ssl: ssl.SSLObject | None  # the client connection's TLS; None: a plain connection
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (given in lower case), None if absent."""
@@ -339,6 +341,55 @@ def _fetch_nbsrv(args: tuple[str, ...]) -> Fn:
     return lambda ev: ev.runtime.nbsrv(backend)
 
 
+# -- the client connection's TLS: ssl_fc and friends ------------------------------------
+
+
+def _ssl_fc(ev: _Eval) -> object:
+    return int(ev.request.ssl is not None)
+
+
+def _ssl_fc_is_resumed(ev: _Eval) -> object:
+    tls = ev.request.ssl
+    return int(tls is not None and tls.session_reused)
+
+
+def _sni_of() -> Callable[[ssl.SSLObject], str | None]:
+    """lb.tls.context.sni_of, imported when rules compile: lb.config imports this package,
+    and lb.tls.context imports lb.config."""
+    from lb.tls.context import sni_of
+
+    return sni_of
+
+
+def _fetch_has_sni(args: tuple[str, ...]) -> Fn:
+    sni_of = _sni_of()
+
+    def has_sni(ev: _Eval) -> object:
+        tls = ev.request.ssl
+        return int(tls is not None and sni_of(tls) is not None)
+
+    return has_sni
+
+
+def _cipher(tls: ssl.SSLObject) -> str | None:
+    cipher = tls.cipher()
+    return cipher[0] if cipher else None
+
+
+def _tls(get: Callable[[ssl.SSLObject], object]) -> Callable[[tuple[str, ...]], Fn]:
+    """A fetch of the connection's TLS: no sample on a plain connection, or when ``get``
+    has none (no SNI, no ALPN protocol agreed)."""
+
+    def build(args: tuple[str, ...]) -> Fn:
+        def fetch(ev: _Eval) -> object:
+            tls = ev.request.ssl
+            return None if tls is None else get(tls)
+
+        return fetch
+
+    return build
+
+
 # Canonical fetch (Sample.fetch) -> builder from its arguments.
 FETCHERS: dict[str, Callable[[tuple[str, ...]], Fn]] = {
     "src": lambda args: lambda ev: ev.request.client_ip,
@@ -350,6 +401,15 @@ FETCHERS: dict[str, Callable[[tuple[str, ...]], Fn]] = {
     "cook": _fetch_cook,
     "nbsrv": _fetch_nbsrv,
     "var": _fetch_var,
+    # booleans as HAProxy gives them: 0 or 1, and 0 on a plain connection
+    "ssl_fc": lambda args: _ssl_fc,
+    "ssl_fc_has_sni": _fetch_has_sni,
+    "ssl_fc_is_resumed": lambda args: _ssl_fc_is_resumed,
+    "ssl_fc_sni": lambda args: _tls(_sni_of())(args),
+    "ssl_fc_protocol": _tls(lambda tls: tls.version()),
+    "ssl_fc_cipher": _tls(_cipher),
+    "ssl_fc_alpn": _tls(lambda tls: tls.selected_alpn_protocol()),
+    "ssl_c_used": _tls(lambda tls: int(tls.getpeercert(True) is not None)),
 }
 
 
@@ -863,6 +923,7 @@ class _Client:
     __slots__ = ("client_ip",)
     method = ""
     target = ""
+    ssl = None  # never asked: lb.rules.syntax keeps TLS fetches out of these rules
 
     def __init__(self, client_ip: str) -> None:
         self.client_ip = client_ip

@@ -149,6 +149,16 @@ _BASE_FETCHES = {
     "cook": FetchSpec("cook", "str", "cookie"),
     "nbsrv": FetchSpec("nbsrv", "int", "backend"),
     "var": FetchSpec("var", "str", "var"),
+    # The client connection's TLS (HAProxy's section 7.3.4). On a plain connection the
+    # booleans ssl_fc, ssl_fc_has_sni and ssl_fc_is_resumed are 0; the others give no sample.
+    "ssl_fc": FetchSpec("ssl_fc", "bool", ""),
+    "ssl_fc_has_sni": FetchSpec("ssl_fc_has_sni", "bool", ""),
+    "ssl_fc_sni": FetchSpec("ssl_fc_sni", "str", ""),
+    "ssl_fc_protocol": FetchSpec("ssl_fc_protocol", "str", ""),
+    "ssl_fc_cipher": FetchSpec("ssl_fc_cipher", "str", ""),
+    "ssl_fc_alpn": FetchSpec("ssl_fc_alpn", "str", ""),
+    "ssl_fc_is_resumed": FetchSpec("ssl_fc_is_resumed", "bool", ""),
+    "ssl_c_used": FetchSpec("ssl_c_used", "bool", ""),
 }
 DERIVED_MATCHES = ("beg", "end", "sub", "reg", "len")
 FETCHES: dict[str, FetchSpec] = {
@@ -159,6 +169,9 @@ FETCHES: dict[str, FetchSpec] = {
         for base in ("path", "url", "hdr", "req.cook", "cook")
         for match in DERIVED_MATCHES
     },
+    # HAProxy's only derivatives of ssl_fc_sni
+    "ssl_fc_sni_end": FetchSpec("ssl_fc_sni", "str", "", "end"),
+    "ssl_fc_sni_reg": FetchSpec("ssl_fc_sni", "str", "", "reg"),
 }
 # map(NAME[,DEFAULT]) and its match kinds: exact (map, map_str), prefix, domain, IPv4 network
 MAP_CONVERTERS = ("map", "map_str", "map_beg", "map_dom", "map_ip")
@@ -187,8 +200,13 @@ TABLE_FETCHES = (  # every name, for suggestions
     *(f"sc{n}_{word}" for n in range(SC_COUNT) for word in _SC_OPERATIONS),
     *(f"src_{word}" for word in _SRC_OPERATIONS),
 )
-# Fetches that read the HTTP request: not usable in tcp-request connection rules.
-HTTP_FETCHES = frozenset(("path", "url", "method", "host", "hdr", "cook"))
+# The client connection's TLS: tcp-request connection rules do not see it (yet), so they
+# (and tcp-mode ACLs) are refused these fetches rather than given a plain connection's answer.
+TLS_FETCHES = frozenset(("ssl_fc", "ssl_fc_has_sni", "ssl_fc_sni", "ssl_fc_protocol",
+                         "ssl_fc_cipher", "ssl_fc_alpn", "ssl_fc_is_resumed", "ssl_c_used"))
+# Fetches not usable in tcp-request connection rules: those that read the HTTP request,
+# and the TLS ones above.
+HTTP_FETCHES = frozenset(("path", "url", "method", "host", "hdr", "cook")) | TLS_FETCHES
 
 
 def sc_number(text: str, what: str) -> int:
@@ -906,6 +924,9 @@ def parse_tcp_connection(text: str, line: int) -> TcpConnectionRule:
     if rule is None:
         raise ValueError(_unknown("action", ws[0], CONNECTION_ACTIONS))
     for sample in rule_samples(rule):
+        if sample.fetch in TLS_FETCHES:
+            raise ValueError(f"{fetch_text(sample)} cannot be used in tcp-request connection "
+                             "rules in pylb; use it in http-request rules")
         if sample.fetch in HTTP_FETCHES:
             raise ValueError(f"{fetch_text(sample)} needs an HTTP request, and tcp-request "
                              "connection rules run before anything is read (use src, nbsrv, "

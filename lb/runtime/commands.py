@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from lb import counters, maps
 from lb.mapstore import SharedMap
-from lb.runtime import stats, tables
+from lb.runtime import sslcert, stats, tables
 from lb.shared import (
     BE_HOLD,
     DRAIN,
@@ -49,6 +49,7 @@ class Session:
     level: int
     timeout: float
     interactive: bool = False
+    payload: str | None = None  # what followed a command line ending in `<<`
 
 
 Handler = Callable[["Master", list[str], Session], Awaitable[str]]
@@ -99,11 +100,12 @@ def _args(args: list[str], count: int, usage: str) -> list[str]:
 
 async def _totals(master: Master) -> dict[str, dict[str, dict[str, int]]]:
     """Every worker's counters, added up."""
-    totals: dict[str, dict[str, dict[str, int]]] = {"fe": {}, "be": {}, "srv": {}}
+    totals: dict[str, dict[str, dict[str, int]]] = {"fe": {}, "be": {}, "srv": {}, "ssl": {}}
     for answer in await master.ask("stats"):
-        for kind in totals:
+        for kind in ("fe", "be", "srv"):
             for name, values in answer[kind].items():
                 counters.add(totals[kind].setdefault(name, counters.zero()), values)
+        stats.add_tls(totals["ssl"], answer.get("ssl", {}))  # TLS client connections
     return totals
 
 
@@ -478,6 +480,14 @@ COMMANDS = (
     Command(("show", "proc"), OPERATOR, show_proc,
             "show proc : the master and its workers, current and old"),
     Command(("reload",), ADMIN, reload_, "reload : new generation of workers, state kept"),
+    Command(("show", "ssl", "cert"), OPERATOR, sslcert.show_ssl_cert,
+            "show ssl cert [<certfile>] : certificates in use, or one in detail"),
+    Command(("set", "ssl", "cert"), ADMIN, sslcert.set_ssl_cert,
+            "set ssl cert <certfile> <payload> : replace a certificate (a transaction)"),
+    Command(("commit", "ssl", "cert"), ADMIN, sslcert.commit_ssl_cert,
+            "commit ssl cert <certfile> : serve the new certificate on every worker"),
+    Command(("abort", "ssl", "cert"), ADMIN, sslcert.abort_ssl_cert,
+            "abort ssl cert <certfile> : drop the transaction"),
 )
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from lb import config, maps
 from lb.log import log
-from lb.runtime import commands
+from lb.runtime import commands, sslcert
 
 if TYPE_CHECKING:
     from lb.master import Master
@@ -73,8 +73,14 @@ class StatsSocket:
                 if line.startswith(b"_"):  # a newer pylb taking over (lb.takeover)
                     await self._takeover(line.decode().strip(), session, writer)
                     return
-                answer, keep_going = await self._run_line(line.decode("utf-8", "replace"),
-                                                          session)
+                text = line.decode("utf-8", "replace")
+                if text.rstrip().endswith("<<"):  # a payload follows, up to an empty line
+                    text = text.rstrip()[:-2]
+                    session.payload = await self._payload(reader, session)
+                try:
+                    answer, keep_going = await self._run_line(text, session)
+                finally:
+                    session.payload = None
                 writer.write(answer.encode())
                 await asyncio.wait_for(writer.drain(), session.timeout)
                 if not keep_going:
@@ -85,6 +91,18 @@ class StatsSocket:
             log.exception("stats socket: command failed")
         finally:
             writer.close()
+
+    async def _payload(self, reader: asyncio.StreamReader, session: commands.Session) -> str:
+        """The lines after a command ending in `<<`, up to an empty line (or the end)."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            line = await asyncio.wait_for(reader.readline(), session.timeout)
+            if not line or not line.strip():
+                return b"".join(lines).decode("utf-8", "replace")
+            size += len(line)
+            if size <= sslcert.MAX_PAYLOAD + MAX_LINE:  # beyond: read on, keep no more
+                lines.append(line)
 
     async def _takeover(
         self, command: str, session: commands.Session, writer: asyncio.StreamWriter

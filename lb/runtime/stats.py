@@ -49,7 +49,14 @@ COLUMNS = (
     "req_rate,req_rate_max,req_tot,cli_abrt,srv_abrt,comp_in,comp_out,comp_byp,comp_rsp,"
     "lastsess,last_chk,last_agt,qtime,ctime,rtime,ttime,agent_status,agent_code,"
     "agent_duration,check_desc,agent_desc,check_rise,check_fall,check_health,agent_rise,"
-    "agent_fall,agent_health,addr,cookie,mode,algo,conn_rate,conn_rate_max,conn_tot"
+    "agent_fall,agent_health,addr,cookie,mode,algo,conn_rate,conn_rate_max,conn_tot,"
+    # the rest of HAProxy 2.6's own columns (empty here), then "-" and the columns of its
+    # stats modules: pylb has the ssl module's (frontends only: TLS to servers is not
+    # counted), and HAProxy's h2 module's are left out
+    "intercepted,dcon,dses,wrew,connect,reuse,cache_lookups,cache_hits,srv_icur,src_ilim,"
+    "qtime_max,ctime_max,rtime_max,ttime_max,eint,idle_conn_cur,safe_conn_cur,used_conn_cur,"
+    "need_conn_est,uweight,agg_server_check_status,-,"
+    "ssl_sess,ssl_reused_sess,ssl_failed_handshake"
 ).split(",")
 
 FRONTEND, BACKEND, SERVER = 0, 1, 2
@@ -60,11 +67,42 @@ def _uptime(seconds: int) -> str:
     return f"{days}d {rest // 3600}h{rest % 3600 // 60:02d}m{rest % 60:02d}s"
 
 
-def show_info(master: Master, totals: dict[str, dict[str, int]]) -> str:
+TLS_FIELDS = ("cur", "cum", "reused", "rate", "keys")  # lb.frontend.TlsCounters.snapshot
+
+
+def add_tls(total: dict[str, dict[str, int]], answer: dict[str, dict[str, int]]) -> None:
+    """Add one worker's TLS counters (per frontend) into a running total."""
+    for name, values in answer.items():
+        into = total.setdefault(name, dict.fromkeys(TLS_FIELDS, 0))
+        for key in TLS_FIELDS:
+            into[key] += values.get(key, 0)
+
+
+def _tls_info(totals: dict[str, dict[str, dict[str, int]]]) -> dict[str, int]:
+    """show info's TLS fields, from every worker's client connections over TLS. The rates
+    are HAProxy's: over the last second, from the number of each second and the one
+    before, and the reuse percentage is 100 - 100 * new keys / connections over it."""
+    tls = dict.fromkeys(TLS_FIELDS, 0)
+    for values in totals.get("ssl", {}).values():
+        for key in TLS_FIELDS:
+            tls[key] += values[key]
+    rate, keys = tls["rate"] / 1000, tls["keys"] / 1000
+    return {
+        "CurrSslConns": tls["cur"],
+        "CumSslConns": tls["cum"],
+        "SslRate": int(rate),
+        "SslRateLimit": 0,
+        "SslFrontendKeyRate": int(keys),
+        "SslFrontendSessionReuse_pct": int(100.0 * (1.0 - keys / rate)) if keys < rate else 0,
+    }
+
+
+def show_info(master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> str:
     """`Name: value` lines; every field hatop insists on is there."""
     words = master.shared.words
     uptime = int(time.time() - master.started)
     fe_totals = totals["fe"].values()
+    tls = _tls_info(totals)
     lines = {
         "Name": "pylb",
         "Version": lb.__version__,
@@ -86,9 +124,9 @@ def show_info(master: Master, totals: dict[str, dict[str, int]]) -> str:
         "CurrConns": master.shared.total(GLOBAL_FIELDS),
         "CumConns": sum(t["stot"] for t in fe_totals),
         "CumReq": sum(t["req_tot"] for t in fe_totals),
-        "MaxSslConns": 0,
-        "CurrSslConns": 0,
-        "CumSslConns": 0,
+        "MaxSslConns": 0,  # no limit
+        "CurrSslConns": tls["CurrSslConns"],
+        "CumSslConns": tls["CumSslConns"],
         "Maxpipes": 0,
         "PipesUsed": 0,
         "PipesFree": 0,
@@ -98,6 +136,10 @@ def show_info(master: Master, totals: dict[str, dict[str, int]]) -> str:
         "SessRate": 0,
         "SessRateLimit": 0,
         "MaxSessRate": 0,
+        "SslRate": tls["SslRate"],
+        "SslRateLimit": tls["SslRateLimit"],
+        "SslFrontendKeyRate": tls["SslFrontendKeyRate"],
+        "SslFrontendSessionReuse_pct": tls["SslFrontendSessionReuse_pct"],
         "Tasks": len(master.workers),
         "Run_queue": 0,
         "Idle_pct": 100,
@@ -120,6 +162,7 @@ class _Rows:
     def add(self, kind: int, pxname: str, svname: str, sid: int, totals: dict[str, int],
             **values: Any) -> None:
         row = {name: "" for name in COLUMNS}
+        row["-"] = "-"  # HAProxy's mark between its own columns and its modules'
         row.update(totals)
         row.update(pxname=pxname, svname=svname, type=kind, pid=1, iid=self.iids[pxname],
                    sid=sid, **values)
@@ -147,9 +190,13 @@ def show_stat(master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> s
         base = layout.frontends[name]
         maxconn = words[base + FE_MAXCONN]
         status = "STOP" if words[base + FE_DISABLED] else "OPEN" if maxconn > 0 else "PAUSED"
+        tls = totals.get("ssl", {}).get(name, {})
         rows.add(FRONTEND, name, "FRONTEND", 0, totals["fe"].get(name, counters.zero()),
                  scur=shared.total(base + FE_FIELDS), slim=maxconn, status=status,
-                 mode=frontend.mode, dresp=0, econ="", eresp="", wretr="", wredis="")
+                 mode=frontend.mode, dresp=0, econ="", eresp="", wretr="", wredis="",
+                 # HAProxy's ssl_sess counts the sessions made: handshakes that resumed none
+                 ssl_sess=tls.get("cum", 0) - tls.get("reused", 0),
+                 ssl_reused_sess=tls.get("reused", 0))
     for name, backend in config.backends.items():
         act = bck = weight = 0
         scur = chkdown = 0
@@ -226,6 +273,7 @@ def show_servers_state(master: Master, backend_name: str | None = None) -> str:
                 f"{op_state} {admin} {words[base + SRV_WEIGHT]} {server.weight} "
                 f"{now - words[base + SRV_LASTCHG]} {words[base + SRV_CHECK_STATUS]} "
                 f"{3 if op_state else 1} {server.rise if op_state else 0} "
-                f"{6 if server.check else 0} 0 0 0 - {server.address.port} - 0 0 - - 0"
+                f"{6 if server.check else 0} 0 0 0 - {server.address.port} - "
+                f"{int(server.ssl)} 0 - - 0"
             )
     return "\n".join(lines) + "\n"
