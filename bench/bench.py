@@ -20,6 +20,7 @@ See bench/README.md for how to run it and how to read the output.
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -2030,13 +2031,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def pair_ratio(by: dict[str, dict[str, float]], a: str, b: str, key: str) -> float | None:
+    """Target `a`'s figure `key` over target `b`'s, in one round (None if either lacks it)."""
+    return ratio(by.get(a, {}).get(key), by.get(b, {}).get(key))
+
+
 def round_ratios(
     by: dict[str, dict[str, float]], targets: tuple[str, ...], size: bool
 ) -> dict[str, float | None]:
     """Ratios of one round's paired runs; a key for every pair whose targets were selected."""
 
-    def r(a: str, b: str, key: str) -> float | None:
-        return ratio(by.get(a, {}).get(key), by.get(b, {}).get(key))
+    r = functools.partial(pair_ratio, by)
 
     out: dict[str, float | None] = {}
     pylbs = [t for t in targets if is_pylb(t)]
@@ -2144,8 +2149,7 @@ def hs_round_ratios(
 ) -> dict[str, float | None]:
     """Ratios of one round's paired handshake measures (see round_ratios)."""
 
-    def r(a: str, b: str, key: str) -> float | None:
-        return ratio(by.get(a, {}).get(key), by.get(b, {}).get(key))
+    r = functools.partial(pair_ratio, by)
 
     out: dict[str, float | None] = {}
     pylbs = [t for t in targets if is_pylb(t)]
@@ -2198,18 +2202,7 @@ def handshake_table(
     for key, label, spec, how in HS_FIGURES:
         if key.startswith("server_") and "haproxy" not in targets:
             continue
-        cells = []
-        for t in targets:
-            st = summary.figures[t].get(key)
-            if measured[t] == 0:
-                cells.append("FAILED")
-            elif st is None:
-                cells.append("-")
-            elif how == "sum":
-                cells.append(format(st["sum"], spec))
-            else:
-                cells.append(spread([v for v in st["values"] if v is not None], spec))
-        rows.append([label, *cells])
+        rows.append([label, *figure_cells(summary, targets, measured, key, spec, how)])
     return align(rows)
 
 
@@ -2349,6 +2342,23 @@ def align(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def figure_cells(summary: Summary, targets: Iterable[str], measured: dict[str, int], key: str,
+                 spec: str, how: str) -> list[str]:
+    """One figure's row: its median and range (or sum) per target."""
+    cells = []
+    for t in targets:
+        st = summary.figures[t].get(key)
+        if measured[t] == 0:
+            cells.append("FAILED")
+        elif st is None:
+            cells.append("-")
+        elif how == "sum":
+            cells.append(format(st["sum"], spec))
+        else:
+            cells.append(spread([v for v in st["values"] if v is not None], spec))
+    return cells
+
+
 def figure_table(opts: Options, summary: Summary, results: list[TargetResult]) -> str:
     targets = opts.targets
     rows = [["figure", *targets]]
@@ -2357,18 +2367,7 @@ def figure_table(opts: Options, summary: Summary, results: list[TargetResult]) -
     for key, label, spec, how, needs_size in FIGURES:
         if needs_size and opts.size is None:
             continue
-        cells = []
-        for t in targets:
-            st = summary.figures[t].get(key)
-            if measured[t] == 0:
-                cells.append("FAILED")
-            elif st is None:
-                cells.append("-")
-            elif how == "sum":
-                cells.append(format(st["sum"], spec))
-            else:
-                cells.append(spread([v for v in st["values"] if v is not None], spec))
-        rows.append([label, *cells])
+        rows.append([label, *figure_cells(summary, targets, measured, key, spec, how)])
     return align(rows)
 
 

@@ -501,8 +501,14 @@ def request_head_bytes(
         else:
             forward = [*forward, b"X-Forwarded-For: " + forwarded_for + b"\r\n"]
     lines = head.forward_lines(forward, head.upgrade)
+    keep_alive = False
     if head.method in RTSP_ONLY_METHODS:
         first = b"%s %s RTSP/%s\r\n" % (head.method, head.target, head.version.encode())
+    elif head.version == "1.0" and not _has_host(forward):
+        # HTTP/1.1 requires a Host (RFC 9112 3.2), and servers refuse one without: it goes
+        # on as HTTP/1.0, as HAProxy sends it, asking to keep the server connection
+        first = b"%s %s HTTP/1.0\r\n" % (head.method, head.target)
+        keep_alive = not close
     else:
         first = b"%s %s HTTP/1.1\r\n" % (head.method, head.target)
     lines.insert(0, first)
@@ -515,8 +521,14 @@ def request_head_bytes(
         lines.append(b"Connection: upgrade\r\n")
     elif close:
         lines.append(b"Connection: close\r\n")
+    elif keep_alive:
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def _has_host(lines: list[bytes]) -> bool:
+    return any(line[:5].lower() == b"host:" for line in lines)
 
 
 def response_head_bytes(head: ResponseHead, framing: int, keep_alive: bool, version: str) -> bytes:

@@ -287,6 +287,7 @@ class Master:
         for backend, queue in list(self.keeper.queues.items()):
             if queue or any(s.queue for s in self.keeper.group(backend)):
                 self.keeper.dispatch(backend)
+        self.keeper.expire_kept()  # slots kept for moved requests that never asked again
         self.tables.housekeeping()
         self.generations.housekeeping()
         if self.ticket_keys.due():
@@ -377,6 +378,8 @@ class Master:
                     self._send_back(conn, mine, heir.accepts)
                     continue
                 heir.channel.send({"op": "adopt", "conns": [conn]}, mine)
+                if conn.get("ticket"):  # a queued request: its place in the queue moves too
+                    self.keeper.moved(conn["ticket"], heir)
                 if tunnel is not None and tunnel["slot"]:
                     old = self.workers.get(tunnel["pid"]) or self.elders.get(tunnel["pid"])
                     self.keeper.transfer(old, heir, tunnel["be"], tunnel["srv"])

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 Send = Callable[[Any, dict[str, Any]], None]
 TURN_KEPT = 10.0  # seconds a moved request's place waits for it in a new generation
+SLOT_KEPT = 1.0  # seconds a slot given to a request on its way to a new generation waits for it
 
 
 @dataclass(eq=False)
@@ -53,6 +54,9 @@ class _Waiting:
     seq: int
     backend: str
     hold: bool = False  # found no usable server: waits for any (hold-when-down)
+    # Handed over to `owner`, a worker of a newer generation, which has not asked for it
+    # yet: the ticket (old pid, old id) it will ask with (`id` is then 0, nobody's).
+    ticket: tuple[int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -80,6 +84,8 @@ class Keeper:
         self.queues: dict[str, deque[_Waiting]] = {}
         self.held: dict[Any, dict[tuple[str, str], int]] = {}  # slots per worker
         self.turns: dict[tuple[Any, int], tuple[int, float]] = {}  # places of moved requests
+        # slots whose turn came while their request was moving, by ticket: (server, turn, when)
+        self.kept: dict[tuple[int, int], tuple[tuple[str, str], int, float]] = {}
         self.retired: dict[str, list[_ServerSlots]] = {}  # per backend, removed servers
         self.maxqueue: dict[str, int] = {}  # per backend, for its own queue (0: no limit)
         self.hold_base: dict[str, int] = {}  # per backend, where its hold-when-down flag is
@@ -186,6 +192,8 @@ class Keeper:
     # -- messages -----------------------------------------------------------------------
 
     def acquire(self, owner: Any, message: dict[str, Any]) -> None:
+        if self._claim(owner, message):
+            return
         backend = message["be"]
         seq = self._resume(message["resume"]) if message.get("resume") else None
         waiting = _Waiting(owner, message["id"], next(self._seq) if seq is None else seq, backend)
@@ -242,13 +250,66 @@ class Keeper:
         self._send(waiting.owner, {"op": "grant", "id": waiting.id, "be": waiting.backend,
                                    "srv": None})
 
+    def moved(self, ticket: list[int], heir: Any) -> None:
+        """The master handed a queued request over to `heir` with the ticket of its place.
+        The old worker let it go (lb.httpproxy close_if_idle): a slot granted to it there
+        would only come back, and the request would lose its turn (seen as a request
+        served after later ones when a slot freed before `heir` asked again). Its place
+        is the heir's from now on, and a slot its turn brings waits for it (`_grant`)."""
+        pid, ident = ticket
+        for queue in self._all_queues():
+            for waiting in queue:
+                if getattr(waiting.owner, "pid", None) == pid and waiting.id == ident:
+                    waiting.owner, waiting.id, waiting.ticket = heir, 0, (pid, ident)
+                    return
+
+    def _claim(self, owner: Any, message: dict[str, Any]) -> bool:
+        """A moved request asks again (acquire with `resume`) and its turn came meanwhile:
+        the slot kept for it is its own. Asking now for something the slot is not for (the
+        new configuration sends it elsewhere), it gives the slot back and keeps its turn."""
+        ticket = message.get("resume")
+        kept = self.kept.pop((ticket[0], ticket[1]), None) if ticket else None
+        if kept is None:
+            return False
+        key, seq, _ = kept
+        slots = self.servers.get(key)
+        if slots is not None and key[0] == message["be"] and _knows(owner, slots) and (
+            key[1] == message["srv"] or not message.get("persist")
+        ):
+            held = self.held.setdefault(owner, {})
+            held[key] = held.get(key, 0) + 1
+            self._send(owner, {"op": "grant", "id": message["id"], "be": key[0], "srv": key[1]})
+            return True
+        self.turns[(ticket[0], ticket[1])] = (seq, time.monotonic())
+        self.acquire(owner, message)  # queued at its turn first, then the slot frees
+        if slots is not None:
+            slots.used -= 1
+            self.dispatch(key[0])
+        return True
+
+    def expire_kept(self) -> None:
+        """Slots kept for moved requests that did not ask again within SLOT_KEPT (the
+        client left on the way, the new generation held or routed it elsewhere) are free
+        again; such a request asking later still has its turn."""
+        now = time.monotonic()
+        for ticket, (key, seq, when) in list(self.kept.items()):
+            if now - when > SLOT_KEPT:
+                del self.kept[ticket]
+                self.turns[ticket] = (seq, now)
+                slots = self.servers.get(key)
+                if slots is not None:
+                    slots.used -= 1
+                    self.dispatch(key[0])
+
     def _resume(self, ticket: list[int]) -> int | None:
         """A request moved to a new generation takes back its place in the queue: the
         turn (sequence number) its old entry had, which goes."""
         pid, ident = ticket
         for queue in self._all_queues():
             for waiting in queue:
-                if getattr(waiting.owner, "pid", None) == pid and waiting.id == ident:
+                if waiting.ticket == (pid, ident) or (
+                    getattr(waiting.owner, "pid", None) == pid and waiting.id == ident
+                ):
                     queue.remove(waiting)
                     return waiting.seq
         turn = self.turns.pop((pid, ident), None)  # its old worker already exited
@@ -387,8 +448,11 @@ class Keeper:
 
     def _grant(self, waiting: _Waiting, slots: _ServerSlots) -> None:
         slots.used += 1
-        held = self.held.setdefault(waiting.owner, {})
         key = (slots.backend, slots.name)
+        if waiting.ticket is not None:  # on its way to a new generation: the slot waits
+            self.kept[waiting.ticket] = (key, waiting.seq, time.monotonic())
+            return
+        held = self.held.setdefault(waiting.owner, {})
         held[key] = held.get(key, 0) + 1
         self._send(
             waiting.owner,

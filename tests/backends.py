@@ -1057,6 +1057,19 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
+def ws_upgrade(sock: socket.socket) -> None:
+    """A WebSocket-style Upgrade on `sock`; the echo backend answers 101 and its greeting."""
+    sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: websocket\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, f"closed during the upgrade: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert recv_exact(sock, len(WS_GREETING)) == WS_GREETING
+
+
 def recv_until_eof(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
     """Everything until EOF/reset; the flag says whether the stream really ended."""
     sock.settimeout(timeout)

@@ -248,6 +248,38 @@ def test_the_keeper_answers_requests_for_servers_it_never_knew():
     assert stranger.grants == [{"op": "grant", "id": 3, "be": "nope", "srv": None}]
 
 
+def test_a_slot_that_frees_while_a_queued_request_moves_waits_for_it(monkeypatch):
+    """A reload moves queued requests to the new generation with the ticket of their place
+    (lb.master _hand_over -> Keeper.moved). A slot that frees before the new worker asks
+    again is kept for the request, not granted to the old worker (which let it go and
+    would hand it back: the request then lost its turn, test_reload's queued order)."""
+    keeper, _ = keeper_for(ONE)
+    old, new = Owner(1, {("app", "s1")}), Owner(2, {("app", "s1")})
+
+    def ask(owner: Owner, ident: int, resume: list[int] | None = None) -> None:
+        keeper.acquire(owner, {"id": ident, "be": "app", "srv": "s1", "persist": False,
+                               "resume": resume})
+
+    for ident in (1, 2, 3):  # 1 has the slot, 2 and 3 wait
+        ask(old, ident)
+    ask(new, 1)  # arrived in the new generation: after them
+    keeper.moved([1, 2], new)
+    keeper.moved([1, 3], new)
+    keeper.release(old, {"be": "app", "srv": "s1"})
+    assert [g["id"] for g in old.grants] == [1] and new.grants == []  # kept for [1, 2]
+    ask(new, 2, resume=[1, 2])
+    assert new.grants == [{"op": "grant", "id": 2, "be": "app", "srv": "s1"}]
+    keeper.release(new, {"be": "app", "srv": "s1"})  # [1, 3] is still on its way: kept too
+    assert len(new.grants) == 1
+    monkeypatch.setattr("lb.queue.SLOT_KEPT", 0.0)
+    keeper.expire_kept()  # [1, 3] never came: the slot goes on, its turn stays
+    assert new.grants[-1]["id"] == 1
+    ask(new, 3, resume=[1, 3])
+    keeper.release(new, {"be": "app", "srv": "s1"})
+    assert [g["id"] for g in new.grants] == [2, 1, 3]
+    assert keeper.kept == {} and keeper.queued("app") == 0
+
+
 # -- the stats socket's takeover commands and stalled peers ----------------------------------
 
 

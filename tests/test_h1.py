@@ -153,6 +153,19 @@ def test_a_plain_request_is_forwarded_as_sent_with_the_client_appended(h1: Modul
     assert h1.request_head_bytes(head) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"  # type: ignore[arg-type]
 
 
+def test_an_http_1_0_request_without_host_goes_on_as_http_1_0(h1: ModuleType) -> None:
+    """HTTP/1.1 needs a Host: without one, the request is not upgraded (as in HAProxy)."""
+    [(_, head), _] = h1.RequestReader().feed(b"GET /x HTTP/1.0\r\nAccept: */*\r\n\r\n")
+    assert h1.request_head_bytes(head) == (  # type: ignore[arg-type]
+        b"GET /x HTTP/1.0\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n"
+    )
+    assert h1.request_head_bytes(head, close=True) == (  # type: ignore[arg-type]
+        b"GET /x HTTP/1.0\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    [(_, head), _] = h1.RequestReader().feed(b"GET /x HTTP/1.0\r\nhost: a\r\n\r\n")
+    assert h1.request_head_bytes(head) == b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n"  # type: ignore[arg-type]
+
+
 def test_hop_by_hop_headers_and_those_connection_names_are_not_forwarded(h1: ModuleType) -> None:
     [(_, head), _] = h1.RequestReader().feed(REQUESTS[7])
     assert h1.request_head_bytes(head, close=True) == (  # type: ignore[arg-type]

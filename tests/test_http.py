@@ -264,6 +264,21 @@ def test_http10_client_gets_close_and_no_chunked(web: Web) -> None:
     assert desc["version"] == "1.1"  # pylb talks HTTP/1.1 to servers
 
 
+def test_http10_request_without_host_goes_on_as_http10_over_a_pooled_connection(
+        web: Web) -> None:
+    """An HTTP/1.1 request needs a Host (nginx answers 400 without): a Host-less HTTP/1.0
+    request is not upgraded, and still keeps the server connection alive."""
+    descs = []
+    for index in range(2):
+        with HttpConn(web.port("pool")) as c:
+            c.send(b"GET /no-host/%d HTTP/1.0\r\n\r\n" % index)
+            descs.append(c.read_response().json())
+            assert c.closed_by_peer()
+    assert [d["version"] for d in descs] == ["1.0", "1.0"]
+    assert [headers_of(d, "connection") for d in descs] == [["keep-alive"]] * 2
+    assert descs[0]["conn"] == descs[1]["conn"]  # the second came on the pooled connection
+
+
 def test_connection_close_stops_after_one_request(web: Web) -> None:
     with HttpConn(web.port("web")) as c:
         c.send(build_request("GET", "/close-1", headers={"Connection": "close"})

@@ -22,7 +22,6 @@ import trustme
 import uvloop
 from backends import (
     TCP_BANNER,
-    WS_GREETING,
     HttpConn,
     TlsEchoBackend,
     free_port,
@@ -30,6 +29,7 @@ from backends import (
     pattern_sha256,
     recv_exact,
     wait_until,
+    ws_upgrade,
 )
 from test_reload import cli, start, wait_gone, worker_pids
 
@@ -689,19 +689,6 @@ def tls_connect(pki: Pki, port: int) -> ssl.SSLSocket:
     return pki.client().wrap_socket(raw, server_hostname=NAME)
 
 
-def upgrade(sock: socket.socket) -> None:
-    """A WebSocket-style Upgrade; the echo backend answers 101 and its greeting."""
-    sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                 b"Upgrade: websocket\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, f"closed during the upgrade: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    assert recv_exact(sock, len(WS_GREETING)) == WS_GREETING
-
-
 def echoes(sock: socket.socket, size: int = 64 * 1024, rounds: int = 4) -> None:
     """Bytes sent come back, in order (one piece at a time: one thread per TLS socket)."""
     for round_ in range(rounds):
@@ -744,7 +731,7 @@ def test_a_websocket_through_a_tls_frontend(pylb: Any, backends: Any, pki: Pki) 
     cfg, ports = site_config(pki, ws.address, tcp.address)
     lb, _ = start(pylb, cfg)
     sock = tls_connect(pki, ports["ws"])
-    upgrade(sock)
+    ws_upgrade(sock)
     echoes(sock, rounds=64)  # 4 MiB each way
     end_cleanly(sock)
     assert wait_until(lambda: sessions(lb, "ws") == 0, 5), "the session did not end"
@@ -787,7 +774,7 @@ def test_tcp_mode_to_a_tls_server(pylb: Any, backends: Any, pki: Pki) -> None:
                              **{"ca-file": str(pki.ca_file), "sni": NAME})
     start(pylb, cfg)
     with socket.create_connection((HOST, ports["plain"]), timeout=10) as sock:
-        upgrade(sock)
+        ws_upgrade(sock)
         echoes(sock, rounds=16)
     with HttpConn(ports["plain"], timeout=10) as conn:
         got = hashlib.sha256()
@@ -812,11 +799,11 @@ def test_a_reload_leaves_tls_tunnels_in_the_old_worker_until_they_end(
         "address": tls_server.address, "ssl": True, "ca-file": str(pki.ca_file), "sni": NAME}}}
     lb, reload = start(pylb, cfg)
     web = tls_connect(pki, ports["ws"])
-    upgrade(web)
+    ws_upgrade(web)
     db = tls_connect(pki, ports["db"])
     assert recv_exact(db, len(TCP_BANNER)) == TCP_BANNER
     to_tls = socket.create_connection((HOST, ports["plain"]), timeout=10)
-    upgrade(to_tls)
+    ws_upgrade(to_tls)
     tunnels = (web, db, to_tls)
     old = worker_pids(lb)
     assert {owner(lb, sock) for sock in tunnels} == old

@@ -175,8 +175,11 @@ def test_a_session_resumes_on_every_worker_and_after_reloads(pylb, backends, cer
         assert [resumed(port, session) for _ in range(6)] == ["Reused"] * 6
 
 
-def test_a_session_resumes_after_a_takeover(backends, certs, tmp_path):
-    """`pylb -sf OLDPID`: the new master takes the ticket keys over with the state."""
+@pytest.mark.parametrize("takeover", [("-sf",), ("-x", "lb.sock", "-sf")],
+                         ids=["sf", "x-sf"])
+def test_a_session_resumes_after_a_takeover(backends, certs, tmp_path, takeover):
+    """`pylb [-x SOCKET] -sf OLDPID`: the new master takes the ticket keys over with the
+    state."""
     echo = backends.echo("s1")
     plain, port = free_port(), free_port()
     cfg = tls_config(echo, plain, port, certs["dir"])
@@ -184,7 +187,7 @@ def test_a_session_resumes_after_a_takeover(backends, certs, tmp_path):
     pids = [start_daemon(tmp_path)]
     try:
         session = saved_session(port, tmp_path / "session.pem", certs["ca"])
-        pids.append(start_daemon(tmp_path, "-sf", str(pids[0])))
+        pids.append(start_daemon(tmp_path, *takeover, str(pids[0])))
         assert wait_until(lambda: not _alive(pids[0]), 15)
         assert [resumed(port, session) for _ in range(6)] == ["Reused"] * 6
     finally:
@@ -312,39 +315,32 @@ def test_config_errors_name_file_line_and_key(tmp_path, certs, ca):
     (tmp_path / "empty").mkdir()
     cfg = tmp_path / "lb.cfg"
     for settings, key, why in cases:
-        cfg.write_text(
-            "frontends:\n  www:\n    bind:\n"
-            f"      - {{address: 127.0.0.1:{free_port()}, ssl: true, {settings}}}\n"
-            "    default_backend: app\n"
-            "backends:\n  app:\n    servers:\n      s1: {address: 127.0.0.1:9}\n")
-        done = subprocess.run([*_pylb(), "-c", "-f", str(cfg)], capture_output=True, text=True,
-                              timeout=30)
+        done = _check(cfg, f"ssl: true, {settings}")
         assert done.returncode != 0, settings
         assert f"{cfg}:4: frontends.www.bind.{key}: " in done.stderr and why in done.stderr, \
             (settings, done.stderr)
     # without ssl: true, TLS keys are refused
-    cfg.write_text(
-        "frontends:\n  www:\n    bind:\n"
-        f"      - {{address: 127.0.0.1:{free_port()}, crt: {certs['a']}}}\n"
-        "    default_backend: app\n"
-        "backends:\n  app:\n    servers:\n      s1: {address: 127.0.0.1:9}\n")
-    done = subprocess.run([*_pylb(), "-c", "-f", str(cfg)], capture_output=True, text=True,
-                          timeout=30)
+    done = _check(cfg, f"crt: {certs['a']}")
     assert "frontends.www.bind.crt: needs ssl: true" in done.stderr, done.stderr
     # an expired certificate: a warning, and the configuration is valid
     expired = tmp_path / "expired.pem"
     ca.issue_cert("old.test", not_before=_ago(days=30), not_after=_ago(days=1)) \
         .private_key_and_cert_chain_pem.write_to_path(str(expired))
-    cfg.write_text(
-        "frontends:\n  www:\n    bind:\n"
-        f"      - {{address: 127.0.0.1:{free_port()}, ssl: true, crt: {expired}}}\n"
-        "    default_backend: app\n"
-        "backends:\n  app:\n    servers:\n      s1: {address: 127.0.0.1:9}\n")
-    done = subprocess.run([*_pylb(), "-c", "-f", str(cfg)], capture_output=True, text=True,
-                          timeout=30)
+    done = _check(cfg, f"ssl: true, crt: {expired}")
     assert done.returncode == 0, done.stderr
     assert f"{cfg}:4: frontends.www.bind.crt: certificate {expired} expired on" in \
         done.stdout + done.stderr
+
+
+def _check(cfg: Path, bind: str) -> subprocess.CompletedProcess[str]:
+    """`pylb -c` on a configuration whose bind (at line 4) has these settings."""
+    cfg.write_text(
+        "frontends:\n  www:\n    bind:\n"
+        f"      - {{address: 127.0.0.1:{free_port()}, {bind}}}\n"
+        "    default_backend: app\n"
+        "backends:\n  app:\n    servers:\n      s1: {address: 127.0.0.1:9}\n")
+    return subprocess.run([*_pylb(), "-c", "-f", str(cfg)], capture_output=True, text=True,
+                          timeout=30)
 
 
 def _ago(days: int) -> datetime.datetime:

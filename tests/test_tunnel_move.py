@@ -15,7 +15,6 @@ import psutil
 import yaml
 from backends import (
     TCP_BANNER,
-    WS_GREETING,
     HttpConn,
     build_request,
     free_port,
@@ -23,6 +22,7 @@ from backends import (
     recv_exact,
     wait_until,
     workers_of,
+    ws_upgrade,
 )
 from test_reload import METHODS, cli, generations, start, worker_pids
 from test_takeover import start_daemon, terminate
@@ -58,15 +58,7 @@ def open_ws(port: int, buffers: int = 0) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
     sock.settimeout(10)
     sock.connect((HOST, port))
-    sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                 b"Upgrade: websocket\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, f"closed during the upgrade: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    assert recv_exact(sock, len(WS_GREETING)) == WS_GREETING
+    ws_upgrade(sock)
     return sock
 
 

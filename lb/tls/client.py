@@ -18,6 +18,7 @@ import ssl
 from typing import Any
 
 from lb import config
+from lb.tls import certs
 
 ALPN_HTTP = ("http/1.1",)  # pylb speaks HTTP/1.1 to servers
 
@@ -135,12 +136,9 @@ def matches(cert: dict[str, Any], name: str) -> bool:
             value for rdn in cert.get("subject", ()) for kind, value in rdn
             if kind == "commonName"
         ]
-    for pattern in patterns:
-        pattern = pattern.rstrip(".").lower()
-        if pattern == name:
-            return True
-        if pattern.startswith("*.") and "." in pattern[2:] and "*" not in pattern[2:]:
-            label, _, rest = name.partition(".")
-            if label and rest == pattern[2:]:
-                return True
-    return False
+    return any(
+        certs.matches(pattern, name)
+        for pattern in (p.rstrip(".").lower() for p in patterns)
+        # a wildcard covers a name under a domain of two labels at least, never `*.com`
+        if not pattern.startswith("*.") or ("." in pattern[2:] and "*" not in pattern[2:])
+    )
