@@ -26,6 +26,10 @@ import trustme
 import yaml
 from backends import HOST, HttpConn, IncompleteResponse, _Reader, free_port, wait_until
 from conftest import REPO
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from test_reload import cli, lb_config, server, start
 from test_takeover import start_daemon, terminate
 
@@ -260,7 +264,8 @@ def test_a_bad_certificate_payload_changes_nothing(pylb, backends, certs, ca, tm
     mismatched = other.cert_chain_pems[0].bytes() + stranger
     for payload, why in ((b"garbage\n", "no PEM certificate"),
                          (other.cert_chain_pems[0].bytes(), "no private key"),
-                         (mismatched, "does not match")):
+                         (mismatched, "does not match"),
+                         (weak_pem(), "OpenSSL refuses it")):
         answer = set_cert(lb, certs["b"], payload)
         assert answer.startswith(f"Can't update {certs['b']}") and why in answer, answer
     assert cli(lb, f"commit ssl cert {certs['b']}") == "No ongoing transaction! !\n\n"
@@ -299,8 +304,11 @@ def test_config_errors_name_file_line_and_key(tmp_path, certs, ca):
     mismatched = tmp_path / "mismatched.pem"
     mismatched.write_bytes(ca.issue_cert("m.test").cert_chain_pems[0].bytes()
                            + trustme.CA().issue_cert("x").private_key_pem.bytes())
+    weak = tmp_path / "weak.pem"
+    weak.write_bytes(weak_pem())
     cases = [
         (f"crt: {tmp_path / 'missing.pem'}", "crt", "cannot read"),
+        (f"crt: {weak}", "crt", "OpenSSL refuses it: EE_KEY_TOO_SMALL"),
         (f"crt: {certs['ca']}", "crt", "no private key"),
         (f"crt: {mismatched}", "crt", "the private key does not match the certificate"),
         (f"crt: {tmp_path / 'empty'}", "crt", "no certificate file in directory"),
@@ -341,6 +349,20 @@ def _check(cfg: Path, bind: str) -> subprocess.CompletedProcess[str]:
         "backends:\n  app:\n    servers:\n      s1: {address: 127.0.0.1:9}\n")
     return subprocess.run([*_pylb(), "-c", "-f", str(cfg)], capture_output=True, text=True,
                           timeout=30)
+
+
+def weak_pem() -> bytes:
+    """A self-signed RSA-1024 certificate and key: valid PEM that OpenSSL 3 refuses to
+    serve (its default security level wants 2048 bits)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
 
 
 def _ago(days: int) -> datetime.datetime:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import ssl
 from dataclasses import dataclass
 
 # Files of a `crt` directory that are not certificates (HAProxy's companions of a PEM)
@@ -92,6 +93,10 @@ def parse(path: str, pem: bytes) -> Certificate:
         encoding, public
     ):
         raise CertificateError(f"{path}: the private key does not match the certificate")
+    try:  # what OpenSSL refuses (a key its security level finds too small, say) fails here
+        load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pem)
+    except ssl.SSLError as err:
+        raise CertificateError(f"{path}: OpenSSL refuses it: {err.reason or err}") from None
     names = _names(leaf)
     public_key = leaf.public_key()
     if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -112,6 +117,19 @@ def parse(path: str, pem: bytes) -> Certificate:
         algorithm=algorithm,
         sha1=hashlib.sha1(leaf.public_bytes(encoding)).hexdigest().upper(),
     )
+
+
+def load_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """Load a PEM chain and key held in memory (Python's ssl loads them from paths only:
+    through a memfd)."""
+    fd = os.memfd_create("pylb-cert", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view):]
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _names(leaf: object) -> tuple[str, ...]:

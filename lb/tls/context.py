@@ -13,14 +13,13 @@ gives to all workers of all generations: a session resumes on any of them.
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Mapping
 from typing import Any
 
 from lb.config.model import TlsBind
 from lb.log import log
-from lb.tls import tickets
+from lb.tls import certs, tickets
 from lb.tls.certs import Certificate
 from lb.tls.tickets import TicketKeys, TicketKeysUnavailable
 
@@ -44,20 +43,8 @@ def build(bind: TlsBind, cert: Certificate) -> ssl.SSLContext:
     if bind.ca is not None:
         ctx.load_verify_locations(cadata=bind.ca.decode("ascii", "replace"))
     ctx.verify_mode = VERIFY[bind.verify]
-    load_chain(ctx, cert.pem)
+    certs.load_chain(ctx, cert.pem)
     return ctx
-
-
-def load_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
-    """Load a PEM chain and key held in memory."""
-    fd = os.memfd_create("pylb-cert", os.MFD_CLOEXEC)
-    try:
-        view = memoryview(pem)
-        while view:
-            view = view[os.write(fd, view):]
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
 
 
 class BindContexts:
