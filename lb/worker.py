@@ -181,7 +181,7 @@ class Worker:
                     for b in self.backends.values()
                     for s in b.servers
                 },
-                # client connections over TLS (lb.frontend.TlsCounters), for show info/stat
+                # client connections over TLS (lb.tls.counters), for show info and show stat
                 "ssl": {name: f.tls_counters.snapshot() for name, f in self.frontends.items()},
             }
         if what == "connections":
@@ -346,8 +346,9 @@ class Worker:
                     "tunnel" if session.tunnel is not None else "request in flight"
                 )
                 reasons[why] = reasons.get(why, 0) + 1
-            if frontend.handshaking():
-                reasons["TLS handshake"] = frontend.handshaking()
+            handshakes = frontend.handshaking()
+            if handshakes:
+                reasons["TLS handshake"] = reasons.get("TLS handshake", 0) + handshakes
         return ", ".join(f"{count} x {why}" for why, count in sorted(reasons.items()))
 
     def soft_stop(self, hand_over: bool = False, accepts: handover.Accepts | None = None) -> None:

@@ -67,7 +67,7 @@ def _uptime(seconds: int) -> str:
     return f"{days}d {rest // 3600}h{rest % 3600 // 60:02d}m{rest % 60:02d}s"
 
 
-TLS_FIELDS = ("cur", "cum", "reused", "rate", "keys")  # lb.frontend.TlsCounters.snapshot
+TLS_FIELDS = ("cur", "cum", "reused", "rate", "keys")  # lb.tls.counters.TlsCounters.snapshot
 
 
 def add_tls(total: dict[str, dict[str, int]], answer: dict[str, dict[str, int]]) -> None:
