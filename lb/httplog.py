@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lb.tls import sni_of
+
 if TYPE_CHECKING:
     import ssl
 
@@ -491,8 +493,6 @@ def https_fields(tls: ssl.SSLObject | None) -> HttpsFields:
     """The httpslog fields of a client connection (``tls`` None: a plain one)."""
     if tls is None:
         return _PLAIN
-    from lb.tls.context import sni_of  # here: lb.tls imports lb.config, which is heavy
-
     cipher = tls.cipher()
     return HttpsFields(True, tls.session_reused, sni_of(tls), tls.version(),
                        cipher[0] if cipher else None)

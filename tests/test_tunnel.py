@@ -279,6 +279,12 @@ class TcpPair(Pair):
         self.sides = (client_side, server_side)
         self.closed = []
 
+    def narrow_client_way(self) -> None:
+        """Small kernel buffers between the relay and the client: what waits for a slow
+        client is mostly the relay's."""
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.sides[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+
     def send_both_ways(self, up: bytes, down: bytes) -> list[asyncio.Task[None]]:
         """The client sends `up` and the server `down`, at once; each shuts after."""
         loop = asyncio.get_running_loop()
@@ -374,9 +380,7 @@ def test_splice_slow_reader_stops_the_reading_with_bounded_memory(
 
     async def test() -> None:
         pair = TcpPair()
-        # Small kernel buffers on the client's way: what waits is mostly the relay's.
-        pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        pair.sides[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        pair.narrow_client_way()
         loop = asyncio.get_running_loop()
         size = 32 << 20
         data = blob(size, 3)
@@ -599,8 +603,7 @@ def test_bytes_sent_before_the_relay_go_before_spliced_ones(
 
     async def test() -> None:
         pair = TcpPair()
-        pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        pair.sides[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        pair.narrow_client_way()
         loop = asyncio.get_running_loop()
         early, stream = blob(1 << 20, 11), blob(16 << 20, 12)
         tunnel = pair.tunnel()

@@ -40,6 +40,7 @@ from lb.config.model import (
     TrackRule,
     UseBackend,
 )
+from lb.tls import sni_of
 
 from . import syntax
 
@@ -353,22 +354,9 @@ def _ssl_fc_is_resumed(ev: _Eval) -> object:
     return int(tls is not None and tls.session_reused)
 
 
-def _sni_of() -> Callable[[ssl.SSLObject], str | None]:
-    """lb.tls.context.sni_of, imported when rules compile: lb.config imports this package,
-    and lb.tls.context imports lb.config."""
-    from lb.tls.context import sni_of
-
-    return sni_of
-
-
-def _fetch_has_sni(args: tuple[str, ...]) -> Fn:
-    sni_of = _sni_of()
-
-    def has_sni(ev: _Eval) -> object:
-        tls = ev.request.ssl
-        return int(tls is not None and sni_of(tls) is not None)
-
-    return has_sni
+def _ssl_fc_has_sni(ev: _Eval) -> object:
+    tls = ev.request.ssl
+    return int(tls is not None and sni_of(tls) is not None)
 
 
 def _cipher(tls: ssl.SSLObject) -> str | None:
@@ -403,9 +391,9 @@ FETCHERS: dict[str, Callable[[tuple[str, ...]], Fn]] = {
     "var": _fetch_var,
     # booleans as HAProxy gives them: 0 or 1, and 0 on a plain connection
     "ssl_fc": lambda args: _ssl_fc,
-    "ssl_fc_has_sni": _fetch_has_sni,
+    "ssl_fc_has_sni": lambda args: _ssl_fc_has_sni,
     "ssl_fc_is_resumed": lambda args: _ssl_fc_is_resumed,
-    "ssl_fc_sni": lambda args: _tls(_sni_of())(args),
+    "ssl_fc_sni": _tls(sni_of),
     "ssl_fc_protocol": _tls(lambda tls: tls.version()),
     "ssl_fc_cipher": _tls(_cipher),
     "ssl_fc_alpn": _tls(lambda tls: tls.selected_alpn_protocol()),

@@ -31,6 +31,14 @@ def ticket_keys(hex_keys: list[str]) -> TicketKeys | None:
     return tickets.TicketKeys([bytes.fromhex(key) for key in hex_keys])
 
 
+SNI_ATTRIBUTE = "pylb_sni"  # set on the SSLObject by lb.tls.context's SNI callback
+
+
+def sni_of(sslobj: object) -> str | None:
+    """The server name a TLS client asked for (None without SNI)."""
+    return getattr(sslobj, SNI_ATTRIBUTE, None)
+
+
 def encode_certs(certs: dict[str, Certificate]) -> str:
     """Certificates for a control message (from the master, which read and checked them)."""
     return base64.b64encode(pickle.dumps(certs)).decode("ascii") if certs else ""

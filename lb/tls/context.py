@@ -19,7 +19,7 @@ from typing import Any
 
 from lb.config.model import TlsBind
 from lb.log import log
-from lb.tls import certs, tickets
+from lb.tls import SNI_ATTRIBUTE, certs, tickets
 from lb.tls.certs import Certificate
 from lb.tls.tickets import TicketKeys, TicketKeysUnavailable
 
@@ -117,10 +117,5 @@ class BindContexts:
         if ctx is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = ctx
-        sslobj.pylb_sni = server_name  # for ssl_fc_sni and the log
+        setattr(sslobj, SNI_ATTRIBUTE, server_name)  # for ssl_fc_sni and the log (sni_of)
         return None
-
-
-def sni_of(sslobj: Any) -> str | None:
-    """The server name a TLS client asked for (None without SNI)."""
-    return getattr(sslobj, "pylb_sni", None)
