@@ -4,9 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian tools the tests and the benchmark drive as real clients and peers.
-DEBIAN_TOOLS := curl wrk socat openssl haproxy nginx-light hatop prometheus-haproxy-exporter
+DEBIAN_TOOLS := curl wrk socat openssl haproxy nginx-light hatop prometheus-haproxy-exporter \
+  prometheus chromium
 # Command names that tell whether each of those is already there.
-TOOL_COMMANDS := curl wrk socat openssl haproxy nginx hatop prometheus-haproxy-exporter
+TOOL_COMMANDS := curl wrk socat openssl haproxy nginx hatop prometheus-haproxy-exporter \
+  promtool chromium
 
 # The hot path Cython compiles (setup.py, lb/compiled.py): each .pxd and its .py.
 HOT_SOURCES := $(wildcard lb/*.pxd) $(patsubst %.pxd,%.py,$(wildcard lb/*.pxd))
@@ -14,7 +16,7 @@ HOT_SOURCES := $(wildcard lb/*.pxd) $(patsubst %.pxd,%.py,$(wildcard lb/*.pxd))
 PURE_TESTS := tests/test_h1.py tests/test_http.py tests/test_corpus.py tests/test_retry.py \
   tests/test_persistence.py tests/test_tunnel_move.py tests/test_requestlog.py tests/test_rules.py \
   tests/test_upgrade.py tests/test_tls.py tests/test_https_rules.py tests/test_streamtunnel.py \
-  tests/test_server_tls.py
+  tests/test_server_tls.py tests/test_dashboard.py
 
 .PHONY: run test venv build-tools debian-tools lint bench bench-state bench-upgrade clean certs
 

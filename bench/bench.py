@@ -22,11 +22,13 @@ import argparse
 import contextlib
 import functools
 import http.client
+import importlib.util
 import json
 import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -40,7 +42,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import plot
 
 try:
     import psutil
@@ -156,6 +161,8 @@ class Options:
     profile_native: bool = False  # py-spy --native (blocking samples)
     skipped: tuple[str, ...] = ()  # targets asked for but not run (direct under --tls)
     tls_files: TlsFiles | None = None  # set once the certificate is made (run_all)
+    plot: Path | None = None  # --plot: the PNG chart of the figures
+    command: str = ""  # the command line, for the chart's caption
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -232,6 +239,22 @@ def parse_tree(text: str) -> PylbTree:
             f"--pylb-tree {text!r}: {root} has no executable bin/pylb and lb/ package"
         )
     return PylbTree(label, root)
+
+
+def plot_path_problem(path: Path) -> str | None:
+    """Why --plot PATH cannot be written (checked before the run, not after it), or None."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: .venv/bin/pip install matplotlib (test extras)"
+    if path.is_dir():
+        return f"--plot {path}: is a directory"
+    if not path.resolve().parent.is_dir():
+        return f"--plot {path}: no directory {path.resolve().parent}"
+    return None
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """`bench/bench.py --rounds 1 ...` as typed (quoted for a shell)."""
+    return shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -322,7 +345,15 @@ def parse_args(argv: list[str] | None) -> Options:
         action="store_true",
         help="with --profile: py-spy --native (C frames: OpenSSL, uvloop; blocking samples)",
     )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="after the run, also write the figures as a PNG chart (needs matplotlib)",
+    )
     a = p.parse_args(argv)
+    if a.plot is not None and (problem := plot_path_problem(a.plot)):
+        p.error(problem)
     if not a.tls:
         for name in ("tls_measures", "tls_clients", "tls_profile"):
             if getattr(a, name) is not None:
@@ -364,6 +395,8 @@ def parse_args(argv: list[str] | None) -> Options:
         tls_profile=a.tls_profile or ("full" if "full" in measures else measures[0]),
         profile_native=a.profile_native,
         skipped=skipped,
+        plot=a.plot,
+        command=command_line("bench/bench.py", argv),
     )
     if opts.profile is not None and opts.profile_target is None:
         p.error("--profile needs a pylb target (--only ...,pylb or --pylb-tree)")
@@ -2512,6 +2545,21 @@ def negotiated_text(neg: dict[str, Any]) -> str:
     return text
 
 
+def run_line(opts: Options) -> str:
+    """The header's `run:` line (the chart's caption has it too)."""
+    return (
+        f"run: mode={opts.mode} connections={opts.connections} duration={opts.duration}s "
+        f"warmup={opts.warmup}s rounds={opts.rounds} pylb workers={opts.workers} "
+        f"checks={'on' if opts.checks else 'off'} body={size_text(opts.size)} "
+        f"wrk --timeout={opts.wrk_timeout}"
+        + (f" haproxy splice={'on' if opts.haproxy_splice else 'off'}"
+           f"{f' pipesize={opts.haproxy_pipesize}' if opts.haproxy_pipesize else ''}"
+           if opts.mode == "tcp" else "")
+        + (f" tls=on measures={','.join(opts.tls_measures)} s_time clients={opts.tls_clients}"
+           if opts.tls else "")
+    )
+
+
 def header(opts: Options, info: dict[str, Any]) -> str:
     v = info["versions"]
     lines = [
@@ -2554,17 +2602,7 @@ def header(opts: Options, info: dict[str, Any]) -> str:
         f'calibration (python -m timeit "sum(range(1000))"): start: {cal.get("start", "-")}; '
         f"end: {cal.get('end', '-')}"
     )
-    lines.append(
-        f"run: mode={opts.mode} connections={opts.connections} duration={opts.duration}s "
-        f"warmup={opts.warmup}s rounds={opts.rounds} pylb workers={opts.workers} "
-        f"checks={'on' if opts.checks else 'off'} body={size_text(opts.size)} "
-        f"wrk --timeout={opts.wrk_timeout}"
-        + (f" haproxy splice={'on' if opts.haproxy_splice else 'off'}"
-           f"{f' pipesize={opts.haproxy_pipesize}' if opts.haproxy_pipesize else ''}"
-           if opts.mode == "tcp" else "")
-        + (f" tls=on measures={','.join(opts.tls_measures)} s_time clients={opts.tls_clients}"
-           if opts.tls else "")
-    )
+    lines.append(run_line(opts))
     tls = info.get("tls")
     if tls:
         lines.append(f"tls: {tls.get('certificate') or '-'}")
@@ -2714,6 +2752,181 @@ def report(opts: Options, info: dict[str, Any], run: Run) -> None:
             doc["handshake_ratios"] = {m: s.ratios for m, s in hs.items()}
         opts.json_path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nJSON written to {opts.json_path}")
+    if opts.plot:
+        import plot  # here: only --plot needs it (and it imports matplotlib when drawing)
+
+        plot.bars(opts.plot, chart(opts, info, run, summary, hs))
+        print(f"\nchart written to {opts.plot}")
+
+
+# --------------------------------------------------------------------------- chart (--plot)
+
+# ratio names (after `a/b `) as the chart's ratio panel labels them
+RATIO_LABELS = {
+    "cpu_per_request": "CPU/req",
+    "user": "user CPU",
+    "rps": "req/s",
+    "cpu_ms_per_MB": "CPU/MiB",
+    "handshake CPU ratio": "CPU/handshake",
+    "handshakes per core ratio": "handshakes/core",
+    "handshakes/s": "handshakes/s",
+}
+
+
+def chart(
+    opts: Options, info: dict[str, Any], run: Run, summary: Summary, hs: dict[str, Summary]
+) -> "plot.Chart":
+    """The report's figures as a chart: the medians and ranges the tables print."""
+    import plot
+
+    panels: list[plot.Panel] = []
+    ratio_sources: list[tuple[str, Summary]] = []
+    if not opts.tls or "keepalive" in opts.tls_measures:
+        measured = {t: sum(1 for r in run.results if r.target == t and r.wrk) for t in opts.targets}
+        panels += wrk_panels(opts, summary, measured)
+        ratio_sources.append(("keep-alive" if opts.tls else "", summary))
+    if hs:
+        panels += handshake_panels(opts, hs, run.handshakes)
+        ratio_sources += list(hs.items())
+    ratios = ratio_panel(ratio_sources)
+    if ratios is not None:
+        panels.append(ratios)
+    what = " vs ".join(opts.targets)
+    return plot.Chart(
+        title=f"pylb bench: {what} ({opts.mode}{', TLS' if opts.tls else ''}, "
+        f"body {size_text(opts.size)})",
+        panels=panels,
+        caption=chart_caption(opts, info, run),
+    )
+
+
+def cell(figures: dict[str, Any], measured: int, key: str) -> "plot.Bar":
+    """One target's bar for figure `key`: its median and range, or FAILED (no run measured)."""
+    import plot
+
+    if measured == 0:
+        return plot.Bar(None, note="FAILED")
+    return plot.Bar.of_stats(figures.get(key))
+
+
+def target_series(
+    targets: Iterable[str], bars: "Callable[[str], list[plot.Bar]]"
+) -> "dict[str, tuple[plot.Bar, ...]]":
+    """target -> its bars; a target with nothing to draw (direct has no proxy CPU) left out."""
+    out = {}
+    for t in targets:
+        got = tuple(bars(t))
+        if any(b.value is not None or b.note for b in got):
+            out[t] = got
+    return out
+
+
+def wrk_panels(opts: Options, summary: Summary, measured: dict[str, int]) -> "list[plot.Panel]":
+    """The keep-alive (wrk) figures: req/s, CPU per request, latency; with --size, MiB."""
+    import plot
+
+    def series(*keys: str) -> "dict[str, tuple[plot.Bar, ...]]":
+        return target_series(
+            opts.targets,
+            lambda t: [cell(summary.figures[t], measured[t], k) for k in keys],
+        )
+
+    scope = "keep-alive over TLS: " if opts.tls else ""
+    panels = [
+        plot.Panel(f"{scope}throughput (wrk -c{opts.connections})", "requests/s", ("req/s",),
+                   series("rps"), ".0f"),
+        plot.Panel(f"{scope}proxy CPU per request (process tree)", "CPU µs per request",
+                   ("total", "user", "system"), series("cpu_us", "user_us", "sys_us"), ".1f"),
+        plot.Panel(f"{scope}latency (wrk)", "ms", ("p50", "p99"), series("p50_ms", "p99_ms"),
+                   ".2f"),
+    ]
+    if opts.size is not None:
+        panels += [
+            plot.Panel(f"{scope}body throughput", "MiB/s", ("body",), series("mb_per_s"), ".0f"),
+            plot.Panel(f"{scope}proxy CPU per MiB of body", "CPU ms per MiB", ("CPU/MiB",),
+                       series("cpu_ms_per_mb"), ".3f"),
+        ]
+    return panels
+
+
+def handshake_panels(
+    opts: Options, hs: dict[str, Summary], results: list[HandshakeResult]
+) -> "list[plot.Panel]":
+    """--tls: handshakes/s and proxy CPU per handshake, one group per handshake measure."""
+    import plot
+
+    measures = tuple(hs)
+    measured = {
+        (t, m): sum(1 for r in results if r.target == t and r.measure == m and hs_figures_of(r))
+        for t in opts.targets
+        for m in measures
+    }
+
+    def series(key: str) -> "dict[str, tuple[plot.Bar, ...]]":
+        return target_series(
+            opts.targets,
+            lambda t: [cell(hs[m].figures[t], measured[t, m], key) for m in measures],
+        )
+
+    clients = f"{opts.tls_clients} x openssl s_time"
+    return [
+        plot.Panel(f"TLS handshakes ({clients})", "handshakes/s", measures, series("hps"),
+                   ".0f"),
+        plot.Panel("proxy CPU per handshake (process tree)", "CPU µs per handshake", measures,
+                   series("cpu_us"), ".0f"),
+    ]
+
+
+def ratio_panel(sources: list[tuple[str, Summary]]) -> "plot.Panel | None":
+    """The per-round ratios (median, min–max) as ratio_lines prints them, of each source
+    (measure, Summary); None if there are none."""
+    import plot
+
+    found: list[tuple[str, str, str, plot.Bar]] = []  # (pair, measure, figure, bar)
+    for measure, summary in sources:
+        for name, st in summary.ratios.items():
+            values = [v for v in st["values"] if v is not None]
+            if values:
+                pair, _, what = name.partition(" ")
+                bar = plot.Bar.of_values(values)
+                found.append((pair, measure, RATIO_LABELS.get(what, what), bar))
+    if not found:
+        return None
+    pairs = list(dict.fromkeys(pair for pair, _, _, _ in found))
+    # the usual single pair (pylb/haproxy) is named once, in the title
+    title = f"{pairs[0]}, per round" if len(pairs) == 1 else "ratios a/b, per round"
+
+    def label(pair: str, measure: str, what: str) -> str:
+        under = " ".join(x for x in (measure, pair if len(pairs) > 1 else "") if x)
+        return f"{what}\n{under}" if under else what
+
+    return plot.Panel(
+        f"{title} (1 = equal)", "ratio", tuple(label(p, m, w) for p, m, w, _ in found),
+        {"median of the rounds' ratios": tuple(bar for _, _, _, bar in found)},
+        ".2f", reference=1.0, shared=False,
+    )
+
+
+def chart_caption(opts: Options, info: dict[str, Any], run: Run) -> list[str]:
+    """Lines that make the picture self-describing: command, when and where, what a bar is."""
+    lines = [f"$ {opts.command}"] if opts.command else []
+    lines += [
+        f"{info.get('time', '?')} on {info.get('host', '?')} ({info.get('cpus', '?')} cores), "
+        f"commit {info.get('commit', '?')}; {run_line(opts)}",
+    ]
+    how = "bars: median over the rounds; whiskers: min–max; ratios paired round by round"
+    if run.results:
+        wrk = {t: [r.wrk for r in run.results if r.target == t and r.wrk] for t in opts.targets}
+        how += (
+            "; wrk rounds measured: "
+            + ", ".join(f"{t} {len(w)}/{opts.rounds}" for t, w in wrk.items())
+            + "; non-2xx + socket errors (sum): "
+            + ", ".join(f"{t} {sum(x.errors for x in w)}" for t, w in wrk.items())
+        )
+    failed = [r for r in run.handshakes if r.error]
+    if failed:
+        how += f"; failed handshake runs (left out): {len(failed)}"
+    return [*lines, how]
 
 
 # --------------------------------------------------------------------------- main

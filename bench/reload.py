@@ -67,12 +67,14 @@ from bench import (
     Ports,
     Tools,
     WrkResult,
+    command_line,
     find_tools,
     fmt,
     free_ports,
     haproxy_config,
     http_ok,
     parse_wrk,
+    plot_path_problem,
     positive_int,
     psutil,
     pylb_config,
@@ -88,6 +90,7 @@ from bench import (
 from bench import Options as BenchOptions
 
 if TYPE_CHECKING:
+    import plot
     from tunnels import TunnelLayout
 
 PROXIES = ("pylb", "haproxy")
@@ -171,6 +174,8 @@ class Options:
     tunnel_rounds: int = 1
     tunnel_churn: float = TUNNEL_CHURN
     tunnel_interval: float = TUNNEL_INTERVAL
+    plot: Path | None = None  # --plot: the PNG chart of the figures
+    command: str = ""  # the command line, for the chart's caption
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -238,6 +243,12 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--seed", type=int, help="seed of the random reload intervals")
     p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="after the run, also write the figures as a PNG chart (needs matplotlib)",
+    )
+    p.add_argument(
         "--rate",
         type=positive_float,
         help="reloads a second, start to start (default: every 100-250 ms, random)",
@@ -289,7 +300,7 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     a = p.parse_args(argv)
     tunnel_only = ("tunnel_reloads", "tunnel_rounds", "tunnel_churn", "tunnel_interval")
-    wrk_only = ("duration", "connections", "rate", "respawn")
+    wrk_only = ("duration", "connections", "rate", "respawn", "plot")
     if a.tunnels is None:
         given = [n for n in tunnel_only if getattr(a, n) is not None]
     else:
@@ -297,6 +308,8 @@ def parse_args(argv: list[str] | None) -> Options:
     if given:
         names = ", ".join("--" + n.replace("_", "-") for n in given)
         p.error(f"{names}: only {'with' if a.tunnels is None else 'without'} --tunnels")
+    if a.plot is not None and (problem := plot_path_problem(a.plot)):
+        p.error(problem)
     return Options(
         duration=30 if a.duration is None else a.duration,
         connections=50 if a.connections is None else a.connections,
@@ -312,6 +325,8 @@ def parse_args(argv: list[str] | None) -> Options:
         tunnel_rounds=a.tunnel_rounds or 1,
         tunnel_churn=TUNNEL_CHURN if a.tunnel_churn is None else a.tunnel_churn,
         tunnel_interval=a.tunnel_interval or TUNNEL_INTERVAL,
+        plot=a.plot,
+        command=command_line("bench/reload.py", argv),
     )
 
 
@@ -1908,6 +1923,11 @@ def report(opts: Options, tools: Tools, results: list[RunResult], subreaper: boo
         subreaper,
         lambda: {"meta": meta(opts, tools), "results": [result_json(r) for r in results]},
     )
+    if opts.plot:
+        import plot  # here: only --plot needs it (and it imports matplotlib when drawing)
+
+        plot.bars(opts.plot, chart(opts, run_meta(tools), results))
+        print(f"\nchart written to {opts.plot}")
 
 
 def print_notable(name: str, log_path: str, lines: list[str]) -> None:
@@ -1996,6 +2016,75 @@ def result_json(r: RunResult) -> dict[str, Any]:
         "log": r.log_path,
         "wrk": asdict(r.wrk) if r.wrk else None,
     }
+
+
+# --------------------------------------------------------------------------- chart (--plot)
+
+
+def chart(opts: Options, info: dict[str, Any], results: list[RunResult]) -> plot.Chart:
+    """The report's figures as a chart, one group per method, one bar per proxy: failures,
+    failures per 100 reloads, reload times, req/s and (pylb) respawn times."""
+    import plot
+
+    methods = tuple(dict.fromkeys(r.method for r in results))
+    proxies = tuple(dict.fromkeys(r.proxy for r in results))
+    by = {(r.proxy, r.method): r for r in results}
+
+    def series(bar: Callable[[RunResult], plot.Bar]) -> dict[str, tuple[plot.Bar, ...]]:
+        out = {}
+        for proxy in proxies:
+            got = tuple(run_bar(by.get((proxy, m)), bar) for m in methods)
+            if any(b.value is not None or b.note for b in got):
+                out[proxy] = got
+        return out
+
+    x = "reload method"
+    panels = [
+        plot.Panel("client failures during the reloads", "failed requests", methods,
+                   series(lambda r: plot.Bar(r.failures)), ".0f", xlabel=x),
+        plot.Panel("failures per 100 reloads", "failed requests per 100 reloads", methods,
+                   series(lambda r: plot.Bar(r.per_100_reloads)), ".1f", xlabel=x),
+        plot.Panel("reload time (start to confirmed)", "ms", methods,
+                   series(lambda r: plot.Bar.of_values(r.reload_s, 1000)), ".0f", xlabel=x),
+        plot.Panel("throughput under reloads", "requests/s", methods,
+                   series(lambda r: plot.Bar(r.wrk.rps if r.wrk else None)), ".0f", xlabel=x),
+    ]
+    if any(r.respawn_ms for r in results):
+        panels.append(plot.Panel(
+            "pylb worker respawn (kill -9 to accepting)", "ms", methods,
+            series(lambda r: plot.Bar.of_values(r.respawn_ms)), ".0f", xlabel=x,
+        ))
+    return plot.Chart(
+        title=f"pylb reloads under load: {' vs '.join(proxies)}",
+        panels=panels,
+        caption=chart_caption(opts, info, results),
+    )
+
+
+def run_bar(r: RunResult | None, bar: Callable[[RunResult], plot.Bar]) -> plot.Bar:
+    """A run's bar; FAILED for a run without figures, nothing for a run not made."""
+    import plot
+
+    if r is None:
+        return plot.Bar(None)
+    if r.wrk is None:
+        return plot.Bar(None, note="FAILED")
+    return bar(r)
+
+
+def chart_caption(opts: Options, info: dict[str, Any], results: list[RunResult]) -> list[str]:
+    """Lines that make the picture self-describing: command, when and where, what a bar is."""
+    lines = [f"$ {opts.command}"] if opts.command else []
+    reloads = ", ".join(f"{r.proxy} {r.method} {r.reloads}" for r in results)
+    lines += [
+        f"{info.get('time', '?')} on {info.get('host', '?')} ({info.get('cpus', '?')} cores); "
+        f"one run per proxy and method: wrk -t1 -c{opts.connections} --timeout 5s for "
+        f"{opts.duration}s, {pacing(opts)}; pylb workers={WORKERS}",
+        f"failures = socket errors + non-2xx; reloads done: {reloads}",
+        "reload and respawn bars: median of the run's reloads (respawns), whiskers: min–max; "
+        "the other bars: one run each",
+    ]
+    return lines
 
 
 # --------------------------------------------------------------------------- main

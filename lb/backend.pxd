@@ -1,10 +1,12 @@
 # Types for the compiled build of lb/backend.py (see setup.py, lb/compiled.py): servers
 # and backends read the shared memory as a C array. Keep in step with __slots__.
 
+cimport cython
+
 from lb.counters cimport Counters
 
 cdef Py_ssize_t BE_HOLD, BE_TICKET, BE_VERSION, MAINT, READY, SRV_ADMIN, SRV_FIELDS, SRV_MAXCONN
-cdef Py_ssize_t SRV_OP, SRV_WEIGHT, UP
+cdef Py_ssize_t SRV_OP, SRV_SMAX, SRV_WEIGHT, UP
 
 
 cdef class Backend
@@ -25,6 +27,7 @@ cdef class Server:
     cdef Py_ssize_t _slots
     cdef public object tls
     cdef public object sni
+    @cython.locals(words="long long[:]", conns="long long", at=Py_ssize_t)
     cpdef opened(self)
     cpdef closed(self)
 

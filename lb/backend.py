@@ -19,6 +19,7 @@ from lb.shared import (
     SRV_FIELDS,
     SRV_MAXCONN,
     SRV_OP,
+    SRV_SMAX,
     SRV_WEIGHT,
     UP,
     Shared,
@@ -42,9 +43,11 @@ class Server:
         self.host = cfg.address.host
         self.port = cfg.address.port
         self.cookie = cfg.cookie
-        self.counters = Counters()
+        layout = shared.layout
+        key = (backend.name, cfg.name)
+        self.counters = Counters(shared.words, layout.block(layout.server_counters[key], slot))
         self._words = shared.words
-        self._base = shared.layout.servers[(backend.name, cfg.name)]
+        self._base = layout.servers[key]
         self._first = self._base + SRV_FIELDS
         self._mine = self._first + slot
         self._slots = shared.layout.slots
@@ -94,7 +97,15 @@ class Server:
         return sum(self._words[first : first + self._slots])
 
     def opened(self) -> None:
-        self._words[self._mine] += 1
+        words = self._words
+        words[self._mine] += 1
+        # the most connections at once (smax): two workers writing at the same instant
+        # may keep the lower of their two counts, for a moment
+        conns = 0
+        for at in range(self._first, self._first + self._slots):
+            conns += words[at]
+        if conns > words[self._base + SRV_SMAX]:
+            words[self._base + SRV_SMAX] = conns
 
     def closed(self) -> None:
         self._words[self._mine] -= 1
@@ -144,15 +155,6 @@ class Backend:
     def holds(self) -> bool:
         """hold-when-down: do requests wait for a server while none is usable?"""
         return self._words[self._base + BE_HOLD] != 0
-
-    def counters(self) -> list[int]:
-        """The backend's traffic counters (lb.counters order): its servers' added up.
-        Every request a backend counts went to one of its servers, so the request path
-        counts once, on the server."""
-        total = Counters().as_list()
-        for server in self.servers:
-            total = [a + b for a, b in zip(total, server.counters.as_list(), strict=True)]
-        return total
 
     def conns(self) -> int:
         """Connections open to its servers from all of pylb."""

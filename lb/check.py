@@ -45,6 +45,8 @@ from lb.shared import (
     SRV_CHECK_STATUS,
     SRV_CHKDOWN,
     SRV_CHKFAIL,
+    SRV_DOWNSINCE,
+    SRV_DOWNTIME,
     SRV_OP,
     SRV_WEIGHT,
     UP,
@@ -285,8 +287,13 @@ class ServerCheck:
     def _set(self, state: int, result: Result) -> None:
         words = self.shared.words
         words[self.base + SRV_OP] = state
+        now = int(time.time())
         if state == DOWN:
             words[self.base + SRV_CHKDOWN] += 1
+            words[self.base + SRV_DOWNSINCE] = now
+        elif words[self.base + SRV_DOWNSINCE]:  # the time it spent down (show stat downtime)
+            words[self.base + SRV_DOWNTIME] += now - words[self.base + SRV_DOWNSINCE]
+            words[self.base + SRV_DOWNSINCE] = 0
         self.shared.changed(self.base)
         if self.on_change is not None:
             self.on_change(self)

@@ -1,18 +1,7 @@
 # Types for the compiled build of lb/counters.py (see setup.py, lb/compiled.py): the
-# request path adds to these as C integers. Keep in step with FIELDS.
+# request path adds to a block of shared memory as a C array. (The constants stay Python
+# objects here, for the modules that import them; those declare their own C copies.)
 
 cdef class Counters:
-    cdef public long long stot
-    cdef public long long bin
-    cdef public long long bout
-    cdef public long long dreq
-    cdef public long long ereq
-    cdef public long long econ
-    cdef public long long eresp
-    cdef public long long wretr
-    cdef public long long wredis
-    cdef public long long lbtot
-    cdef public long long req_tot
-    cdef public long long cli_abrt
-    cdef public long long srv_abrt
-    cdef public list hrsp
+    cdef public long long[:] w
+    cpdef response(self, int status)

@@ -19,8 +19,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from lb import config, httplog
+from lb.applet import WebService
 from lb.backend import Backend
-from lb.counters import Counters
+from lb.counters import DCON, DREQ, SSL_CONNS, SSL_REUSED, STOT, Counters
 from lb.httpproxy import HttpSession
 from lb.log import log
 from lb.rules import FrontendRules
@@ -28,13 +29,13 @@ from lb.shared import (
     FE_DISABLED,
     FE_FIELDS,
     FE_MAXCONN,
+    FE_SMAX,
     GLOBAL_FIELDS,
     GLOBAL_MAXCONN,
 )
 from lb.tcpproxy import TcpSession
 from lb.timer import clock
 from lb.tls.context import BindContexts
-from lb.tls.counters import TlsCounters
 from lb.tunnel import Held, reset_on_close
 
 if TYPE_CHECKING:
@@ -76,8 +77,12 @@ class Frontend:
             # Stick tables outlive this worker: a worker that exits with connections
             # still open (hard-stop-after, stop) lets go of their conn_cur first.
             atexit.register(self.release_counters)
-        self.counters = Counters()
-        self.tls_counters = TlsCounters()  # client connections over TLS
+        self.tls_open: set[Any] = set()  # the sessions of client connections over TLS
+        # its stats page and Prometheus endpoint, answered by pylb itself (lb.applet)
+        self.web = (
+            WebService(self, cfg, worker.master_link)
+            if cfg.stats is not None or cfg.prometheus is not None else None
+        )
         self.stopping = False
         self.sockets: list[socket.socket] = []
         self.ssl: list[ssl.SSLContext | None] = []  # each socket's TLS context; None: plain
@@ -96,14 +101,21 @@ class Frontend:
         self._factory = functools.partial(session, self)
         self._adopted_factory = functools.partial(session, self, adopted=True)
         words = worker.shared.words
+        layout = worker.shared.layout
         self._words = words
-        base = worker.shared.layout.frontends[cfg.name]
+        base = layout.frontends[cfg.name]
         self._maxconn = base + FE_MAXCONN
         self._disabled = base + FE_DISABLED
+        self._smax = base + FE_SMAX
         self._first = base + FE_FIELDS
         self._mine = self._first + worker.slot
+        self._tls_mine = self._first + layout.slots + worker.slot  # its TLS connections
         self._global_mine = GLOBAL_FIELDS + worker.slot
-        self._slots = worker.shared.layout.slots
+        self._slots = layout.slots
+        first_block = layout.frontend_counters[cfg.name]
+        self.counters = Counters(words, layout.block(first_block, worker.slot))
+        if self.request_log is not None:
+            self.request_log.counters = self.counters
 
     # -- accepting ------------------------------------------------------------------
 
@@ -285,13 +297,16 @@ class Frontend:
     def admit(self, session: Any) -> bool:
         """Count a new connection in, or hold it (False) when the limit is reached."""
         self.sessions.add(session)
-        self.counters.stot += 1
+        self.counters.w[STOT] += 1
         with self.worker.shared.limits_lock():
             if self.held or not self._has_room():
                 self.held.append(session)
                 self.stop_accepting()
                 return False
             self._count(1)
+            current = self.current()
+            if current > self._words[self._smax]:  # under the lock: the exact maximum
+                self._words[self._smax] = current
             full = not self._has_room()
         if full:
             self.stop_accepting()
@@ -311,8 +326,9 @@ class Frontend:
         )
         if accepted:
             return True
-        self.counters.stot += 1
-        self.counters.dreq += 1  # the frontend's only "denied" counter
+        self.counters.w[STOT] += 1
+        self.counters.w[DREQ] += 1  # (dreq counts them too, as pylb always did)
+        self.counters.w[DCON] += 1
         transport = session.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -333,11 +349,16 @@ class Frontend:
         """A client connection's TLS handshake is done (``tls`` None: a plain connection);
         `closed` counts it out."""
         if tls is not None:
-            self.tls_counters.opened(session, tls.session_reused)
+            self.tls_open.add(session)
+            self._words[self._tls_mine] += 1
+            self.counters.w[SSL_CONNS] += 1
+            if tls.session_reused:
+                self.counters.w[SSL_REUSED] += 1
 
     def closed(self, session: Any) -> None:
-        if self.tls_counters.open:
-            self.tls_counters.open.discard(session)
+        if session in self.tls_open:
+            self.tls_open.discard(session)
+            self._words[self._tls_mine] -= 1
         tracked = session.tracked
         if tracked is not None:  # its stick counters, tracked for the connection or a request
             session.tracked = None

@@ -194,6 +194,13 @@ class Generations:
             self.template.stop()
             self.template = None
 
+    def retire_segments(self) -> None:
+        """Let go of the shared memory of older generations whose last worker exited."""
+        tally = self.master.tally
+        for number in tally.generations():
+            if number != self.number and not self.of(number):
+                tally.retired(number, self.master.shared)
+
     def of(self, number: int) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if h.generation == number]
 
@@ -329,6 +336,7 @@ class Generations:
             master = self.master
             if master.stopping:
                 return False, "stopping"
+            began = time.monotonic()
             systemd.notify("RELOADING=1", systemd.monotonic_usec(),
                            f"STATUS=reloading {master.config.path}")
             try:
@@ -339,24 +347,29 @@ class Generations:
                 return False, str(err)
             current = master.resources()
             master.switch(attempt.resources)
+            master.tally.switch(current.shared, self.number)
             self.number += 1
             why = await self._start_generation(master.config.global_.workers)
             if why:
                 log.error("reload failed: %s; generation %d serves on", why, self.number - 1)
                 self._abandon(self.number)
                 self.number -= 1
+                master.tally.unswitch(current.shared)
                 master.switch(current)
                 attempt.rollback(current, master)
                 self._fill()  # a worker that died meanwhile was not replaced: now it is
+                self.retire_segments()  # an older generation whose last worker died meanwhile
                 systemd.notify("READY=1", f"STATUS=reload failed: {why}")
                 return False, why
             self._retire_older()
+            self.retire_segments()  # an older generation whose workers all died meanwhile
             for listener in attempt.stale:
                 listener.sock.close()  # the older workers closed theirs on soft stop
-            current.shared.close()
+            # (current.shared stays open while its workers count in it: lb.tally)
             maps.release(current.maps, master.maps)
             master.tables.release(current.tables, master.tables.tables)
             self.reloads += 1
+            master.reload_seconds.observe(time.monotonic() - began)
             log.info("reload %d done: generation %d serves %s", self.reloads, self.number,
                      master.config.path)
             return True, ""
@@ -415,6 +428,8 @@ class Generations:
         os.close(handle.pidfd)
         master = self.master
         master.worker_gone(handle)
+        if not self._ready:  # (a reload under way may yet go back to an older segment)
+            self.retire_segments()
         if not self.older() and not master.elders:
             master.keeper.forget_retired()  # no older generation left to use them
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"

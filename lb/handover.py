@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 from lb import config, h1
+from lb.counters import BIN, BOUT
 from lb.httplog import Times
 from lb.streamtunnel import STAYS, TransportTunnel, is_tls
 from lb.tunnel import Tunnel, take_socket
@@ -93,8 +94,8 @@ def count_bytes(session: Any, tunnel: Tunnel | TransportTunnel) -> None:
     client.counted, server_end.counted = client.received, server_end.received
     server = session.server
     for counters in (session.frontend.counters, server.counters):
-        counters.bin += bytes_in
-        counters.bout += bytes_out
+        counters.w[BIN] += bytes_in
+        counters.w[BOUT] += bytes_out
 
 
 def leave(session: Any, mode: str, extra: dict[str, Any]) -> bool:

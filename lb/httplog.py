@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lb.counters import DROPPED_LOGS
 from lb.tls import sni_of
 
 if TYPE_CHECKING:
     import ssl
 
+    from lb.counters import Counters
     from lb.httpproxy import HttpSession
     from lb.tcpproxy import TcpSession
 
@@ -239,6 +241,7 @@ class RequestLog:
         self.target = target
         self.tag = tag
         self.dropped = 0
+        self.counters: Counters | None = None  # its frontend's, shared: show info DroppedLogs
         self.last_error: str | None = None
         self._fd: int | None = None  # stderr or file
         self._sock: socket.socket | None = None
@@ -259,6 +262,11 @@ class RequestLog:
         else:
             raise ValueError("empty log target")
         self._open()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.counters is not None:
+            self.counters.w[DROPPED_LOGS] += 1
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -337,13 +345,13 @@ class RequestLog:
         try:
             self.write_line(format_record(rec))
         except Exception as exc:  # a malformed record must not kill a request
-            self.dropped += 1
+            self._drop()
             self.last_error = f"cannot format a log line: {exc!r}"
 
     def write_line(self, line: str) -> None:
         """Write one already formatted line (no newline). Never raises."""
         if not self._usable():
-            self.dropped += 1
+            self._drop()
             return
         if self._sock is not None:
             self._send(line)
@@ -354,7 +362,7 @@ class RequestLog:
         try:
             os.write(fd, data)  # one write of the whole line: O_APPEND keeps it whole
         except OSError as exc:
-            self.dropped += 1
+            self._drop()
             if exc.errno in _TRANSIENT:
                 self.last_error = f"{self.target}: {exc.strerror}"
                 return
@@ -373,7 +381,7 @@ class RequestLog:
         try:
             self._sock.send(data)  # type: ignore[union-attr]
         except OSError as exc:
-            self.dropped += 1
+            self._drop()
             if exc.errno in _TRANSIENT:
                 self.last_error = f"{self.target}: {exc.strerror}"
                 return

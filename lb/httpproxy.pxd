@@ -6,6 +6,11 @@ cimport cython
 
 from lb.backend cimport Backend, Server
 from lb.counters cimport Counters
+
+cdef Py_ssize_t BIN, BOUT, CLI_ABRT, CONNECT, CTIME_MAX, CTIME_SUM, DREQ, ECON, EREQ
+cdef Py_ssize_t ERESP, HRSP_OTHER, INTERCEPTED, LASTSESS, LBTOT, QTIME_MAX, QTIME_SUM
+cdef Py_ssize_t REQ_TOT, REUSE, RTIME_MAX, RTIME_SUM, SRV_ABRT, STOT, TIMED, TTIME_MAX
+cdef Py_ssize_t TTIME_SUM, WREDIS, WRETR
 from lb.h1 cimport (
     RequestHead, RequestReader, ResponseHead, chunk, request_head_bytes, response_head_bytes,
 )
@@ -67,6 +72,13 @@ cdef class HttpSession:
     cdef public Counters fe_counters
     cdef public ConnectionPool pool
     cdef public object ssl
+    cdef public object applet
+    cdef public double t_head
+    cdef public double t_queued
+    cdef public double q_secs
+    cdef public double t_connect
+    cdef public double t_sent
+    cdef public double t_resp
 
     cpdef data_received(self, data)
     cpdef _pause(self, int reason)
@@ -92,5 +104,8 @@ cdef class HttpSession:
     cpdef bytes _response_head(self, ResponseHead head)
     cpdef _response_end(self)
     cpdef _finish_exchange(self)
+    @cython.locals(counters=Counters, queue="long long", connect="long long",
+                   response="long long", total="long long")
+    cpdef _count_times(self)
     cpdef _reset_exchange(self)
     cpdef _close(self)

@@ -15,10 +15,41 @@ import os
 import socket
 import ssl
 import time
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from lb import h1, handover, httplog, persist
+from lb.applet import ANSWER_TIMEOUT
 from lb.balance import Context
+from lb.counters import (
+    BIN,
+    BOUT,
+    CLI_ABRT,
+    CONNECT,
+    CTIME_MAX,
+    CTIME_SUM,
+    DREQ,
+    ECON,
+    EREQ,
+    ERESP,
+    HRSP_OTHER,
+    INTERCEPTED,
+    LASTSESS,
+    LBTOT,
+    QTIME_MAX,
+    QTIME_SUM,
+    REQ_TOT,
+    REUSE,
+    RTIME_MAX,
+    RTIME_SUM,
+    SRV_ABRT,
+    STOT,
+    TIMED,
+    TTIME_MAX,
+    TTIME_SUM,
+    WREDIS,
+    WRETR,
+)
 from lb.errors import PAGES
 from lb.h1 import chunk, request_head_bytes, response_head_bytes
 from lb.retry import CONN_FAILURE, EMPTY_RESPONSE, JUNK_RESPONSE, RESPONSE_TIMEOUT
@@ -28,6 +59,7 @@ from lb.timer import clock
 from lb.tunnel import Held, Tunnel, drained, take_socket
 
 if TYPE_CHECKING:
+    from lb.applet import WebRequest
     from lb.backend import Backend, Server
     from lb.frontend import Frontend
     from lb.rules import StickCounters
@@ -107,6 +139,13 @@ class HttpSession:
         "fe_counters",
         "pool",
         "ssl",
+        "applet",
+        "t_head",
+        "t_queued",
+        "q_secs",
+        "t_connect",
+        "t_sent",
+        "t_resp",
     )
 
     def __init__(self, frontend: Frontend, adopted: bool = False) -> None:
@@ -131,6 +170,7 @@ class HttpSession:
         self.stays = ""  # why this connection cannot move to the next generation
         self.moving: dict[str, Any] | None = None  # on its way there (lb.handover)
         self.ssl: ssl.SSLObject | None = None  # a TLS connection's TLS state
+        self.applet: WebRequest | None = None  # a request pylb answers itself (lb.applet)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -157,6 +197,9 @@ class HttpSession:
         self.resp_framing = h1.NO_BODY
         self.resp_left = -1  # body bytes still to come from the server (LENGTH framing)
         self.interim = False
+        # when the steps of this request happened (monotonic), for the servers' times
+        self.t_head = self.t_queued = self.t_connect = self.t_sent = self.t_resp = -1.0
+        self.q_secs = 0.0  # seconds it waited in a queue
         self.server_keep_alive = False
         self.server_until_close = False
         self.server_paused = False
@@ -217,7 +260,7 @@ class HttpSession:
             self.held.append(data)
             self.transport.pause_reading()
             return
-        self.fe_counters.bin += len(data)
+        self.fe_counters.w[BIN] += len(data)
         if self.reader.upgraded:
             # Sent after the Upgrade request, before the server's answer: for the tunnel
             # (a server that refuses the upgrade closes the connection after its answer).
@@ -355,10 +398,11 @@ class HttpSession:
         self.received = head.forward  # edits below replace the list, never change it
         self.requests += 1
         frontend = self.frontend
-        self.fe_counters.req_tot += 1
+        self.fe_counters.w[REQ_TOT] += 1
+        self.t_head = monotonic()
         if frontend.request_log is not None:
             self.times = httplog.Times(self.begin)
-            self.times.head = time.monotonic()
+            self.times.head = self.t_head
         if not head.keep_alive or head.upgrade or (
             frontend.stopping and (self.ssl is not None or not frontend.worker.handing_over)
         ):
@@ -380,6 +424,11 @@ class HttpSession:
                 _edit_headers(head, decision.del_headers, decision.set_headers)
             if decision.backend is not None:
                 backend = frontend.worker.backends.get(decision.backend, backend)
+        web = frontend.web
+        if web is not None and web.matches(head.target):  # its stats page or /metrics
+            self.applet = web.begin(self, head)
+            self.close_after = True
+            return
         if backend is None:
             self._reply(503, "SC")
             return
@@ -410,6 +459,10 @@ class HttpSession:
         self._dispatch(None)
 
     def _request_data(self, data: bytes) -> None:
+        if self.applet is not None:
+            self.applet.data(data)
+            self.deadline = clock.now + self.frontend.timeouts.client
+            return
         if self.head.framing == h1.CHUNKED:  # type: ignore[union-attr]
             data = chunk(data)
         self._send_body(data)
@@ -420,7 +473,7 @@ class HttpSession:
             self.conn.transport.write(data)  # type: ignore[union-attr]
             self._keep([data])
             server = self.server
-            server.counters.bin += len(data)  # type: ignore[union-attr]
+            server.counters.w[BIN] += len(data)  # type: ignore[union-attr]
             return
         self.body_buffer.append(data)
         self.buffered += len(data)
@@ -429,6 +482,10 @@ class HttpSession:
 
     def _request_end(self) -> None:
         self.req_done = True
+        if self.applet is not None:
+            self.deadline = clock.now + ANSWER_TIMEOUT + 1.0  # the applet's own limit first
+            self.applet.end()
+            return
         if self.head.framing == h1.CHUNKED:  # type: ignore[union-attr]
             self._send_body(h1.LAST_CHUNK)
         if self.phase == EXCHANGE:
@@ -438,7 +495,7 @@ class HttpSession:
                 self.deadline = clock.now + self.backend.timeouts.server  # type: ignore[union-attr]
 
     def _request_error(self) -> None:
-        self.frontend.counters.ereq += 1
+        self.frontend.counters.w[EREQ] += 1
         if self.resp_started:
             self._abort()
         else:
@@ -471,8 +528,9 @@ class HttpSession:
                 self._reply(503, "SC")  # no server is usable
             return
         if server.maxconn > 0:  # a limited server: the master hands out its slots
+            self.t_queued = monotonic()
             if self.times is not None:
-                self.times.queued = time.monotonic()
+                self.times.queued = self.t_queued
             self.phase = QUEUED
             self.deadline = clock.now + backend.timeouts.queue  # type: ignore[union-attr]
             self.queue_id = self.frontend.worker.queue.acquire(
@@ -485,8 +543,10 @@ class HttpSession:
     def _hold(self) -> None:
         """hold-when-down: no server is usable, so wait in the backend's queue (kept by the
         master, lb.queue) until one is, or `timeout queue`."""
+        if self.t_queued < 0:
+            self.t_queued = monotonic()
         if self.times is not None and self.times.queued < 0:
-            self.times.queued = time.monotonic()
+            self.times.queued = self.t_queued
         self.phase = QUEUED
         self.deadline = clock.now + self.backend.timeouts.queue  # type: ignore[union-attr]
         self.queue_id = self.frontend.worker.queue.acquire(
@@ -496,8 +556,11 @@ class HttpSession:
 
     def _granted(self, server: Server | None) -> None:
         self.queue_id = 0
+        now = monotonic()
+        if self.t_queued >= 0:
+            self.q_secs = now - self.t_queued
         if self.times is not None:
-            self.times.granted = time.monotonic()
+            self.times.granted = now
         if server is None:
             self._reply(503, "sQ")  # its queue is full
             return
@@ -515,16 +578,21 @@ class HttpSession:
     def _use(self, server: Server) -> None:
         self.server = server
         counters = server.counters
-        counters.lbtot += 1
+        counters.w[LBTOT] += 1
         if self.stick_key is not None:
             server.backend.stick.learn(self.stick_key, server.name)  # type: ignore[union-attr]
+        counters.w[LASTSESS] = int(clock.now)  # (CLOCK_MONOTONIC: one clock for all)
         conn = self.pool.take(server)
         if conn is not None:
+            counters.w[REUSE] += 1
+            self.t_connect = -1.0  # a pooled connection: no connect time
             self._attach(conn)
             return
+        counters.w[CONNECT] += 1
         self.phase = CONNECTING
+        self.t_connect = monotonic()
         if self.times is not None:
-            self.times.connect = time.monotonic()
+            self.times.connect = self.t_connect
         self.deadline = clock.now + self.backend.timeouts.connect  # type: ignore[union-attr]
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(server))
 
@@ -559,7 +627,7 @@ class HttpSession:
             self.connect_task = None
             task.cancel()
         server = self.server
-        server.counters.econ += 1  # type: ignore[union-attr]
+        server.counters.w[ECON] += 1  # type: ignore[union-attr]
         if not self._retry(CONN_FAILURE):
             self._reply(503, "SC")
 
@@ -582,7 +650,7 @@ class HttpSession:
         self.retries_left -= 1
         if self.times is not None:
             self.times.retries += 1
-        server.counters.wretr += 1
+        server.counters.w[WRETR] += 1
         if self.failed is None:
             self.failed = []
         self.failed.append(server)
@@ -617,7 +685,7 @@ class HttpSession:
     def _redispatch(self, server: Server | None) -> None:
         """The retry goes to `server` (None: none is usable: hold or 503)."""
         failed = self.server
-        failed.counters.wredis += 1  # type: ignore[union-attr]
+        failed.counters.w[WREDIS] += 1  # type: ignore[union-attr]
         if self.times is not None:
             self.times.redispatched = True
         self._assign(server)
@@ -674,8 +742,8 @@ class HttpSession:
         server = self.server
         server.opened()  # type: ignore[union-attr]
         counters = server.counters  # type: ignore[union-attr]
-        counters.stot += 1
-        counters.req_tot += 1
+        counters.w[STOT] += 1
+        counters.w[REQ_TOT] += 1
         if self.body_buffer:
             data = b"".join([self.head_bytes, *self.body_buffer])
             self._keep(self.body_buffer)
@@ -685,9 +753,10 @@ class HttpSession:
         else:
             data = self.head_bytes
         conn.transport.write(data)
-        counters.bin += len(data)
+        counters.w[BIN] += len(data)
+        self.t_sent = monotonic()
         if self.times is not None:
-            self.times.sent = time.monotonic()
+            self.times.sent = self.t_sent
             if self.times.connect < 0:
                 self.times.connect = self.times.sent  # a pooled connection: no connect
         if self.req_done:
@@ -770,9 +839,9 @@ class HttpSession:
         """Answer bytes to the client, counted."""
         self.transport.write(data)
         size = len(data)
-        self.fe_counters.bout += size
+        self.fe_counters.w[BOUT] += size
         counters = self.server.counters  # type: ignore[union-attr]
-        counters.bout += size
+        counters.w[BOUT] += size
         if self.times is not None:
             self.times.bytes_out += size
 
@@ -796,11 +865,12 @@ class HttpSession:
         kind = status // 100 if status < 600 else 0
         if kind == 4 and self.tracked is not None:
             self.tracked.error()  # http_err_cnt / http_err_rate of its stick counters
-        self.fe_counters.hrsp[kind] += 1
+        self.fe_counters.w[HRSP_OTHER + kind] += 1
         counters = self.server.counters  # type: ignore[union-attr]
-        counters.hrsp[kind] += 1
+        counters.w[HRSP_OTHER + kind] += 1
+        self.t_resp = monotonic()
         if self.times is not None:
-            self.times.response = time.monotonic()
+            self.times.response = self.t_resp
             self.times.status = head.status
         cookie = self.backend.cfg.cookie  # type: ignore[union-attr]
         server = self.server
@@ -832,7 +902,7 @@ class HttpSession:
             self._close()
 
     def _response_error(self) -> None:
-        self.server.counters.eresp += 1  # type: ignore[union-attr]
+        self.server.counters.w[ERESP] += 1  # type: ignore[union-attr]
         if self._retry(JUNK_RESPONSE):
             return
         if self.resp_started:
@@ -868,6 +938,8 @@ class HttpSession:
     # -- ending ---------------------------------------------------------------------
 
     def _finish_exchange(self) -> None:
+        if self.t_resp >= 0:
+            self._count_times()
         if self.tracked is not None:
             self.tracked.end_request()
         if self.times is not None:
@@ -886,6 +958,28 @@ class HttpSession:
             self._process(pending)
         elif self.frontend.stopping and not self.reader.in_head:
             self._leave()
+
+    def _count_times(self) -> None:
+        """Add this request's times (ms) to its server's: queue, connect, response, total
+        (show stat's qtime, ctime, rtime, ttime and their maxima)."""
+        counters = self.server.counters  # type: ignore[union-attr]
+        queue = int(self.q_secs * 1000)
+        connect = int((self.t_sent - self.t_connect) * 1000) if self.t_connect >= 0 else 0
+        response = int((self.t_resp - self.t_sent) * 1000)
+        total = int((monotonic() - self.t_head) * 1000)
+        counters.w[TIMED] += 1
+        counters.w[QTIME_SUM] += queue
+        counters.w[CTIME_SUM] += connect
+        counters.w[RTIME_SUM] += response
+        counters.w[TTIME_SUM] += total
+        if queue > counters.w[QTIME_MAX]:
+            counters.w[QTIME_MAX] = queue
+        if connect > counters.w[CTIME_MAX]:
+            counters.w[CTIME_MAX] = connect
+        if response > counters.w[RTIME_MAX]:
+            counters.w[RTIME_MAX] = response
+        if total > counters.w[TTIME_MAX]:
+            counters.w[TTIME_MAX] = total
 
     def describe(self) -> dict[str, object]:
         """This connection, for `show sess`."""
@@ -913,6 +1007,8 @@ class HttpSession:
         connection cannot move (its TLS state is in this process): it is served here,
         its next answer says `Connection: close`, and an idle one closes at
         `timeout http-keep-alive` as usual (closing it now could cut a request on its way)."""
+        if self.applet is not None:  # being answered here: then it closes
+            return
         if self.ssl is not None and self.phase != TUNNEL and self.frontend.worker.handing_over:
             self.stays = "TLS connection"
             if self.held is not None:  # over the limit: no place frees in a stopping worker
@@ -1129,9 +1225,17 @@ class HttpSession:
     def _answer(self, response: bytes) -> None:
         """A whole response a rule decided (deny, redirect, return, monitor-uri)."""
         status = int(response[9:12]) if len(response) >= 12 else 0
+        self.frontend.counters.w[INTERCEPTED] += 1
         if status == 403:
-            self.frontend.counters.dreq += 1
+            self.frontend.counters.w[DREQ] += 1
         self._reply(status, "PR", response)
+
+    def answer_locally(self, status: int, response: bytes) -> None:
+        """The answer to a request pylb answers itself (lb.applet); then the connection
+        closes."""
+        self.frontend.counters.w[INTERCEPTED] += 1
+        if self.phase != CLOSED:
+            self._reply(status, "PR", response)
 
     def _reply(self, status: int, termination: str = "PR", page: bytes | None = None) -> None:
         """Answer with one of pylb's own pages (an `errorfile` when the frontend has one
@@ -1151,7 +1255,7 @@ class HttpSession:
         if page:
             self.transport.write(page)
             self.frontend.counters.response(status)
-            self.frontend.counters.bout += len(page)
+            self.frontend.counters.w[BOUT] += len(page)
         if self.frontend.request_log is not None:
             if self.times is None:
                 self.times = httplog.Times(self.begin)
@@ -1177,9 +1281,9 @@ class HttpSession:
         server = self.server
         if server is not None:
             if termination[0] in "Cc":
-                server.counters.cli_abrt += 1
+                server.counters.w[CLI_ABRT] += 1
             else:
-                server.counters.srv_abrt += 1
+                server.counters.w[SRV_ABRT] += 1
         if self.times is not None:
             self._log(self.times.status, termination)
         if self.tracked is not None:

@@ -21,16 +21,20 @@ from typing import Any
 
 import uvloop
 
-from lb import config, handover, maps, reload, systemd, takeover
+from lb import config, handover, maps, reload, statsite, systemd, takeover, tally
 from lb.check import Checker
 from lb.generation import Generations, Resources, WorkerHandle
 from lb.log import log
+from lb.procload import ProcessLoad
+from lb.promex import ReloadHistogram
 from lb.queue import Keeper
+from lb.rates import Rates
 from lb.runtime.server import StatsSocket
 from lb.shared import Shared
 from lb.sock import Listener
 from lb.tables import Tables
 from lb.takeover import Inheritance
+from lb.tally import GONE, Tally
 from lb.tls.certs import Certificate
 from lb.tls.keyring import KeyRing
 
@@ -82,6 +86,12 @@ class Master:
         self.shared = Shared.create(cfg)
         self.tables = Tables(cfg, inheritance.tables() if inheritance is not None else None)
         self.started = time.time()
+        self.tally = Tally()  # the traffic counters' sums, whole across reloads
+        self.rates = Rates()  # ... and the rates and request times measured from them
+        self.reload_seconds = ReloadHistogram()  # how long reloads took (/metrics)
+        self.stats_secret = os.urandom(32)  # signs the stats pages' admin forms
+        self._web_tasks: set[asyncio.Task[None]] = set()
+        self.load = ProcessLoad()  # the workers' CPU, for show info's Idle_pct
         self.variables: dict[str, tuple[str, str]] = {}  # runtime variables: (type, value)
         # named maps: indexes in shared memory, changed at run time by edits on top
         self.maps = maps.load(cfg, inheritance.maps() if inheritance is not None else {})
@@ -114,7 +124,16 @@ class Master:
     def _inherit(self, state: dict[str, Any]) -> None:
         """Start from the state of the pylb we take over from, as a reload would."""
         old, old_cfg = takeover.old_memory(state)
-        reload.carry_state(old, old_cfg, self.shared, self.config)  # type: ignore[arg-type]
+        if len(old.words) == old.layout.entries:
+            reload.carry_state(old, old_cfg, self.shared, self.config)  # type: ignore[arg-type]
+        else:  # a pylb of another version, with another memory layout
+            log.warning("the pylb taken over lays out its memory otherwise: server states "
+                        "and limits start afresh")
+        self.tally.keep(tally.add_to_master_blocks(self.shared, takeover.counters(state)))
+        self.reload_seconds = ReloadHistogram.from_dict(state.get("reload_seconds"))
+        reloads = state.get("reloads")
+        if isinstance(reloads, int):
+            self.generations.reloads = reloads + 1  # this takeover is a reload too
         # Its workers may ask for servers our configuration renamed or removed: the keeper
         # knows them, retired, as a reload leaves them for an older generation.
         self.keeper = Keeper(old_cfg, old, self.keeper.send)  # type: ignore[arg-type]
@@ -134,11 +153,16 @@ class Master:
         return {
             "config_path": self.config.path,
             "config_text": self.config.text,
-            "words": list(self.shared.words),
+            "words": list(self.shared.words[: self.shared.layout.entries]),  # (no counters)
             "vars": self.variables,
             "maps": maps.descriptors(self.maps)[0],  # edits; the indexes go by _getsocks
             "health": self.checker.health(),
             "ticket_keys": self.ticket_keys.state(),
+            # the traffic counters' sums, which the newer pylb carries on from
+            "counters": [[*key, values] for key, values in [
+                *self.tally.totals(self.shared).items(), (GONE, self.tally.gone)]],
+            "reloads": self.reloads,
+            "reload_seconds": self.reload_seconds.as_dict(),
         }
 
     # -- the loop -------------------------------------------------------------------
@@ -158,6 +182,9 @@ class Master:
         ):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
         await self.generations.start_template()
+        # the rates' first sample, before any worker counts: every rate counts from here
+        # (a takeover's inherited sums included, so they make no rate)
+        self.rates.sample(self.tally, self.shared)
         for index in range(1, self.config.global_.workers + 1):
             self.generations.spawn(index)
         self.checker = Checker(self.config, self.shared, self.health,
@@ -171,6 +198,7 @@ class Master:
             # it may hand us its slots now, and the tunnels our configuration takes
             self.to_elder.send({"ready": True, "accepts": handover.accepts(self.config)})
         ticker = loop.create_task(self._tick())
+        measurer = loop.create_task(self._measure())
         if self.config.global_.stats is not None:
             self.stats_socket = StatsSocket(self.config.global_.stats, self)
             await self.stats_socket.start()
@@ -183,6 +211,7 @@ class Master:
             if self.stopping and not self.workers:
                 break
         ticker.cancel()
+        measurer.cancel()
         self.generations.stop_template()
         if self.stats_socket is not None:
             self.stats_socket.close()
@@ -267,8 +296,13 @@ class Master:
     def worker_gone(self, handle: WorkerHandle) -> None:
         """What a worker held goes: its slots, its counters, the answers awaited."""
         self.keeper.worker_gone(handle)
-        if handle.generation == self.generation:  # older ones counted in their own memory
-            self.shared.clear_slot(handle.slot)  # what it counted is no longer open
+        # what it had open is open no more (its traffic counters stay: lb.tally)
+        if handle.generation == self.generation:
+            self.shared.clear_slot(handle.slot)
+        else:  # an older generation's, in the segment it still counts in
+            segment = self.tally.segment(handle.generation)
+            if segment is not None:
+                segment.clear_slot(handle.slot)
         if self.heirs:
             self.heirs[0].send({"gone": handle.pid})
         for waiting in self._asks.values():  # it will not answer: nobody waits for it
@@ -280,6 +314,17 @@ class Master:
         while True:
             await asyncio.sleep(TICK)
             self.events.put_nowait(("tick", None))
+
+    async def _measure(self) -> None:
+        """Rates and the workers' load, sampled on a timer of their own: a steady period
+        makes a steady window (lb.rates)."""
+        while True:
+            await asyncio.sleep(self.rates.period)
+            try:
+                self.rates.sample(self.tally, self.shared)
+                self.load.sample([h.pid for h in self.workers.values() if not h.stopping])
+            except Exception:  # (a bug here must not end the sampling)
+                log.exception("measuring rates failed")
 
     def _housekeeping(self) -> None:
         """Periodic chores: queued requests may fit now that a server came back up or a
@@ -526,6 +571,15 @@ class Master:
                 future.set_result(message["data"])
         elif op == "ready":
             self.generations.ready(handle)
+        elif op == "web":  # a request for a frontend's stats page or /metrics
+            task = asyncio.get_running_loop().create_task(self._answer_web(handle, message))
+            self._web_tasks.add(task)
+            task.add_done_callback(self._web_tasks.discard)
+
+    async def _answer_web(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        reply = await statsite.answer(self, message)
+        if handle.pid in self.workers:
+            handle.channel.send(reply)
 
     # -- stopping -------------------------------------------------------------------
 

@@ -89,6 +89,8 @@ class Keeper:
         self.retired: dict[str, list[_ServerSlots]] = {}  # per backend, removed servers
         self.maxqueue: dict[str, int] = {}  # per backend, for its own queue (0: no limit)
         self.hold_base: dict[str, int] = {}  # per backend, where its hold-when-down flag is
+        # the longest each queue was (qmax): per (backend, server), None for the backend's
+        self.qmax: dict[tuple[str, str | None], int] = {}
         self._words: Any = None
         self.reconfigure(cfg, shared)
 
@@ -182,6 +184,17 @@ class Keeper:
         """A backend's servers, current and retired."""
         return self.by_backend.get(backend, []) + self.retired.get(backend, [])
 
+    def queued_max(self, backend: str, server: str | None = None) -> int:
+        """The most requests that waited at once, as `queued` counts them, since pylb
+        started or `clear counters`."""
+        return self.qmax.get((backend, server), 0)
+
+    def _enqueue(self, key: tuple[str, str | None], queue: deque[_Waiting],
+                 waiting: _Waiting) -> None:
+        _enqueue(queue, waiting)
+        if len(queue) > self.qmax.get(key, 0):
+            self.qmax[key] = len(queue)
+
     def queued(self, backend: str, server: str | None = None) -> int:
         """Requests waiting: in a server's queue, or in the backend's own."""
         if server is None:
@@ -210,7 +223,7 @@ class Keeper:
             elif wanted.maxqueue and len(wanted.queue) >= wanted.maxqueue:
                 self._refuse(waiting)
             else:
-                _enqueue(wanted.queue, waiting)
+                self._enqueue((backend, wanted.name), wanted.queue, waiting)
             return
         if self._room(wanted) and self._selectable(wanted):
             self._grant(waiting, wanted)
@@ -223,7 +236,7 @@ class Keeper:
         if self._backend_full(backend):
             self._refuse(waiting)
             return
-        _enqueue(self.queues.setdefault(backend, deque()), waiting)
+        self._enqueue((backend, None), self.queues.setdefault(backend, deque()), waiting)
 
     def _hold(self, waiting: _Waiting) -> None:
         """A request that found no usable server (hold-when-down): any server now usable
@@ -237,7 +250,7 @@ class Keeper:
         if not self.holds(backend) or self._backend_full(backend) or backend not in self.queues:
             self._refuse(waiting)
             return
-        _enqueue(self.queues[backend], waiting)
+        self._enqueue((backend, None), self.queues[backend], waiting)
 
     def stop_holding(self, backend: str) -> None:
         """hold-when-down was switched off: the requests it holds get their 503 now."""

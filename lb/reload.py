@@ -14,6 +14,7 @@ from lb.shared import (
     BE_HOLD,
     FE_DISABLED,
     FE_MAXCONN,
+    FE_SMAX,
     GLOBAL_MAXCONN,
     SRV_ADMIN,
     SRV_CHECK_CODE,
@@ -21,9 +22,12 @@ from lb.shared import (
     SRV_CHECK_STATUS,
     SRV_CHKDOWN,
     SRV_CHKFAIL,
+    SRV_DOWNSINCE,
+    SRV_DOWNTIME,
     SRV_LASTCHG,
     SRV_MAXCONN,
     SRV_OP,
+    SRV_SMAX,
     SRV_WEIGHT,
     Shared,
 )
@@ -32,7 +36,7 @@ from lb.sock import Listener
 # Carried as they are: what checks and operators decided.
 _SERVER_STATE = (
     SRV_OP, SRV_ADMIN, SRV_LASTCHG, SRV_CHKFAIL, SRV_CHKDOWN, SRV_CHECK_STATUS,
-    SRV_CHECK_CODE, SRV_CHECK_MS,
+    SRV_CHECK_CODE, SRV_CHECK_MS, SRV_SMAX, SRV_DOWNTIME, SRV_DOWNSINCE,
 )
 
 
@@ -90,6 +94,7 @@ def carry_state(
             src[old_base + FE_MAXCONN], before.maxconn, frontend.maxconn
         )
         dst[new_base + FE_DISABLED] = src[old_base + FE_DISABLED]
+        dst[new_base + FE_SMAX] = src[old_base + FE_SMAX]
     for name, backend in new_cfg.backends.items():
         previous = old_cfg.backends.get(name)
         if previous is not None:

@@ -7,7 +7,8 @@ same name without asking anyone.
 
 Ownership keeps it free of locks: the master alone writes a server's state, weight and
 limits (health checks, runtime commands); each worker writes only its own column of the
-connection counters (its *slot*, given by the master), and readers sum the columns.
+connection counts and its own block of traffic counters (its *slot*, given by the master;
+lb.counters), and readers sum the columns.
 Round-robin tickets are the one shared read-modify-write: two workers drawing at the same
 instant may both get the same ticket, which costs one repeated server, never a request.
 """
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 
 from lb import config
+from lb.counters import WORDS as COUNTER_WORDS
 
 # Server states
 DOWN, UP = 0, 1
@@ -32,7 +34,8 @@ GLOBAL_MAXCONN = 0
 GLOBAL_FIELDS = 1
 
 FE_MAXCONN, FE_DISABLED = 0, 1
-FE_FIELDS = 2
+FE_SMAX = 2  # the most connections open at once (workers write it under the limits lock)
+FE_FIELDS = 3  # then a connection count per slot, then a TLS connection count per slot
 
 BE_TICKET, BE_VERSION = 0, 1  # round-robin position; bumped when weights or states change
 BE_HOLD = 2  # hold-when-down, as configured or set at run time (1: on)
@@ -40,9 +43,10 @@ BE_FIELDS = 3
 
 (
     SRV_OP, SRV_ADMIN, SRV_WEIGHT, SRV_MAXCONN, SRV_LASTCHG, SRV_CHKFAIL, SRV_CHKDOWN,
-    SRV_CHECK_STATUS, SRV_CHECK_CODE, SRV_CHECK_MS, SRV_BACKEND,
-) = range(11)
-SRV_FIELDS = 11
+    SRV_CHECK_STATUS, SRV_CHECK_CODE, SRV_CHECK_MS, SRV_BACKEND, SRV_SMAX,
+    SRV_DOWNTIME, SRV_DOWNSINCE,  # seconds DOWN before the last time up; when it went down
+) = range(14)
+SRV_FIELDS = 14
 
 # Check status codes kept in SRV_CHECK_STATUS (names as in HAProxy's show stat)
 CHECK_STATUSES = ("", "INI", "L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP", "L7TOUT",
@@ -53,7 +57,12 @@ CHECK_STATUSES = ("", "INI", "L4OK", "L4CON", "L4TOUT", "L7OK", "L7STS", "L7RSP"
 class Layout:
     """Where each entry lives, in 64-bit words. Each generation of workers has its own
     segment, so a worker slot (a counter column) is needed per configured worker: a
-    replacement takes the slot of the worker it replaces."""
+    replacement takes the slot of the worker it replaces.
+
+    After the entries come the traffic counters (lb.counters): per frontend and server a
+    block per slot and one more, the last, that the master writes (what was counted
+    before: lb.tally); per backend that one block only, since its requests are counted
+    on its servers."""
 
     def __init__(self, cfg: config.Config) -> None:
         self.slots = slots = cfg.global_.workers
@@ -62,7 +71,7 @@ class Layout:
         self.frontends: dict[str, int] = {}
         for name in cfg.frontends:
             self.frontends[name] = size
-            size += FE_FIELDS + slots
+            size += FE_FIELDS + 2 * slots
         self.backends: dict[str, int] = {}
         self.servers: dict[tuple[str, str], int] = {}
         for name, backend in cfg.backends.items():
@@ -71,7 +80,25 @@ class Layout:
             for server in backend.servers:
                 self.servers[(name, server.name)] = size
                 size += SRV_FIELDS + slots
+        self.entries = size  # the words before the counter blocks: the runtime state
+        # the counter blocks: where each one's first block (slot 0) starts
+        self.frontend_counters: dict[str, int] = {}
+        for name in self.frontends:
+            self.frontend_counters[name] = size
+            size += (slots + 1) * COUNTER_WORDS
+        self.server_counters: dict[tuple[str, str], int] = {}
+        for key in self.servers:
+            self.server_counters[key] = size
+            size += (slots + 1) * COUNTER_WORDS
+        self.backend_counters: dict[str, int] = {}
+        for name in self.backends:
+            self.backend_counters[name] = size
+            size += COUNTER_WORDS
         self.words = size
+
+    def block(self, first: int, slot: int) -> int:
+        """Where a slot's block of counters starts (slot == slots: the master's)."""
+        return first + slot * COUNTER_WORDS
 
 
 class Shared:
@@ -142,5 +169,6 @@ class Shared:
         words[GLOBAL_FIELDS + slot] = 0
         for base in layout.frontends.values():
             words[base + FE_FIELDS + slot] = 0
+            words[base + FE_FIELDS + layout.slots + slot] = 0  # its TLS connections
         for base in layout.servers.values():
             words[base + SRV_FIELDS + slot] = 0

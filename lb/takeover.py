@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb import config, tables
+from lb.counters import WORDS
 from lb.log import log
 from lb.mapstore import MapIndex
 from lb.shared import Layout
 from lb.sock import Listener
 from lb.sticktable import StickTable
+from lb.tally import GONE, Totals
 
 TIMEOUT = 5.0
 
@@ -224,6 +226,20 @@ def old_memory(state: dict[str, Any]) -> tuple[OldMemory, config.Config]:
     """The old process's shared memory and configuration, from its `_getstate`."""
     old_cfg = config.loads(state["config_text"], state["config_path"])
     return OldMemory(state["words"], Layout(old_cfg)), old_cfg
+
+
+def counters(state: dict[str, Any]) -> Totals:
+    """The old process's traffic counters, summed, from its `_getstate` (none from a pylb
+    too old to send them, or sent malformed)."""
+    totals: Totals = {}
+    for item in state.get("counters") or ():
+        try:
+            kind, name, values = item
+            if kind in ("fe", "be", "srv", GONE[0]) and len(values) == WORDS:
+                totals[(str(kind), str(name))] = [int(value) for value in values]
+        except (TypeError, ValueError):
+            continue
+    return totals
 
 
 class LineReader:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from lb import handover, httplog
 from lb.balance import Context
+from lb.counters import CONNECT, LBTOT, STOT
 from lb.retry import redispatch_now
 from lb.streamtunnel import TransportTunnel, is_tls
 from lb.timer import clock
@@ -130,6 +131,7 @@ class TcpSession(asyncio.Protocol):
     def _connect(self, server: Server) -> None:
         self.server = server
         self.connect = time.monotonic()
+        server.counters.w[CONNECT] += 1
         self.deadline = clock.now + server.backend.timeouts.connect
         self.task = asyncio.get_running_loop().create_task(self._open(server))
 
@@ -155,8 +157,8 @@ class TcpSession(asyncio.Protocol):
         self.connected = time.monotonic()
         clock.watched.discard(self)
         server.opened()
-        server.counters.stot += 1
-        server.counters.lbtot += 1
+        server.counters.w[STOT] += 1
+        server.counters.w[LBTOT] += 1
         self.transport.pause_reading()
         transport.pause_reading()
         tunnel: Tunnel | TransportTunnel

@@ -25,6 +25,7 @@ import uvloop
 
 from lb import config, control, handover, maps, tls
 from lb import log as logsetup
+from lb.applet import MasterLink
 from lb.backend import Backend
 from lb.frontend import Frontend
 from lb.log import log
@@ -49,6 +50,7 @@ class Worker:
         self._sock = sock
         self.channel: control.Channel | None = None  # on the loop, once running
         self.queue = Queue(self._send)
+        self.master_link = MasterLink(self._send)  # requests for the stats pages (lb.applet)
         # the master's parsed configuration (it read and checked it once for all)
         self.config: config.Config = pickle.loads(base64.b64decode(hello["config"]))
         self.generation: int = hello["generation"]
@@ -146,6 +148,8 @@ class Worker:
                 os.close(fd)
         if op == "grant":
             self.queue.on_grant(message, self.backends)
+        elif op == "web-reply":
+            self.master_link.answered(message)
         elif op == "reopen-logs":
             for frontend in self.frontends.values():
                 if frontend.request_log is not None:
@@ -172,18 +176,6 @@ class Worker:
     def _answer(self, message: dict[str, Any]) -> Any:
         """What the master asks for an operator's command (see lb.runtime)."""
         what = message["what"]
-        if what == "stats":
-            return {
-                "fe": {name: f.counters.as_list() for name, f in self.frontends.items()},
-                "be": {name: b.counters() for name, b in self.backends.items()},
-                "srv": {
-                    f"{b.name}/{s.name}": s.counters.as_list()
-                    for b in self.backends.values()
-                    for s in b.servers
-                },
-                # client connections over TLS (lb.tls.counters), for show info and show stat
-                "ssl": {name: f.tls_counters.snapshot() for name, f in self.frontends.items()},
-            }
         if what == "connections":
             return sum(len(f.sessions) for f in self.frontends.values())
         if what == "staying":
@@ -247,6 +239,7 @@ class Worker:
         self.handing_over = False  # nobody to hand connections to: finish them here
         log.warning("master is gone: closing the listeners, finishing what is in flight")
         self.queue.master_gone()  # requests waiting for a slot go on without one
+        self.master_link.gone()
         loop = asyncio.get_running_loop()
         grace = self.config.global_.hard_stop_after or ORPHAN_GRACE
         loop.call_later(grace, self._hard_stop)

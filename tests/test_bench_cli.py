@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -599,3 +600,260 @@ def test_format_by_file_native() -> None:
     assert "(% of 6 worker samples; 4 more in epoll_wait/epoll_pwait left out)" in lines[0]
     assert lines[2].split() == ["50.0", "libcrypto.so.3"]
     assert lines[3].split() == ["33.3", "lb/httpproxy.py"]
+
+
+# --------------------------------------------------------------------------- --plot
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+plot = _load("bench_plot_under_test", REPO / "bench" / "plot.py")
+
+
+def _load_reload():
+    # reload.py imports `bench` by name (it runs from bench/): give it the module above
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "bench", bench)
+        return _load("reload_under_test", REPO / "bench" / "reload.py")
+
+
+reload_ = _load_reload()
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def charts(monkeypatch: pytest.MonkeyPatch):
+    """The scripts `import plot` when drawing: this test's copy (no sys.path change)."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(sys.modules, "plot", plot)
+    return plot
+
+
+def assert_png(path: Path, min_size: tuple[int, int] = (500, 300)) -> tuple[int, int]:
+    """A real PNG that matplotlib reads back; its (width, height) in pixels."""
+    from matplotlib import image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = image.imread(path)
+    height, width = pixels.shape[:2]
+    assert width >= min_size[0] and height >= min_size[1]
+    assert pixels.std() > 0  # something drawn, not a blank page
+    return width, height
+
+
+def test_parse_args_plot(tmp_path: Path) -> None:
+    assert bench.parse_args([]).plot is None
+    opts = bench.parse_args(["--only", "haproxy,pylb", "--plot", str(tmp_path / "c.png")])
+    assert opts.plot == tmp_path / "c.png"
+    assert opts.command == f"bench/bench.py --only haproxy,pylb --plot {tmp_path / 'c.png'}"
+    for bad in (str(tmp_path), str(tmp_path / "nope" / "c.png")):  # checked before the run
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--plot", bad])
+
+
+def test_reload_parse_args_plot(tmp_path: Path) -> None:
+    assert reload_.parse_args([]).plot is None
+    opts = reload_.parse_args(["--methods", "usr2", "--plot", str(tmp_path / "r.png")])
+    assert opts.plot == tmp_path / "r.png" and opts.methods == ("usr2",)
+    assert opts.command.startswith("bench/reload.py --methods usr2 --plot ")
+    with pytest.raises(SystemExit):  # the tunnel scenario has its own report
+        reload_.parse_args(["--tunnels", "--plot", str(tmp_path / "r.png")])
+
+
+def test_matplotlib_imported_only_when_drawing() -> None:
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import plot, bench, reload; "
+        "bench.parse_args(['--plot', 'x.png']); "
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_bar_of_stats_and_values() -> None:
+    assert plot.Bar.of_stats({"median": 2.0, "min": 1.0, "max": 3.0, "values": [1, 2, 3]}) == (
+        plot.Bar(2.0, 1.0, 3.0)
+    )
+    assert plot.Bar.of_stats({}).value is None
+    assert plot.Bar.of_stats({"median": None, "min": None, "max": None}).value is None
+    assert plot.Bar.of_values([0.03, None, 0.01, 0.02], 1000) == plot.Bar(20.0, 10.0, 30.0)
+    assert plot.Bar.of_values([]).value is None
+
+
+def test_plot_bars_writes_png(tmp_path: Path, charts) -> None:
+    chart = plot.Chart(
+        title="pylb bench: haproxy vs pylb (http, body hello (6 B))",
+        panels=[
+            plot.Panel("throughput", "requests/s", ("req/s",), {
+                "haproxy": (plot.Bar(42041, 41228, 42586),),
+                "pylb": (plot.Bar(33426, 24517, 34191),),
+            }, ".0f"),
+            plot.Panel("proxy CPU per request", "CPU µs per request",
+                       ("total", "user", "system"), {
+                           "haproxy": (plot.Bar(12.4), plot.Bar(2.9, 2.6, 2.9),
+                                       plot.Bar(9.6, 9.5, 9.8)),
+                           "pylb": (plot.Bar(None, note="FAILED"),) * 3,
+                       }, ".1f"),
+            plot.Panel("pylb/haproxy, per round", "ratio", ("CPU/req", "req/s"), {
+                "median": (plot.Bar(1.82, 1.78, 1.82), plot.Bar(0.58, 0.5, 0.8)),
+            }, ".2f", reference=1.0, shared=False),
+        ],
+        caption=["$ bench/bench.py --rounds 3", "x" * 400],  # a long line is wrapped
+    )
+    path = plot.bars(tmp_path / "chart.png", chart)
+    assert path == tmp_path / "chart.png"
+    width, height = assert_png(path, (1000, 700))
+    assert width < 2000 and height < 2000
+
+
+def bench_info() -> dict:
+    return {
+        "time": "2026-11-26T20:24:32+0000", "host": "vm", "cpus": 2, "cpus_usable": 2,
+        "loadavg_at_start": [0.1, 0.2, 0.3], "python": "3.11.7",
+        "python_executable": "/x/python", "kernel": "6.1", "commit": "507e904",
+        "versions": {"nginx": "nginx/1.22.1", "wrk": "wrk 4.1.0", "haproxy": "HAProxy 2.6"},
+        "pylb": {}, "calibration": {"start": "8.2 usec", "end": "8.3 usec"},
+    }
+
+
+def bench_run() -> object:
+    return bench.Run(results=[
+        result("direct", 1, 60000, None, None),
+        result("haproxy", 1, 42000, 0.15, 0.35, non2xx=1),
+        result("pylb", 1, 33000, 0.40, 0.35),
+        result("direct", 2, 61000, None, None),
+        result("haproxy", 2, 41000, 0.12, 0.38),
+        bench.TargetResult("pylb", 1, error="boom", round=2),
+    ])
+
+
+def test_bench_chart_from_the_report_figures(tmp_path: Path, charts) -> None:
+    opts = bench.parse_args(["--rounds", "2", "--plot", str(tmp_path / "c.png")])
+    run = bench_run()
+    summary = bench.summarize(opts, run.results)
+    chart = bench.chart(opts, bench_info(), run, summary, {})
+    panels = {p.title: p for p in chart.panels}
+    rps = panels["throughput (wrk -c50)"]
+    assert list(rps.series) == ["direct", "haproxy", "pylb"]
+    assert rps.series["haproxy"] == (plot.Bar(41500, 41000, 42000),)  # median (min-max)
+    cpu = panels["proxy CPU per request (process tree)"]
+    assert list(cpu.series) == ["haproxy", "pylb"]  # direct has no proxy CPU
+    assert cpu.groups == ("total", "user", "system")
+    assert cpu.series["pylb"][0] == plot.Bar.of_stats(summary.figures["pylb"]["cpu_us"])
+    ratios = panels["ratios a/b, per round (1 = equal)"]  # as ratio_lines prints them
+    assert ratios.groups == (
+        "CPU/req\npylb/haproxy", "user CPU\npylb/haproxy", "req/s\npylb/haproxy",
+        "req/s\npylb/direct", "req/s\nhaproxy/direct",
+    )
+    assert ratios.reference == 1.0 and not ratios.shared
+    (bars,) = ratios.series.values()
+    assert bars[0] == plot.Bar.of_values(summary.ratios["pylb/haproxy cpu_per_request"]["values"])
+    low, high = 41000 / 61000, 42000 / 60000  # haproxy/direct req/s, rounds 2 and 1
+    assert (bars[-1].value, bars[-1].low, bars[-1].high) == pytest.approx(
+        ((low + high) / 2, low, high)
+    )
+    # one pair only: named in the title
+    opts2 = bench.parse_args(["--rounds", "2", "--only", "haproxy,pylb"])
+    run2 = bench.Run(results=[r for r in run.results if r.target != "direct"])
+    chart2 = bench.chart(opts2, bench_info(), run2, bench.summarize(opts2, run2.results), {})
+    assert chart2.panels[-1].title == "pylb/haproxy, per round (1 = equal)"
+    assert chart2.panels[-1].groups == ("CPU/req", "user CPU", "req/s")
+    caption = "\n".join(chart.caption)
+    assert "$ bench/bench.py --rounds 2 --plot" in caption
+    assert "2026-11-26T20:24:32+0000 on vm" in caption and "rounds=2" in caption
+    assert "pylb 1/2" in caption and "haproxy 1" in caption  # measured runs, wrk errors
+    assert_png(plot.bars(opts.plot, chart))
+
+
+def test_bench_chart_tls(tmp_path: Path, charts) -> None:
+    opts = tls_opts("--rounds", "2", "--tls-measures", "full,resumed")
+    results = [
+        hs("haproxy", "full", 1, 1000, 0.5), hs("pylb", "full", 1, 1000, 0.8),
+        hs("haproxy", "full", 2, 1000, 0.4), hs("pylb", "full", 2, 800, 0.8),
+        hs("haproxy", "resumed", 1, 1000, 0.2, resumed=1000),
+        bench.HandshakeResult("pylb", "resumed", 1, 1, error="boom"),
+    ]
+    hsum = {m: bench.summarize_handshakes(opts, results, m) for m in ("full", "resumed")}
+    run = bench.Run(handshakes=results)
+    chart = bench.chart(opts, bench_info(), run, bench.summarize(opts, []), hsum)
+    titles = [p.title for p in chart.panels]
+    assert not any("keep-alive" in t or "latency" in t for t in titles)  # not measured
+    hps = chart.panels[0]
+    assert hps.groups == ("full", "resumed")
+    assert hps.series["pylb"][1].note == "FAILED"
+    cpu = chart.panels[1]
+    bar = cpu.series["haproxy"][0]
+    assert (bar.value, bar.low, bar.high) == pytest.approx((450, 400, 500))
+    ratios = chart.panels[-1]
+    assert ratios.title == "pylb/haproxy, per round (1 = equal)"
+    assert ratios.groups[:2] == ("CPU/handshake\nfull", "handshakes/core\nfull")
+    assert "failed handshake runs (left out): 1" in chart.caption[-1]
+    assert_png(plot.bars(tmp_path / "tls.png", chart))
+
+
+def test_bench_report_plot_only_adds_the_chart(tmp_path: Path, charts, capsys) -> None:
+    argv = ["--rounds", "2"]
+    bench.report(bench.parse_args(argv), bench_info(), bench_run())
+    table = capsys.readouterr().out
+    path = tmp_path / "c.png"
+    bench.report(bench.parse_args([*argv, "--plot", str(path)]), bench_info(), bench_run())
+    out = capsys.readouterr().out
+    assert out == f"{table}\nchart written to {path}\n"
+    assert_png(path)
+
+
+def reload_result(proxy: str, method: str, failures: int, reloads: int,
+                  reload_s: list[float], respawn_ms: list[float] | None = None) -> object:
+    return reload_.RunResult(
+        proxy, method, reload_.DESCRIPTION[proxy, method],
+        wrk=wrk(30000, 900000, seconds=30, read=failures), reloads=reloads,
+        reload_s=reload_s, respawn_ms=respawn_ms or [], respawn_asked=len(respawn_ms or []),
+        after_drain=3, expected_after_drain=3,
+    )
+
+
+def reload_results() -> list:
+    return [
+        reload_result("pylb", "usr2", 0, 150, [0.028, 0.025, 0.066], [15, 28, 14]),
+        reload_result("pylb", "sf", 2, 148, [0.130, 0.150, 0.210], [16, 22]),
+        reload_.RunResult("pylb", "hup", "kill -HUP master", error="pylb did not start"),
+        reload_result("haproxy", "usr2", 3896, 295, [0.031, 0.030, 0.076]),
+    ]
+
+
+def test_reload_chart(tmp_path: Path, charts) -> None:
+    opts = reload_.parse_args(["--methods", "usr2,hup,sf", "--duration", "30"])
+    results = reload_results()
+    chart = reload_.chart(opts, {"time": "T", "host": "vm", "cpus": 2}, results)
+    failures, per100, times, rps, respawn = chart.panels
+    assert failures.groups == ("usr2", "sf", "hup")  # in the order they ran
+    assert failures.series["pylb"] == (plot.Bar(0), plot.Bar(2), plot.Bar(None, note="FAILED"))
+    assert failures.series["haproxy"] == (plot.Bar(3896), plot.Bar(None), plot.Bar(None))
+    assert per100.series["haproxy"][0].value == pytest.approx(3896 * 100 / 295)
+    assert times.series["pylb"][0] == plot.Bar(28.0, 25.0, 66.0)  # ms: median, min, max
+    assert rps.series["pylb"][0] == plot.Bar(30000)
+    assert list(respawn.series) == ["pylb"] and respawn.series["pylb"][1] == plot.Bar(19, 16, 22)
+    caption = "\n".join(chart.caption)
+    assert "wrk -t1 -c50 --timeout 5s for 30s" in caption and "haproxy usr2 295" in caption
+    assert_png(plot.bars(tmp_path / "reload.png", chart))
+
+
+def test_reload_report_plot(tmp_path: Path, charts, capsys) -> None:
+    path = tmp_path / "r.png"
+    opts = reload_.parse_args(["--plot", str(path)])
+    tools = bench.Tools(nginx="/nonexistent/nginx", wrk="/nonexistent/wrk", haproxy=None,
+                        pylb=None)
+    reload_.report(opts, tools, reload_results(), True)
+    out = capsys.readouterr().out
+    assert "reload under load: wrk -t1 -c50" in out
+    assert out.endswith(f"\nchart written to {path}\n")
+    assert_png(path)

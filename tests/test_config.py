@@ -17,6 +17,8 @@ from lb.config import (
     ConfigError,
     Cookie,
     HttpCheck,
+    PrometheusPage,
+    StatsPage,
     StatsSocket,
     StickTable,
     Timeouts,
@@ -95,7 +97,12 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
         timeout=10.0,
     )
 
-    assert list(cfg.frontends) == ["www"]
+    assert list(cfg.frontends) == ["www", "stats"]
+    stats = cfg.frontends["stats"]
+    assert stats.binds == (Address("127.0.0.1", 8404),)
+    assert stats.stats == StatsPage(uri="/stats", refresh=5.0, admin=True, auth=(), realm="pylb")
+    assert stats.prometheus == PrometheusPage(uri="/metrics")
+    assert stats.default_backend is None
     www = cfg.frontends["www"]
     assert www.name == "www"
     assert www.binds == (Address("127.0.0.1", 8080),)
@@ -119,7 +126,7 @@ def test_example_loads_with_expected_values(monkeypatch: pytest.MonkeyPatch) -> 
     assert app.http_check == HttpCheck(method="GET", path="/", expect=(200, 200), host=None)
     assert app.cookie == Cookie(name="SERVERID", mode="insert", indirect=True, nocache=True)
     assert (app.stick_table, app.stick_on) == (None, None)
-    assert app.line == 35
+    assert app.line == 47
     assert [s.name for s in app.servers] == ["s1", "s2"]
     s1, s2 = app.servers
     assert s1.address == Address("127.0.0.1", 9001)
@@ -147,7 +154,7 @@ def test_example_errors_on_other_lines() -> None:
         "expected a duration like 5s or 250ms, got 'fast'"
     )
     assert error_of(text.replace("cookie: s2", "cookei: s2")) == (
-        "t.cfg:53: backends.app.servers.s2.cookei: unknown key (did you mean cookie?)"
+        "t.cfg:65: backends.app.servers.s2.cookei: unknown key (did you mean cookie?)"
     )
     assert error_of(text.replace("workers: 2", "workers: 0")) == (
         "t.cfg:8: global.workers: expected an integer from 1 to 64, got 0"
@@ -963,7 +970,7 @@ def test_docs_mention_every_key() -> None:
     docs = (ROOT / "docs" / "configuration.md").read_text()
     tables = [schema.ROOT, schema.GLOBAL, schema.STATS, schema.DEFAULTS, schema.TIMEOUT,
               schema.FRONTEND, schema.BACKEND, schema.HTTP_CHECK, schema.COOKIE, schema.SERVER,
-              schema.STICK_TABLE]
+              schema.STICK_TABLE, schema.STATS_PAGE, schema.PROMETHEUS_PAGE]
     missing = sorted({key for table in tables for key in table if f"| `{key}`" not in docs})
     assert missing == []
 

@@ -96,6 +96,13 @@ def _frontend(
     kw["timeouts"] = _timeouts(kw["timeouts"])
     if kw["maxconn"] is None:
         kw["maxconn"] = global_.maxconn
+    if kw["mode"] != "http":
+        for key in ("stats", "prometheus"):
+            if key in item.section:  # set here: a mistake; inherited: not for this one
+                at = origin[key]
+                raise at.error(f"{key} needs mode http (frontend {name!r} is mode "
+                               f"{kw['mode']})", line=at.key_line)
+            kw[key] = None
     frontend = Frontend(name=name, line=item.at.key_line, **kw)
     target = frontend.default_backend
     if target is not None:

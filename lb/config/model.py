@@ -306,6 +306,27 @@ class Frontend:
     http_server_close: bool = False  # close the server connection after each response
     tls: tuple[TlsBind, ...] = ()  # the binds with ssl: true
     httpslog: bool = False  # HAProxy's option httpslog: TLS fields end the request log line
+    stats: StatsPage | None = None  # answered by pylb itself (mode http)
+    prometheus: PrometheusPage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsPage:
+    """A frontend's stats page: HAProxy's `stats uri`, `refresh`, `admin`, `auth` and
+    `realm` (lb.statspage serves it)."""
+
+    uri: str = "/stats"
+    refresh: float | None = None  # seconds between automatic reloads; None: none
+    admin: bool = False  # buttons to set servers ready, drain or maint
+    auth: tuple[tuple[str, str], ...] = ()  # (user, password); none: no authentication
+    realm: str = "pylb"
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusPage:
+    """A frontend's Prometheus endpoint (lb.promex)."""
+
+    uri: str = "/metrics"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from .model import (
     ErrorFile,
     HttpCheck,
     HttpRequestRule,
+    PrometheusPage,
+    StatsPage,
     StatsSocket,
     StickTable,
     TcpConnectionRule,
@@ -43,12 +45,16 @@ from .values import (
     log_target,
     name,
     path,
+    plain_path,
+    realm,
     redispatch,
     retry_on,
     server_address,
     server_name,
     size,
     socket_path,
+    stats_auth,
+    stats_uri,
     status_range,
     stick_on,
     store,
@@ -258,6 +264,33 @@ STICK_TABLE: Schema = {
     "store": Field(store, ()),
 }
 
+STATS_PAGE: Schema = {
+    "uri": Field(stats_uri, "/stats"),
+    "refresh": Field(duration),  # None: the page does not reload itself
+    "admin": Field(boolean, False),
+    "auth": Field(stats_auth, ()),
+    "realm": Field(realm, "pylb"),
+}
+
+PROMETHEUS_PAGE: Schema = {
+    "uri": Field(plain_path, "/metrics"),  # matched on the path alone, as HAProxy's exporter
+}
+
+
+def page(schema: Schema, cls: type) -> Callable[[Value], object]:
+    """`stats: true` (every default), or a mapping of the page's keys."""
+    parse_mapping = record(schema, cls)
+
+    def parse(v: Value) -> object:
+        if v.is_scalar and not v.is_null:
+            if boolean(v):
+                return cls()
+            return None  # false: none
+        return parse_mapping(v)
+
+    return parse
+
+
 FRONTEND: Schema = {
     "bind": Field(binds, required=True, attr="binds"),
     "mode": Field(mode, "http", inherit=True),
@@ -280,6 +313,10 @@ FRONTEND: Schema = {
     "stick-table": Field(record(STICK_TABLE, StickTable)),
     # evaluated once per connection, before anything is read; http and tcp mode
     "tcp-request connection": Field(tcp_request_connection, (), attr="tcp_request_connection"),
+    # pages pylb serves itself (lb.statspage, lb.promex); may be set in defaults, as
+    # HAProxy's `stats` keys may
+    "stats": Field(page(STATS_PAGE, StatsPage), inherit=True),
+    "prometheus": Field(page(PROMETHEUS_PAGE, PrometheusPage), inherit=True),
 }
 
 BACKEND: Schema = {

@@ -349,6 +349,51 @@ def _uri_path(x: str | None) -> str:
 uri_path = scalar("a path starting with /", _uri_path, text=True)
 
 
+def _plain_path(x: str | None) -> str:
+    if x is None or not x.startswith("/") or _UNSAFE_RE.search(x) or "?" in x or "#" in x:
+        raise _Mismatch()
+    return x
+
+
+plain_path = scalar("a path starting with /, without a query", _plain_path, text=True)
+
+
+def _stats_uri(x: str | None) -> str:
+    """A path, which may hold a query (HAProxy's habit: /haproxy?stats)."""
+    if x is None or not x.startswith("/") or _UNSAFE_RE.search(x) or "#" in x:
+        raise _Mismatch()
+    return x
+
+
+stats_uri = scalar("a path starting with /", _stats_uri, text=True)
+
+
+def _credentials(x: str) -> tuple[str, str]:
+    user, colon, password = x.partition(":")
+    if not colon or not user or _UNSAFE_RE.search(x):
+        raise _Mismatch()
+    return user, password
+
+
+def stats_auth(v: Value) -> tuple[tuple[str, str], ...]:
+    """`auth`: one USER:PASSWORD or a list of them (HAProxy's `stats auth`, repeated)."""
+    one = scalar("USER:PASSWORD, or a list of them", _credentials, text=True)
+    items = [v] if v.is_scalar else v.elements()
+    return tuple(one(item) for item in items)
+
+
+_REALM_RE = re.compile(r'[ -~]+')  # printable ASCII, spaces too (it goes in a header)
+
+
+def _realm(x: str | None) -> str:
+    if not x or not _REALM_RE.fullmatch(x) or '"' in x or "\\" in x:
+        raise _Mismatch()
+    return x
+
+
+realm = scalar("a name without quotes or control characters", _realm, text=True)
+
+
 def _host_header(x: str | None) -> str:
     if not x or _UNSAFE_RE.search(x):
         raise _Mismatch()

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lb import counters, maps
+from lb import maps
 from lb.mapstore import SharedMap
 from lb.runtime import sslcert, stats, tables
 from lb.shared import (
@@ -98,17 +98,6 @@ def _args(args: list[str], count: int, usage: str) -> list[str]:
     return args
 
 
-async def _totals(master: Master) -> dict[str, dict[str, dict[str, int]]]:
-    """Every worker's counters, added up."""
-    totals: dict[str, dict[str, dict[str, int]]] = {"fe": {}, "be": {}, "srv": {}, "ssl": {}}
-    for answer in await master.ask("stats"):
-        for kind in ("fe", "be", "srv"):
-            for name, values in answer[kind].items():
-                counters.add(totals[kind].setdefault(name, counters.zero()), values)
-        stats.add_tls(totals["ssl"], answer.get("ssl", {}))  # TLS client connections
-    return totals
-
-
 async def _limits_changed(master: Master) -> None:
     """Make every worker act on new limits now (accept again, or stop) before we answer."""
     await master.ask("check-limits")
@@ -118,11 +107,11 @@ async def _limits_changed(master: Master) -> None:
 
 
 async def show_info(master: Master, args: list[str], session: Session) -> str:
-    return stats.show_info(master, await _totals(master)) + "\n"
+    return stats.show_info(master) + "\n"
 
 
 async def show_stat(master: Master, args: list[str], session: Session) -> str:
-    text = stats.show_stat(master, await _totals(master))
+    text = stats.show_stat(master)
     if len(args) >= 3:  # `show stat IID TYPE SID`, as hatop sends it
         iid, types, sid = (int(a) for a in args[:3])
         header, *lines = text.splitlines()
@@ -148,8 +137,9 @@ async def show_sess(master: Master, args: list[str], session: Session) -> str:
     lines = []
     for handle, answer in (await master.ask_each("sessions")).items():
         for s in answer:
+            proto = "tcpv6" if str(s["src"]).count(":") > 1 else "tcpv4"  # HOST:PORT
             lines.append(
-                f"0x{s['id']:x}: proto=tcpv4 src={s['src']} fe={s['fe']} be={s['be']} "
+                f"0x{s['id']:x}: proto={proto} src={s['src']} fe={s['fe']} be={s['be']} "
                 f"srv={s['srv']} age={int(s['age'])}s state={s['state']} "
                 f"worker={handle.index}/{handle.workers} gen={handle.generation}"
             )
@@ -158,6 +148,19 @@ async def show_sess(master: Master, args: list[str], session: Session) -> str:
 
 async def show_table(master: Master, args: list[str], session: Session) -> str:
     return _on_tables(lambda: tables.show(master.tables, master.config, args))
+
+
+async def clear_counters(master: Master, args: list[str], session: Session) -> str:
+    """`clear counters`: the maxima (smax, qmax, rate_max...); `clear counters all`:
+    every counter, as if pylb had just started. Both go on across reloads."""
+    if args and args[0] != "all":
+        raise CommandError("Usage: clear counters [all]")
+    if args and session.level < ADMIN:
+        raise CommandError("Permission denied")
+    stats.clear_maxima(master)
+    if args:
+        master.tally.clear(master.shared)
+    return "\n"
 
 
 async def clear_table(master: Master, args: list[str], session: Session) -> str:
@@ -453,6 +456,8 @@ COMMANDS = (
             "show table [<table> [data.<type> <op> <v>] | [key <key>]] : stick tables"),
     Command(("show", "map"), OPERATOR, show_map, "show map [<map>] : list maps or entries"),
     Command(("get", "var"), OPERATOR, get_var, "get var <name> : a runtime variable"),
+    Command(("clear", "counters"), OPERATOR, clear_counters,
+            "clear counters [all] : clear max statistics counters (all: every counter)"),
     Command(("clear", "table"), ADMIN, clear_table,
             "clear table <table> [data.<type> <op> <v>] | [key <key>] : remove entries"),
     Command(("set", "table"), ADMIN, set_table,

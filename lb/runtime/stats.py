@@ -1,9 +1,12 @@
 """`show info`, `show stat` and `show servers state`, in HAProxy's formats.
 
-Current values (sessions, states, weights, limits, queues) come from the master's own
-view: shared memory and the queue keeper. Cumulated counters come from every worker,
-added up (lb.counters). Tools written for HAProxy read these answers unchanged: hatop
-needs at least 51 fields per `show stat` row, the Prometheus exporter 33.
+Everything comes from the master's own view, without asking the workers: current values
+(sessions, states, weights, limits, queues) from shared memory and the queue keeper,
+cumulated counters from lb.tally, rates and request times from lb.rates, the workers'
+load from lb.procload. `info` and `rows` give the figures as data (for the stats page and
+/metrics too); the show functions print them. A figure pylb does not measure is empty,
+never made up. Tools written for HAProxy read these answers unchanged: hatop needs at
+least 51 fields per `show stat` row, the Prometheus exporter 33.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import lb
-from lb import counters
+from lb import counters, procload
+from lb.rates import NEW_KEYS
 from lb.shared import (
     CHECK_STATUSES,
     DRAIN,
     FE_DISABLED,
     FE_FIELDS,
     FE_MAXCONN,
+    FE_SMAX,
     GLOBAL_FIELDS,
     GLOBAL_MAXCONN,
     MAINT,
@@ -30,13 +36,18 @@ from lb.shared import (
     SRV_CHECK_STATUS,
     SRV_CHKDOWN,
     SRV_CHKFAIL,
+    SRV_DOWNSINCE,
+    SRV_DOWNTIME,
     SRV_FIELDS,
     SRV_LASTCHG,
     SRV_MAXCONN,
     SRV_OP,
+    SRV_SMAX,
     SRV_WEIGHT,
     UP,
+    Shared,
 )
+from lb.tally import Key
 
 if TYPE_CHECKING:
     from lb.master import Master
@@ -67,106 +78,161 @@ def _uptime(seconds: int) -> str:
     return f"{days}d {rest // 3600}h{rest % 3600 // 60:02d}m{rest % 60:02d}s"
 
 
-TLS_FIELDS = ("cur", "cum", "reused", "rate", "keys")  # lb.tls.counters.TlsCounters.snapshot
+def _gauges(master: Master, first: Callable[[Shared], int | None], columns: int = 1) -> int:
+    """A per-slot gauge summed over every segment in use (older generations' workers
+    still finishing count too); `first` finds its first slot in a segment."""
+    total = 0
+    for shared in master.tally.segments(master.shared):
+        start = first(shared)
+        if start is not None:
+            total += sum(shared.words[start : start + shared.layout.slots * columns])
+    return total
 
 
-def add_tls(total: dict[str, dict[str, int]], answer: dict[str, dict[str, int]]) -> None:
-    """Add one worker's TLS counters (per frontend) into a running total."""
-    for name, values in answer.items():
-        into = total.setdefault(name, dict.fromkeys(TLS_FIELDS, 0))
-        for key in TLS_FIELDS:
-            into[key] += values.get(key, 0)
+def _frontend_gauge(name: str, which: int) -> Callable[[Shared], int | None]:
+    """Its connections (which=0) or TLS connections (which=1) in a segment."""
+    def first(shared: Shared) -> int | None:
+        base = shared.layout.frontends.get(name)
+        return None if base is None else base + FE_FIELDS + which * shared.layout.slots
+    return first
 
 
-def _tls_info(totals: dict[str, dict[str, dict[str, int]]]) -> dict[str, int]:
-    """show info's TLS fields, from every worker's client connections over TLS. The rates
-    are HAProxy's: over the last second, from the number of each second and the one
-    before, and the reuse percentage is 100 - 100 * new keys / connections over it."""
-    tls = dict.fromkeys(TLS_FIELDS, 0)
-    for values in totals.get("ssl", {}).values():
-        for key in TLS_FIELDS:
-            tls[key] += values[key]
-    rate, keys = tls["rate"] / 1000, tls["keys"] / 1000
-    return {
-        "CurrSslConns": tls["cur"],
-        "CumSslConns": tls["cum"],
-        "SslRate": int(rate),
-        "SslRateLimit": 0,
-        "SslFrontendKeyRate": int(keys),
-        "SslFrontendSessionReuse_pct": int(100.0 * (1.0 - keys / rate)) if keys < rate else 0,
-    }
+def _tls_connections(master: Master) -> int:
+    return sum(_gauges(master, _frontend_gauge(name, 1)) for name in master.config.frontends)
 
 
-def show_info(master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> str:
-    """`Name: value` lines; every field hatop insists on is there."""
+def info(master: Master) -> dict[str, Any]:
+    """show info's fields, by HAProxy's names; every one hatop insists on is there."""
     words = master.shared.words
+    rates, load = master.rates, master.load
+    if not load.sampled:  # asked before the master's first sample
+        load.sample([h.pid for h in master.workers.values() if not h.stopping])
     uptime = int(time.time() - master.started)
-    fe_totals = totals["fe"].values()
-    tls = _tls_info(totals)
-    lines = {
+    sessions = master.tally.process(master.tally.totals(master.shared))
+    conns = _gauges(master, lambda shared: GLOBAL_FIELDS)
+    tls_rate = rates.process_rate(counters.SSL_CONNS).rate
+    keys = rates.rate(NEW_KEYS, counters.SSL_CONNS)
+    listeners = len(master.listeners)
+    checks = sum(s.check for b in master.config.backends.values() for s in b.servers)
+    workers = [h for h in master.workers.values() if not h.stopping]
+    return {
         "Name": "pylb",
         "Version": lb.__version__,
         "Release_date": lb.RELEASE_DATE,
-        "Nbthread": 1,
-        "Nbproc": 1,
+        "Nbthread": 1,  # per process
+        "Nbproc": master.config.global_.workers,
         "Process_num": 1,
         "Pid": os.getpid(),
         "Uptime": _uptime(uptime),
         "Uptime_sec": uptime,
-        "Memmax_MB": 0,
-        "PoolAlloc_MB": 0,
-        "PoolUsed_MB": 0,
-        "PoolFailed": 0,
+        "Start_time_sec": int(master.started),
+        "Memmax_MB": procload.memory_limit_mb(),
+        "PoolAlloc_MB": "",  # pylb has no memory pools
+        "PoolUsed_MB": "",
+        "PoolFailed": "",
         "Ulimit-n": os.sysconf("SC_OPEN_MAX"),
         "Maxsock": os.sysconf("SC_OPEN_MAX"),
         "Maxconn": words[GLOBAL_MAXCONN],
         "Hard_maxconn": master.config.global_.maxconn,
-        "CurrConns": master.shared.total(GLOBAL_FIELDS),
-        "CumConns": sum(t["stot"] for t in fe_totals),
-        "CumReq": sum(t["req_tot"] for t in fe_totals),
+        "CurrConns": conns,
+        "CumConns": sessions[counters.STOT],
+        "CumReq": sessions[counters.REQ_TOT],
         "MaxSslConns": 0,  # no limit
-        "CurrSslConns": tls["CurrSslConns"],
-        "CumSslConns": tls["CumSslConns"],
-        "Maxpipes": 0,
+        "CurrSslConns": _tls_connections(master),
+        "CumSslConns": sessions[counters.SSL_CONNS],
+        "Maxpipes": 0,  # pylb uses no pipes
         "PipesUsed": 0,
         "PipesFree": 0,
-        "ConnRate": 0,
-        "ConnRateLimit": 0,
-        "MaxConnRate": 0,
-        "SessRate": 0,
+        "ConnRate": rates.process_rate(counters.STOT).rate,
+        "ConnRateLimit": 0,  # no limit
+        "MaxConnRate": rates.process_rate(counters.STOT).max,
+        "SessRate": rates.process_rate(counters.STOT).rate,  # a session per connection
         "SessRateLimit": 0,
-        "MaxSessRate": 0,
-        "SslRate": tls["SslRate"],
-        "SslRateLimit": tls["SslRateLimit"],
-        "SslFrontendKeyRate": tls["SslFrontendKeyRate"],
-        "SslFrontendSessionReuse_pct": tls["SslFrontendSessionReuse_pct"],
-        "Tasks": len(master.workers),
-        "Run_queue": 0,
-        "Idle_pct": 100,
+        "MaxSessRate": rates.process_rate(counters.STOT).max,
+        "SslRate": tls_rate,
+        "SslRateLimit": 0,
+        "MaxSslRate": rates.process_rate(counters.SSL_CONNS).max,
+        "SslFrontendKeyRate": keys.rate,
+        "SslFrontendMaxKeyRate": keys.max,
+        "SslFrontendSessionReuse_pct": (
+            round(100 * (1 - keys.rate / tls_rate)) if tls_rate else 0
+        ),
+        # HAProxy runs a task per session and per health check
+        "Tasks": conns + checks,
+        "Run_queue": load.run_queue,
+        "Idle_pct": load.idle_pct,
+        "Jobs": conns + listeners,  # as HAProxy counts them: connections and listeners
+        "Unstoppable Jobs": 0,
+        "Listeners": listeners,
+        "DroppedLogs": sessions[counters.DROPPED_LOGS],
+        "TotalBytesOut": sessions[counters.BOUT],
+        "BytesOutRate": rates.process_rate(counters.BOUT).rate,
         "node": platform.node() or "pylb",
-        "Workers": len(master.workers),
+        "Workers": len(workers),
+        "Generation": master.generation,
+        "Reloads": master.reloads,
         "Stopping": int(master.stopping),
     }
-    return "".join(f"{key}: {value}\n" for key, value in lines.items())
+
+
+def show_info(master: Master) -> str:
+    """`Name: value` lines."""
+    return "".join(f"{key}: {value}\n" for key, value in info(master).items())
 
 
 class _Rows:
-    def __init__(self, master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> None:
+    def __init__(self, master: Master) -> None:
         self.master = master
-        self.totals = totals
+        self.totals = master.tally.totals(master.shared)
         self.pid = os.getpid()
         names = [*master.config.frontends, *master.config.backends]
         self.iids = {name: index for index, name in enumerate(dict.fromkeys(names), 1)}
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, kind: int, pxname: str, svname: str, sid: int, totals: dict[str, int],
+    def add(self, kind: int, pxname: str, svname: str, sid: int, key: Key, http: bool,
             **values: Any) -> None:
-        row = {name: "" for name in COLUMNS}
+        """A row: its counters (the HTTP ones on HTTP proxies only, as in HAProxy), its
+        session rate, then `values`."""
+        row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
         row["-"] = "-"  # HAProxy's mark between its own columns and its modules'
-        row.update(totals)
-        row.update(pxname=pxname, svname=svname, type=kind, pid=1, iid=self.iids[pxname],
-                   sid=sid, **values)
+        counted = self.totals.get(key, [0] * counters.WORDS)
+        row.update(zip(counters.STAT_COLUMNS, counted, strict=False))
+        if not http:
+            for name in _HTTP_COLUMNS:
+                row[name] = ""
+        rates = self.master.rates
+        sessions = rates.rate(key, counters.STOT)
+        row.update(pxname=pxname, svname=svname, type=kind, pid=self.pid,
+                   iid=self.iids[pxname], sid=sid, rate=sessions.rate,
+                   rate_max=sessions.max)
+        if kind != FRONTEND and http:
+            row.update(_times(rates.average_times(key), counted))
+        row.update(values)
         self.rows.append(row)
+
+
+def _times(averages: list[int] | None, counted: list[int]) -> dict[str, Any]:
+    """A server's or backend's request times (ms): averages over the last requests
+    answered, the longest, and the seconds since it last got one (lastsess)."""
+    last = counted[counters.LASTSESS]
+    times: dict[str, Any] = {
+        "lastsess": int(time.monotonic()) - last if last else "",
+        "qtime_max": counted[counters.QTIME_MAX], "ctime_max": counted[counters.CTIME_MAX],
+        "rtime_max": counted[counters.RTIME_MAX], "ttime_max": counted[counters.TTIME_MAX],
+    }
+    if averages is not None:
+        times.update(zip(("qtime", "ctime", "rtime", "ttime"), averages, strict=True))
+    return times
+
+
+_HTTP_COLUMNS = ("hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other",
+                 "req_tot", "req_rate", "req_rate_max")
+
+
+def _downtime(words: Any, base: int, now: int) -> int:
+    """Seconds a server spent DOWN since pylb started (while it is down, so far)."""
+    since = words[base + SRV_DOWNSINCE]
+    return words[base + SRV_DOWNTIME] + (now - since if since else 0)
 
 
 def _server_status(words: Any, base: int, checked: bool) -> str:
@@ -180,27 +246,37 @@ def _server_status(words: Any, base: int, checked: bool) -> str:
     return "UP" if checked else "no check"
 
 
-def show_stat(master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> str:
-    """The CSV: a `# ` header, then per proxy its FRONTEND, servers and BACKEND rows."""
-    shared, keeper, config = master.shared, master.keeper, master.config
+def rows(master: Master) -> list[dict[str, Any]]:
+    """show stat's rows, by column name: per proxy its FRONTEND, servers and BACKEND."""
+    shared, keeper, config, rates = master.shared, master.keeper, master.config, master.rates
     words, layout = shared.words, shared.layout
-    rows = _Rows(master, totals)
+    table = _Rows(master)
     now = int(time.time())
     for name, frontend in config.frontends.items():
         base = layout.frontends[name]
         maxconn = words[base + FE_MAXCONN]
         status = "STOP" if words[base + FE_DISABLED] else "OPEN" if maxconn > 0 else "PAUSED"
-        tls = totals.get("ssl", {}).get(name, {})
-        rows.add(FRONTEND, name, "FRONTEND", 0, totals["fe"].get(name, counters.zero()),
-                 scur=shared.total(base + FE_FIELDS), slim=maxconn, status=status,
-                 mode=frontend.mode, dresp=0, econ="", eresp="", wretr="", wredis="",
-                 # HAProxy's ssl_sess counts the sessions made: handshakes that resumed none
-                 ssl_sess=tls.get("cum", 0) - tls.get("reused", 0),
-                 ssl_reused_sess=tls.get("reused", 0))
+        key = ("fe", name)
+        counted = table.totals.get(key, [0] * counters.WORDS)
+        requests, conns = rates.rate(key, counters.REQ_TOT), rates.rate(key, counters.STOT)
+        http = frontend.mode == "http"
+        table.add(
+            FRONTEND, name, "FRONTEND", 0, key, http,
+            scur=_gauges(master, _frontend_gauge(name, 0)), smax=words[base + FE_SMAX],
+            slim=maxconn, status=status, mode=frontend.mode, dresp=0,
+            econ="", eresp="", wretr="", wredis="", lbtot="", cli_abrt="", srv_abrt="",
+            connect="", reuse="", rate_lim=0, wrew=0 if http else "",
+            req_rate=requests.rate if http else "", req_rate_max=requests.max if http else "",
+            conn_rate=conns.rate, conn_rate_max=conns.max, conn_tot=counted[counters.STOT],
+            # HAProxy's ssl_sess counts the sessions made: handshakes that resumed none
+            ssl_sess=counted[counters.SSL_CONNS] - counted[counters.SSL_REUSED],
+            ssl_reused_sess=counted[counters.SSL_REUSED],
+        )
     for name, backend in config.backends.items():
         act = bck = weight = 0
         scur = chkdown = 0
         lastchg = 0
+        http = backend.mode == "http"
         for sid, server in enumerate(backend.servers, 1):
             base = layout.servers[(name, server.name)]
             status = _server_status(words, base, server.check)
@@ -225,24 +301,47 @@ def show_stat(master: Master, totals: dict[str, dict[str, dict[str, int]]]) -> s
                     "chkdown": words[base + SRV_CHKDOWN],
                     "check_rise": server.rise, "check_fall": server.fall,
                 }
-            rows.add(
-                SERVER, name, server.name, sid,
-                totals["srv"].get(f"{name}/{server.name}", counters.zero()),
-                qcur=keeper.queued(name, server.name), scur=conns,
-                slim=words[base + SRV_MAXCONN] or "", status=status,
-                weight=words[base + SRV_WEIGHT], act=int(not server.backup),
+            table.add(
+                SERVER, name, server.name, sid, ("srv", f"{name}/{server.name}"), http,
+                qcur=keeper.queued(name, server.name), qmax=keeper.queued_max(name, server.name),
+                scur=conns, smax=words[base + SRV_SMAX],
+                slim=words[base + SRV_MAXCONN] or "", status=status, dreq="", ereq="",
+                dcon="", intercepted="", dresp=0, wrew=0 if http else "",
+                downtime=_downtime(words, base, now),
+                weight=words[base + SRV_WEIGHT], uweight=words[base + SRV_WEIGHT],
+                act=int(not server.backup),
                 bck=int(server.backup), lastchg=now - words[base + SRV_LASTCHG],
                 qlimit=server.maxqueue or "", addr=str(server.address),
                 cookie=server.cookie or "", mode=backend.mode, **check,
             )
-        rows.add(
-            BACKEND, name, "BACKEND", 0, totals["be"].get(name, counters.zero()),
-            qcur=keeper.queued(name), scur=scur, status="UP" if act or bck else "DOWN",
-            weight=weight, act=act, bck=bck, chkdown=chkdown, lastchg=now - lastchg,
-            mode=backend.mode, algo=backend.balance, dreq=0, ereq="",
+        table.add(
+            BACKEND, name, "BACKEND", 0, ("be", name), http,
+            qcur=keeper.queued(name), qmax=keeper.queued_max(name), scur=scur,
+            status="UP" if act or bck else "DOWN", weight=weight, uweight=weight, act=act,
+            bck=bck, chkdown=chkdown, lastchg=now - lastchg, mode=backend.mode,
+            algo=backend.balance, dreq=0, ereq="", dcon="", intercepted="", dresp=0,
+            wrew=0 if http else "",
         )
+    return table.rows
+
+
+def clear_maxima(master: Master) -> None:
+    """`clear counters`: the highest values seen start again from the current ones."""
+    shared = master.shared
+    words, layout = shared.words, shared.layout
+    for base in layout.frontends.values():
+        words[base + FE_SMAX] = shared.total(base + FE_FIELDS)
+    for base in layout.servers.values():
+        words[base + SRV_SMAX] = shared.total(base + SRV_FIELDS)
+    master.keeper.qmax.clear()
+    master.tally.clear_max(master.shared)
+    master.rates.clear_max()
+
+
+def show_stat(master: Master) -> str:
+    """The CSV: a `# ` header, then a line per row."""
     lines = ["# " + ",".join(COLUMNS) + ","]
-    for row in rows.rows:
+    for row in rows(master):
         lines.append(",".join(str(row[name]) for name in COLUMNS) + ",")
     return "\n".join(lines) + "\n"
 
@@ -251,7 +350,7 @@ def show_servers_state(master: Master, backend_name: str | None = None) -> str:
     """Version 1 of HAProxy's server-state format."""
     shared, config = master.shared, master.config
     words, layout = shared.words, shared.layout
-    rows = _Rows(master, {})
+    iids = _Rows(master).iids
     now = int(time.time())
     lines = [
         "1",
@@ -269,7 +368,7 @@ def show_servers_state(master: Master, backend_name: str | None = None) -> str:
             op_state = 2 if words[base + SRV_OP] == UP else 0
             admin = {MAINT: 0x01, DRAIN: 0x08}.get(words[base + SRV_ADMIN], 0)
             lines.append(
-                f"{rows.iids[name]} {name} {sid} {server.name} {server.address.host} "
+                f"{iids[name]} {name} {sid} {server.name} {server.address.host} "
                 f"{op_state} {admin} {words[base + SRV_WEIGHT]} {server.weight} "
                 f"{now - words[base + SRV_LASTCHG]} {words[base + SRV_CHECK_STATUS]} "
                 f"{3 if op_state else 1} {server.rise if op_state else 0} "
