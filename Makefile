@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian tools the tests and the benchmark drive as real clients and peers.
 DEBIAN_TOOLS := curl wrk socat openssl haproxy nginx-light hatop prometheus-haproxy-exporter \
-  prometheus chromium
+  prometheus chromium systemd
 # Command names that tell whether each of those is already there.
 TOOL_COMMANDS := curl wrk socat openssl haproxy nginx hatop prometheus-haproxy-exporter \
-  promtool chromium
+  promtool chromium systemd-analyze
 
 # The hot path Cython compiles (setup.py, lb/compiled.py): each .pxd and its .py.
 HOT_SOURCES := $(wildcard lb/*.pxd) $(patsubst %.pxd,%.py,$(wildcard lb/*.pxd))

@@ -12,7 +12,7 @@ import sys
 
 import setproctitle
 
-from lb import RELEASE_DATE, __version__, compiled, config, pidfile, reload, takeover
+from lb import RELEASE_DATE, __version__, compiled, config, pidfile, privileges, reload, takeover
 from lb import log as logsetup
 from lb.log import log
 from lb.master import Master
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             print("Configuration file is valid")
         return 0
 
+    g = cfg.global_
+    why = privileges.check_start(privileges.identity(g.user, g.group))
+    if why:
+        print(f"pylb: {why}", file=sys.stderr)
+        return 1
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logsetup.setup(cfg.global_.log, level)
     inheritance = None

@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from lb import config, handover, maps, reload, statsite, systemd, takeover, tally
+from lb import config, handover, maps, privileges, reload, statsite, systemd, takeover, tally
 from lb.check import Checker
 from lb.generation import Generations, Resources, WorkerHandle
 from lb.log import log
@@ -148,6 +148,22 @@ class Master:
             self.ticket_keys = KeyRing(self.config.global_.tls_ticket_rotate,
                                        state["ticket_keys"])
 
+    def _give_up_privileges(self) -> None:
+        """Root that starts workers as `global.user` (or in `global.chroot`) needs little
+        more from here on: keep only that (lb.privileges)."""
+        g = self.config.global_
+        if os.geteuid() != 0 or (g.user is None and g.group is None and g.chroot is None):
+            return
+        privileges.keep_only(set(privileges.MASTER_KEEPS))
+        log.info("the master keeps %s; workers run as uid %s, gid %s%s",
+                 ", ".join(privileges.MASTER_KEEPS.values()), *self._identity(),
+                 f", in {g.chroot}" if g.chroot else "")
+
+    def _identity(self) -> tuple[int, int]:
+        g = self.config.global_
+        who = privileges.identity(g.user, g.group)
+        return (who.uid, who.gid) if who is not None else (os.getuid(), os.getgid())
+
     def snapshot(self) -> dict[str, Any]:
         """Our runtime state, for a newer pylb taking over (`_getstate`)."""
         return {
@@ -202,6 +218,7 @@ class Master:
         if self.config.global_.stats is not None:
             self.stats_socket = StatsSocket(self.config.global_.stats, self)
             await self.stats_socket.start()
+        self._give_up_privileges()
         while True:
             kind, value = await self.events.get()
             try:

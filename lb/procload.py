@@ -44,7 +44,7 @@ class ProcessLoad:
                     status = proc.status()
                     rss += proc.memory_info().rss
                     born = proc.create_time()
-            except psutil.Error:  # exited meanwhile
+            except (psutil.Error, OSError):  # exited meanwhile (or /proc hides it)
                 continue
             cpu[pid] = used = times.user + times.system
             running += status == psutil.STATUS_RUNNING

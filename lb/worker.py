@@ -23,7 +23,7 @@ from typing import Any
 import setproctitle
 import uvloop
 
-from lb import config, control, handover, maps, tls
+from lb import config, control, handover, maps, privileges, tls
 from lb import log as logsetup
 from lb.applet import MasterLink
 from lb.backend import Backend
@@ -453,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_master(hello.get("master", os.getppid()))
     logsetup.setup(hello.get("log", "stderr"), hello.get("log_level", logging.INFO))
     worker = Worker(channel, hello, fds)
+    # Everything is open: give up what a process that reads clients' bytes must not have
+    g = worker.config.global_
+    privileges.drop_worker(privileges.identity(g.user, g.group), g.chroot)
     # What exists now (code, configuration) lives as long as the worker: keep it out of
     # the collector's way; requests allocate much and rarely make cycles.
     gc.freeze()

@@ -247,7 +247,7 @@ def one(entries: list[tuple[str, str, str]], section: str, key: str) -> str:
 
 
 CHECK = "/usr/bin/pylb -c -q -f $CONFIG"
-START = "/usr/bin/pylb -f $CONFIG -p /run/pylb.pid"
+START = "/usr/bin/pylb -f $CONFIG -p /run/pylb/pylb.pid"
 
 
 def test_notify_reload_unit_keys():

@@ -79,6 +79,10 @@ class Global:
     stats: StatsSocket | None
     spread_checks: int = 0  # percent of random jitter on health check intervals
     tls_ticket_rotate: float = 3600.0  # seconds between new session ticket keys
+    # who workers run as, and where (lb.privileges): HAProxy's user, group and chroot
+    user: str | None = None
+    group: str | None = None  # None: the user's own group
+    chroot: str | None = None
 
 
 # -- HTTP rules: HAProxy's words, parsed (by lb.rules.syntax) but not compiled -------------

@@ -36,6 +36,7 @@ from .values import (
     choice,
     cookie_value,
     count,
+    directory,
     duration,
     expose_fd,
     file_mode,
@@ -58,6 +59,8 @@ from .values import (
     status_range,
     stick_on,
     store,
+    system_group,
+    system_user,
     token,
     uri_path,
 )
@@ -197,8 +200,8 @@ TIMEOUT: Schema = {
 STATS: Schema = {
     "socket": Field(socket_path, required=True, attr="path"),
     "mode": Field(file_mode, 0o600),
-    "user": Field(name),
-    "group": Field(name),
+    "user": Field(system_user),
+    "group": Field(system_group),
     "level": Field(choice("user", "operator", "admin"), "operator"),
     "expose-fd": Field(expose_fd, False),
     "timeout": Field(duration, 10.0),
@@ -217,6 +220,10 @@ GLOBAL: Schema = {
     "stats": Field(record(STATS, StatsSocket)),
     # how often the master makes a new TLS session ticket key (lb.tls.keyring)
     "tls-ticket-rotate": Field(duration, 3600.0),
+    # least privilege (lb.privileges): workers switch to this user and group, in this root
+    "user": Field(system_user),
+    "group": Field(system_group),
+    "chroot": Field(directory),
 }
 
 SERVER: Schema = {

@@ -7,8 +7,11 @@ raise ValueError with a complete message. The validators (``Parser``) take a loc
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import math
+import os
+import pwd
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -283,6 +286,44 @@ token = matching("a name made of letters, digits and !#$%&'*+-.^_`|~", _TOKEN_RE
 cookie_value = matching("a cookie value (no spaces, quotes, commas, semicolons or \\)",
                         _COOKIE_VALUE_RE)
 http_method = matching("an HTTP method like GET or HEAD", _METHOD_RE)
+
+
+def _system_user(x: str | None) -> str:
+    """A user of this system, by name or number (HAProxy's `user` and `uid`)."""
+    if not x:
+        raise _Mismatch()
+    try:
+        pwd.getpwuid(int(x)) if x.isdigit() else pwd.getpwnam(x)
+    except KeyError:
+        raise ValueError(f"no such user on this system: {x!r}") from None
+    return x
+
+
+def _system_group(x: str | None) -> str:
+    if not x:
+        raise _Mismatch()
+    try:
+        grp.getgrgid(int(x)) if x.isdigit() else grp.getgrnam(x)
+    except KeyError:
+        raise ValueError(f"no such group on this system: {x!r}") from None
+    return x
+
+
+system_user = scalar("a user name or number", _system_user, text=True)
+system_group = scalar("a group name or number", _system_group, text=True)
+
+
+def _directory(x: str | None) -> str:
+    if not x or "\x00" in x:
+        raise _Mismatch()
+    if not os.path.isabs(x):
+        raise ValueError(f"expected an absolute path, got {x!r}")
+    if not os.path.isdir(x):
+        raise ValueError(f"no such directory: {x!r}")
+    return x
+
+
+directory = scalar("a directory", _directory, text=True)
 
 
 def _file_mode(x: str | None) -> int:

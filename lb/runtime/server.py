@@ -9,15 +9,13 @@ MAX_LINE, is disconnected: no client can hold the master up.
 from __future__ import annotations
 
 import asyncio
-import grp
 import json
 import os
-import pwd
 import socket
 import stat
 from typing import TYPE_CHECKING
 
-from lb import config, maps
+from lb import config, maps, privileges
 from lb.log import log
 from lb.runtime import commands, sslcert
 
@@ -45,8 +43,8 @@ class StatsSocket:
         self._inode = os.stat(self.path).st_ino
         os.chmod(self.path, self.cfg.mode)
         if self.cfg.user or self.cfg.group:
-            uid = pwd.getpwnam(self.cfg.user).pw_uid if self.cfg.user else -1
-            gid = grp.getgrnam(self.cfg.group).gr_gid if self.cfg.group else -1
+            uid = privileges.uid_of(self.cfg.user) if self.cfg.user else -1
+            gid = privileges.gid_of(self.cfg.group) if self.cfg.group else -1
             os.chown(self.path, uid, gid)
 
     def close(self) -> None:
