@@ -33,7 +33,6 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # capabilities(7) numbers
-CAP_CHOWN = 0
 CAP_KILL = 5
 CAP_SETGID = 6
 CAP_SETUID = 7
@@ -43,7 +42,7 @@ CAP_SYS_CHROOT = 18
 
 _CAPABILITY_VERSION_3 = 0x20080522  # 64-bit sets, as two 32-bit halves
 
-# What the master keeps, and why (capabilities(7) names, for `pylb -vv` and the docs)
+# What the master keeps, and why (capabilities(7) names, for its log line)
 MASTER_KEEPS = {
     CAP_NET_BIND_SERVICE: "cap_net_bind_service",  # ports below 1024 added by a reload
     CAP_SETUID: "cap_setuid",  # new workers switch to the user
@@ -72,7 +71,8 @@ def gid_of(group: str) -> int:
 
 def identity(user: str | None, group: str | None) -> Identity | None:
     """Who `global.user` and `global.group` name (the group: the user's own, by
-    default); None when neither is set. Resolved in the master, before any chroot."""
+    default); None when neither is set. Resolved before any chroot: the names are
+    looked up in the system's files."""
     if user is None and group is None:
         return None
     uid = uid_of(user) if user is not None else os.getuid()
@@ -145,14 +145,20 @@ def no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
-def keep_only(keep: set[int]) -> None:
-    """The master's: drop every capability but `keep`, from the bounding set too, so
-    that the processes it executes (the worker template, a fresh worker) cannot get the
-    others back either. Needs CAP_SETPCAP for the bounding set: root has it until here."""
+def keep_only(keep: set[int], strict: bool = True) -> None:
+    """Drop every capability but `keep`, from the bounding set too, so that the processes
+    this one executes cannot get the others back either. The bounding set needs
+    CAP_SETPCAP: without it, `strict` raises, else only the bounding set stays as it is."""
     for cap in range(last_capability() + 1):
         if cap not in keep and _libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) == 1:
-            _prctl(PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {cap}")
+            if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and strict:
+                error = ctypes.get_errno()
+                raise OSError(error, f"prctl(PR_CAPBSET_DROP {cap}): {os.strerror(error)}")
     _capset(keep & _held())
+
+
+# The worker template's (lb.template): what its workers need to give up everything else
+TEMPLATE_KEEPS = {CAP_SETUID, CAP_SETGID, CAP_SYS_CHROOT, CAP_SETPCAP}
 
 
 

@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != master:
         return 1
     setproctitle.setproctitle("pylb: worker template")
-    from lb import worker  # noqa: F401 - what every worker needs, imported once here
+    from lb import privileges, worker  # noqa: F401 - what every worker needs, imported once
+    if os.geteuid() == 0:  # it reads nothing but the master's socket: it needs no more
+        privileges.keep_only(privileges.TEMPLATE_KEEPS, strict=False)
     # Everything imported now is shared with every worker, copy-on-write: keep it out of
     # the collector's way (a collection would touch, and so copy, every page).
     gc.collect()

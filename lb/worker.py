@@ -12,6 +12,7 @@ import asyncio
 import base64
 import ctypes
 import gc
+import ipaddress
 import logging
 import os
 import pickle
@@ -111,6 +112,24 @@ class Worker:
 
     def table(self, name: str) -> StickTable | None:
         return self.tables.get(name)
+
+    def resolve_servers(self) -> None:
+        """Server names to addresses now, as HAProxy resolves them at start: a worker
+        about to enter a chroot will not find the system's resolver files there."""
+        for backend in self.backends.values():
+            for server in backend.servers:
+                try:
+                    ipaddress.ip_address(server.host)
+                    continue  # an address already
+                except ValueError:
+                    pass
+                try:
+                    found = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
+                except OSError as err:
+                    log.warning("server %s: cannot resolve %s before the chroot: %s",
+                                server, server.host, err)
+                    continue
+                server.host = str(found[0][4][0])
 
     def connections(self) -> int:
         """Connections admitted by pylb as a whole, all frontends."""
@@ -455,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(channel, hello, fds)
     # Everything is open: give up what a process that reads clients' bytes must not have
     g = worker.config.global_
+    if g.chroot is not None:
+        worker.resolve_servers()
     privileges.drop_worker(privileges.identity(g.user, g.group), g.chroot)
     # What exists now (code, configuration) lives as long as the worker: keep it out of
     # the collector's way; requests allocate much and rarely make cycles.

@@ -139,6 +139,16 @@ class Pylb:
 PylbFactory = Callable[..., Pylb]
 
 
+def refused(workdir: Path, config: dict[str, Any]) -> str:
+    """What `pylb -c` says of a configuration it must refuse (written to lb.cfg)."""
+    path = workdir / "lb.cfg"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = subprocess.run([sys.executable, str(REPO / "bin" / "pylb"), "-c", "-f", str(path)],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode != 0, f"accepted: {config}"
+    return done.stderr
+
+
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """``free_port()`` -> a port on 127.0.0.1 nothing listens on."""

@@ -17,16 +17,17 @@ import signal
 import socket
 import ssl
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import trustme
 import yaml
 from backends import HOST, HttpConn, free_port, stats_command, wait_until, workers_of
+from conftest import refused
 from test_reload import Reloader
-from test_takeover import PYLB, start_daemon, terminate
+from test_takeover import start_daemon, terminate
 
 from lb import privileges
 
@@ -109,6 +110,10 @@ def test_workers_run_as_nobody_and_serve_through_reloads_and_respawns(pylb, back
     assert int(master["CapEff"], 16) == MASTER_CAPS
     assert int(master["CapBnd"], 16) == MASTER_CAPS
     assert "the master keeps cap_net_bind_service, cap_setuid" in lb.output()
+    # the worker template: root, but with only what its workers need to drop everything
+    template = status(next(p for p in psutil.Process(lb.pid).children()
+                           if "template" in " ".join(p.cmdline())).pid)
+    assert int(template["CapEff"], 16) == sum(1 << c for c in privileges.TEMPLATE_KEEPS)
 
     # a reload that adds a bind on port 81 (privileged): the master binds it
     cfg["frontends"]["www"]["bind"] = [cfg["frontends"]["www"]["bind"], f"{HOST}:81"]
@@ -137,7 +142,9 @@ def test_workers_in_a_chroot(pylb, backends, tmp_path):
     jail = tmp_path / "jail"
     jail.mkdir()
     echo = backends.echo("s1")
-    cfg = config(tmp_path, [echo.address], chroot=str(jail))
+    # a server by name: resolved before the chroot, which has no /etc/hosts
+    by_name = echo.address.replace(HOST, "localhost")
+    cfg = config(tmp_path, [by_name], chroot=str(jail))
     lb = pylb(cfg)
     for worker in lb.workers():
         assert_unprivileged(worker.pid, jail)
@@ -221,9 +228,5 @@ def test_stats_socket_owner_and_mode(pylb, backends, tmp_path):
 ])
 def test_bad_identities_are_refused_with_file_line_and_key(tmp_path, global_, message):
     cfg = {"global": global_, "frontends": {"www": {"bind": f"{HOST}:{free_port()}"}}}
-    path = tmp_path / "lb.cfg"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    done = subprocess.run([*PYLB, "-c", "-f", str(path)], capture_output=True, text=True,
-                          timeout=20)
-    assert done.returncode != 0
-    assert re.search(rf"lb\.cfg:\d+: {message}", done.stderr), done.stderr
+    error = refused(tmp_path, cfg)
+    assert re.search(rf"lb\.cfg:\d+: {message}", error), error
