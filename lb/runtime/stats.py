@@ -180,13 +180,18 @@ def show_info(master: Master) -> str:
     return "".join(f"{key}: {value}\n" for key, value in info(master).items())
 
 
+def _iids(master: Master) -> dict[str, int]:
+    """Each proxy's number (show stat's iid), in the configuration's order."""
+    names = [*master.config.frontends, *master.config.backends]
+    return {name: index for index, name in enumerate(dict.fromkeys(names), 1)}
+
+
 class _Rows:
     def __init__(self, master: Master) -> None:
         self.master = master
         self.totals = master.tally.totals(master.shared)
         self.pid = os.getpid()
-        names = [*master.config.frontends, *master.config.backends]
-        self.iids = {name: index for index, name in enumerate(dict.fromkeys(names), 1)}
+        self.iids = _iids(master)
         self.rows: list[dict[str, Any]] = []
 
     def add(self, kind: int, pxname: str, svname: str, sid: int, key: Key, http: bool,
@@ -350,7 +355,7 @@ def show_servers_state(master: Master, backend_name: str | None = None) -> str:
     """Version 1 of HAProxy's server-state format."""
     shared, config = master.shared, master.config
     words, layout = shared.words, shared.layout
-    iids = _Rows(master).iids
+    iids = _iids(master)
     now = int(time.time())
     lines = [
         "1",
