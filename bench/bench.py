@@ -20,7 +20,6 @@ See bench/README.md for how to run it and how to read the output.
 
 import argparse
 import contextlib
-import functools
 import http.client
 import importlib.util
 import json
@@ -179,24 +178,22 @@ def is_pylb(target: str) -> bool:
     return target == "pylb" or target.startswith("pylb@")
 
 
-def parse_only(text: str) -> tuple[str, ...]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TARGETS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"--only takes a comma list of {','.join(TARGETS)}; got {text!r}"
-        )
-    return tuple(t for t in TARGETS if t in names)
+def comma_list(option: str, allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma list of `allowed` names, in `allowed`'s order."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(
+                f"{option} takes a comma list of {','.join(allowed)}; got {text!r}"
+            )
+        return tuple(n for n in allowed if n in names)
+
+    return parse
 
 
-def parse_measures(text: str) -> tuple[str, ...]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TLS_MEASURES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"--tls-measures takes a comma list of {','.join(TLS_MEASURES)}; got {text!r}"
-        )
-    return tuple(m for m in TLS_MEASURES if m in names)
+parse_only = comma_list("--only", TARGETS)
+parse_measures = comma_list("--tls-measures", TLS_MEASURES)
 
 
 def positive_int(text: str) -> int:
@@ -2069,31 +2066,40 @@ def pair_ratio(by: dict[str, dict[str, float]], a: str, b: str, key: str) -> flo
     return ratio(by.get(a, {}).get(key), by.get(b, {}).get(key))
 
 
-def round_ratios(
-    by: dict[str, dict[str, float]], targets: tuple[str, ...], size: bool
+def paired_ratios(
+    by: dict[str, dict[str, float]], targets: tuple[str, ...],
+    vs_haproxy: list[tuple[str, str]], vs_pylb: list[tuple[str, str]],
 ) -> dict[str, float | None]:
-    """Ratios of one round's paired runs; a key for every pair whose targets were selected."""
-
-    r = functools.partial(pair_ratio, by)
-
+    """Ratios of one round's paired runs: each pylb over HAProxy (`vs_haproxy`), and this
+    checkout's pylb over every other pylb target (`vs_pylb`), as (label, figure) pairs; a
+    key for every pair whose targets were selected."""
     out: dict[str, float | None] = {}
     pylbs = [t for t in targets if is_pylb(t)]
     if "haproxy" in targets:
         for p in pylbs:
-            out[f"{p}/haproxy cpu_per_request"] = r(p, "haproxy", "cpu_us")
-            out[f"{p}/haproxy user"] = r(p, "haproxy", "user_us")
-            out[f"{p}/haproxy rps"] = r(p, "haproxy", "rps")
-            if size:
-                out[f"{p}/haproxy cpu_ms_per_MB"] = r(p, "haproxy", "cpu_ms_per_mb")
+            for label, key in vs_haproxy:
+                out[f"{p}/haproxy {label}"] = pair_ratio(by, p, "haproxy", key)
     if "pylb" in targets:
         for v in pylbs:
             if v != "pylb":
-                out[f"pylb/{v} cpu_per_request"] = r("pylb", v, "cpu_us")
-                out[f"pylb/{v} rps"] = r("pylb", v, "rps")
+                for label, key in vs_pylb:
+                    out[f"pylb/{v} {label}"] = pair_ratio(by, "pylb", v, key)
+    return out
+
+
+def round_ratios(
+    by: dict[str, dict[str, float]], targets: tuple[str, ...], size: bool
+) -> dict[str, float | None]:
+    """Ratios of one round's paired runs (paired_ratios), and each proxy over direct."""
+    vs_haproxy = [("cpu_per_request", "cpu_us"), ("user", "user_us"), ("rps", "rps")]
+    if size:
+        vs_haproxy.append(("cpu_ms_per_MB", "cpu_ms_per_mb"))
+    out = paired_ratios(by, targets, vs_haproxy,
+                        [("cpu_per_request", "cpu_us"), ("rps", "rps")])
     if "direct" in targets:
-        for p in [*pylbs, "haproxy"]:
+        for p in [*(t for t in targets if is_pylb(t)), "haproxy"]:
             if p in targets:
-                out[f"{p}/direct rps"] = r(p, "direct", "rps")
+                out[f"{p}/direct rps"] = pair_ratio(by, p, "direct", "rps")
     return out
 
 
@@ -2180,24 +2186,13 @@ def hs_figures_of(r: HandshakeResult) -> dict[str, float]:
 def hs_round_ratios(
     by: dict[str, dict[str, float]], targets: tuple[str, ...]
 ) -> dict[str, float | None]:
-    """Ratios of one round's paired handshake measures (see round_ratios)."""
-
-    r = functools.partial(pair_ratio, by)
-
-    out: dict[str, float | None] = {}
-    pylbs = [t for t in targets if is_pylb(t)]
-    if "haproxy" in targets:
-        for p in pylbs:
-            out[f"{p}/haproxy handshake CPU ratio"] = r(p, "haproxy", "cpu_us")
-            out[f"{p}/haproxy handshakes per core ratio"] = r(p, "haproxy", "per_core")
-            out[f"{p}/haproxy user"] = r(p, "haproxy", "user_us")
-            out[f"{p}/haproxy handshakes/s"] = r(p, "haproxy", "hps")
-    if "pylb" in targets:
-        for v in pylbs:
-            if v != "pylb":
-                out[f"pylb/{v} handshake CPU ratio"] = r("pylb", v, "cpu_us")
-                out[f"pylb/{v} handshakes/s"] = r("pylb", v, "hps")
-    return out
+    """Ratios of one round's paired handshake measures (paired_ratios)."""
+    return paired_ratios(
+        by, targets,
+        [("handshake CPU ratio", "cpu_us"), ("handshakes per core ratio", "per_core"),
+         ("user", "user_us"), ("handshakes/s", "hps")],
+        [("handshake CPU ratio", "cpu_us"), ("handshakes/s", "hps")],
+    )
 
 
 def summarize_handshakes(

@@ -67,6 +67,7 @@ from bench import (
     Ports,
     Tools,
     WrkResult,
+    comma_list,
     command_line,
     find_tools,
     fmt,
@@ -178,14 +179,7 @@ class Options:
     command: str = ""  # the command line, for the chart's caption
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"--methods takes a comma list of {','.join(ALL_METHODS)}; got {text!r}"
-        )
-    return tuple(m for m in ALL_METHODS if m in names)
+parse_methods = comma_list("--methods", ALL_METHODS)
 
 
 def positive_float(text: str) -> float:

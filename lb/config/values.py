@@ -288,29 +288,25 @@ cookie_value = matching("a cookie value (no spaces, quotes, commas, semicolons o
 http_method = matching("an HTTP method like GET or HEAD", _METHOD_RE)
 
 
-def _system_user(x: str | None) -> str:
-    """A user of this system, by name or number (HAProxy's `user` and `uid`)."""
-    if not x:
-        raise _Mismatch()
-    try:
-        pwd.getpwuid(int(x)) if x.isdigit() else pwd.getpwnam(x)
-    except KeyError:
-        raise ValueError(f"no such user on this system: {x!r}") from None
-    return x
+def _system_name(kind: str, by_name: Callable[[str], object],
+                 by_number: Callable[[int], object]) -> Parser:
+    """A user or group of this system, by name or number (HAProxy's `user`/`uid`,
+    `group`/`gid`)."""
+
+    def convert(x: str | None) -> str:
+        if not x:
+            raise _Mismatch()
+        try:
+            by_number(int(x)) if x.isdigit() else by_name(x)
+        except KeyError:
+            raise ValueError(f"no such {kind} on this system: {x!r}") from None
+        return x
+
+    return scalar(f"a {kind} name or number", convert, text=True)
 
 
-def _system_group(x: str | None) -> str:
-    if not x:
-        raise _Mismatch()
-    try:
-        grp.getgrgid(int(x)) if x.isdigit() else grp.getgrnam(x)
-    except KeyError:
-        raise ValueError(f"no such group on this system: {x!r}") from None
-    return x
-
-
-system_user = scalar("a user name or number", _system_user, text=True)
-system_group = scalar("a group name or number", _system_group, text=True)
+system_user = _system_name("user", pwd.getpwnam, pwd.getpwuid)
+system_group = _system_name("group", grp.getgrnam, grp.getgrgid)
 
 
 def _directory(x: str | None) -> str:
