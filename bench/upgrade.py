@@ -66,6 +66,7 @@ from bench import (
     MissingDependency,
     Tools,
     WrkResult,
+    comma_list,
     find_program,
     free_ports,
     parse_wrk,
@@ -201,18 +202,6 @@ class Options:
     keep_tmp: bool
 
 
-def comma_list(allowed: tuple[str, ...], option: str) -> Any:
-    def parse(text: str) -> tuple[str, ...]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        if not names or any(n not in allowed for n in names):
-            raise argparse.ArgumentTypeError(
-                f"{option} takes a comma list of {','.join(allowed)}; got {text!r}"
-            )
-        return tuple(n for n in allowed if n in names)
-
-    return parse
-
-
 def duration_arg(text: str) -> int:
     value = int(text)
     if value < MIN_DURATION:
@@ -230,13 +219,13 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds per target (3)")
     p.add_argument(
         "--scenarios",
-        type=comma_list(SCENARIOS, "--scenarios"),
+        type=comma_list("--scenarios", SCENARIOS),
         default=SCENARIOS,
         help="comma list of outage,rolling (both)",
     )
     p.add_argument(
         "--targets",
-        type=comma_list(TARGETS, "--targets"),
+        type=comma_list("--targets", TARGETS),
         default=DEFAULT_TARGETS,
         help="comma list of haproxy,pylb,pylb-plain (haproxy,pylb)",
     )
